@@ -1,0 +1,50 @@
+# Two commands: `make demo` runs the pipeline on the bundled sample; `make test` runs the tests.
+# Both create (or reuse) .venv themselves; nothing needs installing by hand besides Python 3.10+ and Java 17.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint venv dist bench clean model sysdeps
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/uv pip install --python $(BIN)/python -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dfn-curate run --conf conf/local.yaml $(ARGS)
+
+# System packages the tests use: Java 17 (Spark), zip (cluster test), Chromium (report test).
+sysdeps:
+	@missing=""; command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v zip >/dev/null || missing="$$missing zip"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -yq $$missing >/dev/null; \
+	  else echo "warning: missing$$missing (install them; dependent tests will skip)"; fi; fi
+
+test: $(STAMP) sysdeps
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# A zip of the two packages for spark-submit --py-files on a cluster.
+dist: $(STAMP)
+	mkdir -p dist && rm -f dist/dfn_curate.zip && zip -qr dist/dfn_curate.zip etl udfs -x '*__pycache__*'
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+
+# Re-trains the bundled DFN on the sample pool's clean pairs (see README).
+model: $(STAMP)
+	$(BIN)/dfn-curate train-dfn --conf conf/local.yaml $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_score.py $(ARGS)
+
+clean:
+	rm -rf lakehouse spark-warehouse metastore_db derby.log dist out

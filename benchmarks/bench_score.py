@@ -1,0 +1,188 @@
+"""Scoring throughput, in pairs/s, measured in one run on one machine:
+
+(a) the model alone on ready tensors (already on the device),
+(d) decode + preprocess alone on real JPEG bytes (the CPU ceiling; no model),
+(b) decode + preprocess + model on real JPEG bytes (PairScorer, as inside the UDF),
+(c) the same through the Spark pandas UDF (local mode, noop sink),
+
+then the ratios b/a, c/a and c/b. Random weights: no download needed. Examples:
+
+    python benchmarks/bench_score.py                       # ViT-B-32 on CPU, small n
+    python benchmarks/bench_score.py --device cuda --n 40000 --batch-size 256
+    python benchmarks/bench_score.py --arch conf/models/dfn-tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from udfs import models  # noqa: E402
+from udfs.score import PairScorer, ScoreOptions, pick_device  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    cpus = os.cpu_count() or 2
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", default="ViT-B-32", help="open_clip name or architecture JSON")
+    p.add_argument("--pretrained", default=None, help="tag or local weights (default: random)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", help="auto (bf16 on GPU) | fp32 | bf16 | fp16")
+    p.add_argument("--n", type=int, default=None, help="pairs per measurement")
+    p.add_argument("--batch-size", type=int, default=None, help="model batch size")
+    p.add_argument("--records-per-batch", type=int, default=None, help="Arrow batch rows")
+    p.add_argument("--decode-threads", type=int, default=cpus, help="decode threads (b)")
+    p.add_argument("--spark-tasks", type=int, default=None, help="local[k] for (c)")
+    p.add_argument("--min-side", type=int, default=256)
+    p.add_argument("--max-side", type=int, default=512)
+    p.add_argument("--distinct", type=int, default=256, help="distinct JPEGs (cycled)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads for (a), (b)")
+    p.add_argument("--skip-spark", action="store_true")
+    args = p.parse_args(argv)
+    gpu = pick_device(args.device).startswith("cuda")
+    args.n = args.n or (20_000 if gpu else 256)
+    args.batch_size = args.batch_size or (256 if gpu else 32)
+    args.records_per_batch = args.records_per_batch or max(args.batch_size, 256)
+    args.spark_tasks = args.spark_tasks or (min(4, cpus) if gpu else 1)
+    return args
+
+
+def photo_like_jpeg(rng: random.Random, min_side: int, max_side: int) -> bytes:
+    """A JPEG with photo-like entropy: smooth colour fields plus fine grain, q=90."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    base = Image.fromarray(nrng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
+        (w, h), Image.BICUBIC)
+    arr = np.asarray(base, dtype=np.int16) + nrng.normal(0, 12, (h, w, 3)).astype(np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_pairs(args: argparse.Namespace) -> tuple[list[bytes], list[str]]:
+    rng = random.Random(0)
+    distinct = [photo_like_jpeg(rng, args.min_side, args.max_side) for _ in range(args.distinct)]
+    images = [distinct[i % len(distinct)] for i in range(args.n)]
+    texts = [f"a photo of a {rng.choice(['red', 'blue', 'green'])} thing number {i}, "
+             f"taken on a sunny day" for i in range(args.n)]
+    return images, texts
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def bench_model(scorer: PairScorer, args: argparse.Namespace) -> float:
+    """(a) encode_image + encode_text + cosine on tensors already on the device."""
+    import torch
+
+    lm, bs = scorer.loaded, args.batch_size
+    x = torch.randn((bs,) + scorer.shape, device=lm.device)
+    tok = lm.tokenizer([f"a photo of thing {i}" for i in range(bs)]).to(lm.device)
+    steps = max(2, args.n // bs)
+
+    def step() -> None:
+        with torch.inference_mode(), scorer._autocast():
+            img = torch.nn.functional.normalize(lm.model.encode_image(x).float(), dim=-1)
+            txt = torch.nn.functional.normalize(lm.model.encode_text(tok).float(), dim=-1)
+            (img * txt).sum(-1).cpu()
+
+    for _ in range(2):
+        step()
+    sync(lm.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(lm.device)
+    return steps * bs / (time.perf_counter() - t)
+
+
+def bench_decode(scorer: PairScorer, images: list[bytes]) -> float:
+    """(d) decode + preprocess only, with the scorer's thread pool."""
+    t = time.perf_counter()
+    prep = scorer.submit(images, [""] * len(images))
+    [f.result() for f in prep.image_errors]
+    return len(images) / (time.perf_counter() - t)
+
+
+def bench_pipeline(scorer: PairScorer, images: list[bytes], texts: list[str], rpb: int) -> float:
+    """(b) the UDF's engine: background decode of batch k+1 while the model runs batch k."""
+    batches = [(images[i:i + rpb], texts[i:i + rpb]) for i in range(0, len(images), rpb)]
+    list(scorer.score_iter(batches[:2]))  # warm-up
+    t = time.perf_counter()
+    rows = sum(len(out) for out in scorer.score_iter(batches))
+    return rows / (time.perf_counter() - t)
+
+
+def bench_spark(args: argparse.Namespace, images: list[bytes], texts: list[str]) -> float:
+    """(c) through Spark: a cached DataFrame of the same bytes, the pandas UDF, a noop sink."""
+    from etl.config import ModelConf, ScoreConf, SparkConf
+    from etl.score import configure_arrow, score_pairs
+    from etl.spark import get_spark
+
+    spark = get_spark(SparkConf(master=f"local[{args.spark_tasks}]", app_name="bench-score",
+                                conf={"spark.driver.memory": "8g"}))
+    spark.sparkContext.setLogLevel("ERROR")
+    conf = ScoreConf(models=[], batch_size=args.batch_size, device=args.device,
+                     precision=args.precision, embeddings=True,
+                     decode_threads=max(1, args.decode_threads // args.spark_tasks),
+                     max_records_per_batch=args.records_per_batch)
+    configure_arrow(spark, conf)
+    rows = [(f"{i:08d}", images[i], texts[i]) for i in range(len(images))]
+    df = spark.createDataFrame(rows, "uid string, image binary, text string")
+    df = df.repartition(args.spark_tasks * 4).cache()
+    df.count()
+    model = ModelConf(name=args.arch, pretrained=args.pretrained, model_id="bench")
+    warm = df.limit(args.spark_tasks * args.records_per_batch).repartition(args.spark_tasks)
+    score_pairs(warm, model, conf).write.format("noop").mode("overwrite").save()
+    t = time.perf_counter()
+    score_pairs(df, model, conf).write.format("noop").mode("overwrite").save()
+    return len(rows) / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run all measurements and print pairs/s and the ratios."""
+    import torch
+
+    args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    device = pick_device(args.device)
+    spec = models.resolve(args.arch, args.pretrained, "bench")
+    opts = ScoreOptions(args.batch_size, device, args.precision, True, args.decode_threads)
+    scorer = PairScorer(models.get_model(spec, device), opts)
+    images, texts = make_pairs(args)
+    kb = sum(len(b) for b in images[:args.distinct]) / min(args.distinct, len(images)) / 1024
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    print(f"arch={args.arch} weights={args.pretrained or 'random'} device={device} ({name}) "
+          f"precision={args.precision} torch_threads={torch.get_num_threads()} "
+          f"cpus={os.cpu_count()} n={args.n} batch={args.batch_size} "
+          f"arrow_batch={args.records_per_batch} decode_threads={args.decode_threads} "
+          f"jpeg={args.min_side}-{args.max_side}px mean {kb:.0f} KiB")
+    a = bench_model(scorer, args)
+    print(f"(a) model on ready tensors        {a:10.1f} pairs/s")
+    d = bench_decode(scorer, images)
+    print(f"(d) decode+preprocess only        {d:10.1f} pairs/s")
+    b = bench_pipeline(scorer, images, texts, args.records_per_batch)
+    print(f"(b) decode+preprocess+model       {b:10.1f} pairs/s   b/a = {b / a:.2f}")
+    if not args.skip_spark:
+        c = bench_spark(args, images, texts)
+        print(f"(c) Spark pandas UDF (local[{args.spark_tasks}])   {c:10.1f} pairs/s   "
+              f"c/a = {c / a:.2f}   c/b = {c / b:.2f}")
+
+
+if __name__ == "__main__":
+    main()

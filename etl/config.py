@@ -1,0 +1,307 @@
+"""Typed configuration: dataclasses loaded from ``conf/*.yaml`` with ``yaml.safe_load``.
+
+Every key is checked up front. An unknown key or a value of the wrong type fails with a
+:class:`ConfigError` that names the key, what was given, and what is allowed, before any
+Spark work starts. ``--set a.b=value`` overrides use the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONF = PROJECT_ROOT / "conf" / "local.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says how to fix it."""
+
+
+@dataclass
+class SparkConf:
+    """How to get a SparkSession when none is running yet."""
+
+    master: str = "local[2]"
+    app_name: str = "dfn-curate"
+    conf: dict[str, str] = field(default_factory=dict)
+    # Local jar paths for air-gapped clusters; when given, Delta is not resolved from Maven.
+    jars: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LakehouseConf:
+    """Where the Delta tables live: a folder, or a metastore catalog/schema."""
+
+    root: str = "./lakehouse"
+    catalog: str | None = None
+    schema: str | None = None
+
+
+@dataclass
+class SourceConf:
+    """One raw input to ingest."""
+
+    format: str = "sample"
+    path: str = ""
+    name: str | None = None
+    url_column: str = "url"
+    text_column: str = "caption"
+    uid_column: str = "uid"
+
+    FORMATS = ("datacomp", "img2dataset", "webdataset", "csv", "tsv", "folder", "sample")
+
+
+@dataclass
+class SampleConf:
+    """The bundled, seeded sample pool (the embedded default)."""
+
+    n_pairs: int = 2000
+    eval_size: int = 120
+    seed: int = 0
+    shard_size: int = 500
+    out_dir: str = "raw/sample"  # relative to lakehouse.root
+
+
+@dataclass
+class IngestConf:
+    sources: list[SourceConf] = field(default_factory=lambda: [SourceConf()])
+    eval_sources: list[SourceConf] = field(default_factory=list)
+
+
+@dataclass
+class ModelConf:
+    """A filter model: open_clip architecture + pretrained tag, an ``hf-hub:`` id, or local files."""
+
+    name: str = "conf/models/dfn-tiny.json"
+    pretrained: str | None = "conf/models/dfn-tiny.safetensors"
+    model_id: str | None = None
+
+
+@dataclass
+class ScoreConf:
+    models: list[ModelConf] = field(default_factory=lambda: [ModelConf()])
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    embeddings: bool = True
+    decode_threads: int = 2
+    max_records_per_batch: int = 256
+    max_bytes_per_batch: int = 64 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    files_per_commit: int = 16  # source files scored per silver commit (resume granularity)
+
+
+@dataclass
+class DedupConf:
+    exact: bool = True
+    near: bool = True
+    near_threshold: float = 0.95
+    n_clusters: int = 16
+    kmeans_iters: int = 10
+    decontaminate: bool = True
+    eval_threshold: float = 0.95
+    # near-dup / eval-leak signals: "model" (silver image embeddings), "thumbnail" (pixels)
+    near_signals: list[str] = field(default_factory=lambda: ["model"])
+
+
+@dataclass
+class SelectConf:
+    preset: str | None = "datacomp_basic"  # datacomp_basic | none
+    filters: dict[str, str] = field(default_factory=dict)  # name -> Spark SQL predicate (keep if true)
+    score_column: str = "score"
+    model_id: str | None = None
+    min_score: float | None = None
+    keep_fraction: float | None = 0.3
+    fraction_of: str = "remaining"  # remaining | pool
+
+
+@dataclass
+class ExportConf:
+    out_dir: str = "export"  # relative to lakehouse.root unless absolute
+    shard_size: int = 256
+    webdataset: bool = True
+    uids_npy: bool = True
+    urls_parquet: bool = True
+
+
+@dataclass
+class TrainConf:
+    table: str = "bronze_pairs"
+    where: str | None = "label_kind = 'clean'"
+    model: str = "conf/models/dfn-tiny.json"
+    init_checkpoint: str | None = None
+    out: str = "conf/models/dfn-tiny.safetensors"
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    num_processes: int = 0  # > 0: distribute with TorchDistributor
+
+
+@dataclass
+class EvaluateConf:
+    selections: list[str] = field(default_factory=lambda: ["none", "basic", "dfn"])
+    steps: int = 300
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    spark: SparkConf = field(default_factory=SparkConf)
+    lakehouse: LakehouseConf = field(default_factory=LakehouseConf)
+    sample: SampleConf = field(default_factory=SampleConf)
+    ingest: IngestConf = field(default_factory=IngestConf)
+    score: ScoreConf = field(default_factory=ScoreConf)
+    dedup: DedupConf = field(default_factory=DedupConf)
+    select: SelectConf = field(default_factory=SelectConf)
+    export: ExportConf = field(default_factory=ExportConf)
+    train: TrainConf = field(default_factory=TrainConf)
+    evaluate: EvaluateConf = field(default_factory=EvaluateConf)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (default ``conf/local.yaml``), apply ``key=value`` overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONF
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; pass --conf with a path under conf/")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    cfg = build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set score.batch_size=128")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {_join(where, unknown[0])!r}; allowed keys under "
+            f"{where or 'the top level'}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): str(v) if not isinstance(v, str) else v for k, v in value.items()}
+    return _scalar(tp, value, where)
+
+
+def _scalar(tp: Any, value: Any, where: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that types alone cannot express."""
+    for i, src in enumerate(cfg.ingest.sources + cfg.ingest.eval_sources):
+        _check(src.format in SourceConf.FORMATS,
+               f"ingest source [{i}].format: {src.format!r} is not one of {', '.join(SourceConf.FORMATS)}")
+        _check(src.format == "sample" or bool(src.path),
+               f"ingest source [{i}] ({src.format}): path is required")
+    _check(cfg.sample.n_pairs >= 10, "sample.n_pairs: must be >= 10")
+    _check(cfg.score.batch_size > 0, "score.batch_size: must be > 0")
+    _check(cfg.score.files_per_commit > 0, "score.files_per_commit: must be > 0")
+    _check(bool(cfg.score.models), "score.models: list at least one model")
+    _check(cfg.score.precision in ("auto", "fp32", "bf16", "fp16"),
+           "score.precision: one of auto, fp32, bf16, fp16")
+    dev = cfg.score.device
+    _check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
+           "score.device: one of auto, cpu, cuda, cuda:N")
+    for key in ("near_threshold", "eval_threshold"):
+        val = getattr(cfg.dedup, key)
+        _check(-1.0 <= val <= 1.0, f"dedup.{key}: a cosine similarity in [-1, 1], got {val}")
+    sel = cfg.select
+    _check(sel.preset in (None, "none", "datacomp_basic"),
+           "select.preset: one of datacomp_basic, none (or null)")
+    _check(sel.keep_fraction is None or 0.0 <= sel.keep_fraction <= 1.0,
+           f"select.keep_fraction: a fraction in [0, 1], got {sel.keep_fraction}")
+    _check(sel.min_score is None or sel.keep_fraction is None,
+           "select: set min_score or keep_fraction, not both (null the other)")
+    _check(sel.fraction_of in ("remaining", "pool"), "select.fraction_of: one of remaining, pool")
+    _check(cfg.export.shard_size > 0, "export.shard_size: must be > 0")
+    _check(cfg.train.steps > 0 and cfg.train.batch_size > 1,
+           "train: steps must be > 0 and batch_size > 1")
+
+
+def resolve_path(path: str) -> Path:
+    """Resolve a config path: absolute stays, relative is taken from the project root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (PROJECT_ROOT / p).resolve()
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-dict view of a config (for reports and model cards)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,356 @@
+"""Dedup and evaluation-set decontamination -> ``silver_dedup`` (one row per bronze uid).
+
+Exact (in this order, each pass over the rows not yet marked): identical image bytes
+(``exact_sha256``; the given sha256 when a row has no bytes), identical (url, text)
+(``exact_url_text``), identical url (``exact_url``). Null keys never match.
+
+Near (``near_<signal>``), SemDeDup style: k-means over the image vectors (at most
+``n_clusters``, about >= 1000 rows per cluster, so a small pool is compared exactly as one
+cluster), then inside each cluster rows are ranked and a row is dropped when its cosine similarity to any better-ranked
+row of its cluster is >= ``near_threshold``; ``dup_of`` is that most similar better row. Work
+is bounded by the cluster sizes: no all-pairs over the pool, nothing collected to the driver.
+
+Decontamination: a pool row whose image has the sha256 of an evaluation image, or whose
+vector has cosine >= ``eval_threshold`` with one, gets ``eval_match`` (the eval ``key``) and
+``eval_similarity`` (1.0 for identical bytes). The evaluation set is small; its vectors are
+shipped to the tasks, which scan the pool batch by batch.
+
+Ranking everywhere (the canonical row of a group): highest score, then smallest uid; rows
+without a score rank last.
+
+Signals (``dedup.near_signals``): ``model`` = ``image_embedding`` of the selection model in
+``silver_scores`` / ``silver_eval_embeddings``; ``thumbnail`` = a model-free perceptual vector
+(16x16 RGB box thumbnail, blurred, per-channel mean removed, L2-normalised) computed from the
+image bytes; flat images have none.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import partial
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.functions import pandas_udf
+
+from etl.config import Config, ConfigError, DedupConf
+from etl.tables import BRONZE, DEDUP, EVAL_EMBEDDINGS, EVAL_IMAGES, Lakehouse
+
+EXACT_PASSES = [("exact_sha256", ["sha256"]), ("exact_url_text", ["url", "text"]),
+                ("exact_url", ["url"])]
+SIGNALS = ("model", "thumbnail")
+THUMB_SIDE = 16
+FLAT_RMS = 1.0  # a thumbnail within 1/255 RMS of its mean colour is flat: no vector
+FIT_ROWS = 200_000  # k-means is fitted on a sample of at most this many rows
+MIN_CLUSTER_ROWS = 1_000  # fewer clusters than n_clusters on small pools (exact below 2000)
+FLAG_SCHEMA = "uid string, dup_of string, dup_reason string, dup_similarity double"
+LEAK_SCHEMA = "uid string, eval_match string, eval_similarity double"
+
+
+def rank_order() -> list[Column]:
+    """Canonical-first ordering: highest score, then smallest uid (null scores last)."""
+    return [F.col("score").desc_nulls_last(), F.col("uid").asc()]
+
+
+# ---- exact ---------------------------------------------------------------------------------
+
+
+def exact_duplicates(pairs: DataFrame) -> DataFrame:
+    """(uid, url, text, sha256, score) -> (uid, dup_of, dup_reason, dup_similarity) for every
+    non-canonical row of an exact-duplicate group."""
+    left = pairs.select("uid", "url", "text", "sha256", "score")
+    found = None
+    for reason, keys in EXACT_PASSES:
+        marked = group_duplicates(left, keys, reason)
+        found = marked if found is None else found.unionByName(marked)
+        left = left.join(marked.select("uid"), "uid", "left_anti")
+    return found
+
+
+def group_duplicates(df: DataFrame, keys: list[str], reason: str) -> DataFrame:
+    """Rows sharing all (non-null) ``keys``: all but the canonical one, pointing at it."""
+    w = Window.partitionBy(*keys).orderBy(*rank_order())
+    has_keys = F.lit(True)
+    for k in keys:
+        has_keys = has_keys & F.col(k).isNotNull()
+    ranked = df.where(has_keys).select(
+        "uid", F.row_number().over(w).alias("_rank"), F.first("uid").over(w).alias("dup_of"))
+    return ranked.where("_rank > 1").select(
+        "uid", "dup_of", F.lit(reason).alias("dup_reason"),
+        F.lit(None).cast("double").alias("dup_similarity"))
+
+
+# ---- near ----------------------------------------------------------------------------------
+
+
+def near_duplicates(emb: DataFrame, threshold: float, n_clusters: int, iters: int,
+                    reason: str = "near_model", seed: int = 0,
+                    min_cluster_rows: int = MIN_CLUSTER_ROWS) -> DataFrame:
+    """(uid, score, embedding) -> flagged rows (uid, dup_of, dup_reason, dup_similarity).
+
+    Uses at most ``n_clusters`` clusters and on average at least ``min_cluster_rows`` rows per
+    cluster (a small pool is one cluster: exact). Computed here and checkpointed, so k-means
+    runs once.
+    """
+    emb = emb.where(F.col("embedding").isNotNull()).select("uid", "score", "embedding").persist()
+    try:
+        clustered = assign_clusters(emb, n_clusters, iters, seed, min_cluster_rows)
+        flags = (clustered.groupBy("cluster")
+                 .applyInPandas(partial(semdedup_cluster, threshold=threshold),
+                                "uid string, dup_of string, dup_similarity double")
+                 .withColumn("dup_reason", F.lit(reason)))
+        return flags.select("uid", "dup_of", "dup_reason", "dup_similarity").localCheckpoint()
+    finally:
+        emb.unpersist()
+
+
+def assign_clusters(emb: DataFrame, n_clusters: int, iters: int, seed: int = 0,
+                    min_cluster_rows: int = 1) -> DataFrame:
+    """Add ``cluster`` by spherical k-means (pyspark.ml KMeans, cosine distance)."""
+    from pyspark.ml.clustering import KMeans
+    from pyspark.ml.functions import array_to_vector
+
+    n = emb.count()
+    k = max(1, min(n_clusters, n // max(1, min_cluster_rows)))
+    if k == 1:
+        return emb.withColumn("cluster", F.lit(0))
+    vec = emb.withColumn("_vec", array_to_vector("embedding"))
+    sample = vec if n <= FIT_ROWS else vec.sample(False, FIT_ROWS / n, seed)
+    model = KMeans(k=k, maxIter=iters, seed=seed, distanceMeasure="cosine", featuresCol="_vec",
+                   predictionCol="cluster").fit(sample)
+    return model.transform(vec).drop("_vec")
+
+
+def semdedup_cluster(pdf: pd.DataFrame, threshold: float, block: int = 1024) -> pd.DataFrame:
+    """One cluster: rank rows, flag each row whose best cosine to a better row is >= threshold."""
+    pdf = pdf.assign(_s=pdf["score"].astype("float64").fillna(-np.inf))
+    pdf = pdf.sort_values(["_s", "uid"], ascending=[False, True], kind="stable")
+    uids = pdf["uid"].to_numpy()
+    emb = unit_rows(pdf["embedding"])
+    idx, best, sim = [], [], []
+    for a in range(1, len(pdf), block):
+        b = min(len(pdf), a + block)
+        sims = emb[a:b] @ emb[:b].T
+        sims[np.arange(b)[None, :] >= np.arange(a, b)[:, None]] = -np.inf
+        j = sims.argmax(axis=1)
+        s = sims[np.arange(b - a), j]
+        hit = s >= threshold
+        idx.append(np.arange(a, b)[hit])
+        best.append(j[hit])
+        sim.append(s[hit])
+    if not idx:
+        return pd.DataFrame({"uid": pd.Series([], dtype=object),
+                             "dup_of": pd.Series([], dtype=object),
+                             "dup_similarity": pd.Series([], dtype="float64")})
+    i, j = np.concatenate(idx), np.concatenate(best)
+    return pd.DataFrame({"uid": uids[i], "dup_of": uids[j],
+                         "dup_similarity": np.concatenate(sim).astype("float64")})
+
+
+def unit_rows(values: pd.Series) -> np.ndarray:
+    """Stack a Series of vectors into a float32 matrix with L2-normalised rows."""
+    mat = np.stack([np.asarray(v, dtype=np.float32) for v in values])
+    norms = np.linalg.norm(mat, axis=1, keepdims=True)
+    return mat / np.maximum(norms, 1e-12)
+
+
+# ---- thumbnails ----------------------------------------------------------------------------
+
+
+def thumbnail_vector(data: bytes | None) -> np.ndarray | None:
+    """Perceptual vector of an image (None when missing, undecodable or flat)."""
+    if data is None:
+        return None
+    from PIL import Image, ImageFilter
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (THUMB_SIDE * 4, THUMB_SIDE * 4))
+            small = img.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+    except Exception:  # noqa: BLE001 - undecodable bytes simply have no thumbnail
+        return None
+    x = np.asarray(small.filter(ImageFilter.GaussianBlur(1)), dtype=np.float32)
+    x = (x - x.mean(axis=(0, 1))).ravel()
+    norm = float(np.linalg.norm(x))
+    return x / norm if norm > FLAT_RMS * np.sqrt(x.size) else None
+
+
+@pandas_udf(T.ArrayType(T.FloatType()))
+def thumbnail_udf(images: pd.Series) -> pd.Series:
+    return images.map(thumbnail_vector)
+
+
+# ---- decontamination -----------------------------------------------------------------------
+
+
+def eval_vector_matches(emb: DataFrame, keys: list[str], vectors: np.ndarray,
+                        threshold: float) -> DataFrame:
+    """(uid, embedding) -> (uid, eval_match, eval_similarity) where the best cosine to an eval
+    vector is >= threshold. ``vectors`` (n_eval x d) travel with the tasks."""
+    if not keys:
+        return emb.sparkSession.createDataFrame([], LEAK_SCHEMA)
+    fn = partial(match_batches, keys=np.asarray(keys, dtype=object),
+                 vectors=unit_rows(pd.Series(list(vectors))), threshold=threshold)
+    return (emb.where(F.col("embedding").isNotNull()).select("uid", "embedding")
+            .mapInPandas(fn, LEAK_SCHEMA))
+
+
+def match_batches(batches, keys: np.ndarray, vectors: np.ndarray, threshold: float,
+                  chunk: int = 8192):
+    """mapInPandas body: best eval match per pool row, kept when >= threshold."""
+    for pdf in batches:
+        if pdf.empty:
+            continue
+        emb = unit_rows(pdf["embedding"])
+        best = np.full(len(pdf), -np.inf, dtype=np.float32)
+        arg = np.zeros(len(pdf), dtype=np.int64)
+        for a in range(0, len(vectors), chunk):
+            sims = emb @ vectors[a:a + chunk].T
+            j = sims.argmax(axis=1)
+            s = sims[np.arange(len(pdf)), j]
+            better = s > best
+            best[better], arg[better] = s[better], j[better] + a
+        hit = best >= threshold
+        yield pd.DataFrame({"uid": pdf["uid"].to_numpy()[hit], "eval_match": keys[arg[hit]],
+                            "eval_similarity": best[hit].astype("float64")})
+
+
+def eval_hash_matches(pairs: DataFrame, eval_hashes: DataFrame) -> DataFrame:
+    """Pool rows whose sha256 equals an eval image's: (uid, eval_match, eval_similarity=1)."""
+    evals = eval_hashes.where(F.col("sha256").isNotNull()).groupBy("sha256").agg(
+        F.min("key").alias("eval_match"))
+    return (pairs.where(F.col("sha256").isNotNull()).select("uid", "sha256")
+            .join(F.broadcast(evals), "sha256")
+            .select("uid", "eval_match", F.lit(1.0).alias("eval_similarity")))
+
+
+def best_match(matches: list[DataFrame]) -> DataFrame | None:
+    """One row per uid: the highest similarity, then the smallest eval key."""
+    if not matches:
+        return None
+    allm = matches[0]
+    for m in matches[1:]:
+        allm = allm.unionByName(m)
+    w = Window.partitionBy("uid").orderBy(F.desc("eval_similarity"), F.asc("eval_match"))
+    return allm.withColumn("_r", F.row_number().over(w)).where("_r = 1").drop("_r")
+
+
+# ---- the step ------------------------------------------------------------------------------
+
+
+def dedup_pairs(pairs: DataFrame, conf: DedupConf, vectors: dict[str, DataFrame] | None = None,
+                evals: dict[str, tuple[list[str], np.ndarray]] | None = None,
+                eval_hashes: DataFrame | None = None) -> DataFrame:
+    """The dedup step: one ``silver_dedup`` row per uid of ``pairs``.
+
+    ``pairs``: uid, url, text, sha256, score. ``vectors``: signal -> (uid, embedding) over the
+    pool. ``evals``: signal -> (eval keys, eval vectors). ``eval_hashes``: (key, sha256).
+    """
+    vectors, evals = vectors or {}, evals or {}
+    flags = pairs.sparkSession.createDataFrame([], FLAG_SCHEMA)
+    if conf.exact:
+        flags = exact_duplicates(pairs)
+    if conf.near:
+        left = pairs.select("uid", "score").join(flags.select("uid"), "uid", "left_anti")
+        for signal in conf.near_signals:
+            if signal not in vectors:
+                continue
+            near = near_duplicates(vectors[signal].join(left, "uid"), conf.near_threshold,
+                                   conf.n_clusters, conf.kmeans_iters, f"near_{signal}")
+            flags = flags.unionByName(near)
+            left = left.join(near.select("uid"), "uid", "left_anti")
+    matches = []
+    if conf.decontaminate:
+        if eval_hashes is not None:
+            matches.append(eval_hash_matches(pairs, eval_hashes))
+        for signal, (keys, vecs) in evals.items():
+            if signal in vectors:
+                matches.append(eval_vector_matches(vectors[signal], keys, vecs,
+                                                   conf.eval_threshold))
+    out = pairs.select("uid").join(flags, "uid", "left")
+    leaks = best_match(matches)
+    if leaks is None:
+        leaks = pairs.sparkSession.createDataFrame([], LEAK_SCHEMA)
+    return out.join(leaks, "uid", "left")
+
+
+def check_signals(conf: DedupConf) -> None:
+    bad = [s for s in conf.near_signals if s not in SIGNALS]
+    if bad or not conf.near_signals:
+        raise ConfigError(f"dedup.near_signals: {conf.near_signals!r}; use a non-empty list of "
+                          f"{', '.join(SIGNALS)}")
+
+
+def pool_vectors(lake: Lakehouse, cfg: Config, signal: str) -> DataFrame:
+    """(uid, embedding) of the pool for one signal."""
+    if signal == "thumbnail":
+        return lake.read(BRONZE).select("uid", thumbnail_udf("image").alias("embedding"))
+    from etl.select import model_scores
+
+    emb = model_scores(lake, cfg, embeddings=True)
+    return emb.select("uid", F.col("image_embedding").alias("embedding"))
+
+
+def eval_vectors(lake: Lakehouse, cfg: Config, signal: str) -> tuple[list[str], np.ndarray]:
+    """(keys, vectors) of the evaluation images for one signal (small: collected)."""
+    evals = lake.read(EVAL_IMAGES)
+    key = F.col("key") if "key" in evals.columns else F.col("uid")
+    if signal == "thumbnail":
+        rows = evals.select(key.alias("key"), thumbnail_udf("image").alias("v"))
+    else:
+        from etl.select import model_id_for
+
+        if not lake.exists(EVAL_EMBEDDINGS):
+            print(f"dedup: no {EVAL_EMBEDDINGS} table; model-based decontamination skipped")
+            return [], np.zeros((0, 1), np.float32)
+        emb = lake.read(EVAL_EMBEDDINGS).where(F.col("model_id") == model_id_for(lake, cfg))
+        rows = evals.select("uid", key.alias("key")).join(
+            emb.select("uid", F.col("image_embedding").alias("v")), "uid")
+    got = rows.where(F.col("v").isNotNull()).select("key", "v").orderBy("key").collect()
+    if not got:
+        return [], np.zeros((0, 1), np.float32)
+    return [r["key"] for r in got], np.stack([np.asarray(r["v"], np.float32) for r in got])
+
+
+def run_dedup(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
+    """Edge: bronze (+ scores, eval images) -> ``silver_dedup``; prints and records counts."""
+    from etl.select import scored_pool
+
+    conf = cfg.dedup
+    check_signals(conf)
+    pairs = scored_pool(lake, cfg).select("uid", "url", "text", "sha256", "score")
+    need = conf.near_signals if (conf.near or conf.decontaminate) else []
+    vectors = {s: pool_vectors(lake, cfg, s).persist() for s in need}
+    has_eval = conf.decontaminate and lake.exists(EVAL_IMAGES)
+    if conf.decontaminate and not has_eval:
+        print("dedup: no bronze_eval_images table; decontamination skipped")
+    evals, hashes = {}, None
+    if has_eval:
+        evals = {s: eval_vectors(lake, cfg, s) for s in vectors}
+        ev = lake.read(EVAL_IMAGES)
+        key = F.col("key") if "key" in ev.columns else F.col("uid")
+        hashes = ev.select(key.alias("key"), "sha256")
+    try:
+        lake.overwrite(dedup_pairs(pairs, conf, vectors, evals, hashes), DEDUP)
+    finally:
+        for v in vectors.values():
+            v.unpersist()
+    counts = dedup_counts(lake.read(DEDUP))
+    for name, value in counts.items():
+        print(f"dedup: {name:<28}{value:>10}")
+    lake.record_stats(run_id, "dedup", counts)
+    return counts
+
+
+def dedup_counts(dedup: DataFrame) -> dict[str, int]:
+    """Rows, flagged rows per ``dup_reason``, and eval leaks."""
+    row = dedup.agg(F.count("*").alias("rows"),
+                    F.count("eval_match").alias("eval_leaks")).first()
+    counts = {"rows": row["rows"]}
+    for r in dedup.where(F.col("dup_reason").isNotNull()).groupBy("dup_reason").count().collect():
+        counts[r["dup_reason"]] = r["count"]
+    counts["eval_leaks"] = row["eval_leaks"]
+    return counts

@@ -1,0 +1,158 @@
+"""Ingest raw inputs into the bronze Delta table.
+
+Every row read ends in exactly one place: bronze (new or already present), or the quarantine
+table (an error, or a duplicate uid within the same input). The counts add up:
+``read = new + already_present + in_input_duplicates + quarantined``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from etl.config import Config, SourceConf
+from etl.readers import read_source
+from etl.sample import write_sample
+from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
+
+UID_RE = r"^[0-9a-f]{32}$"
+QUARANTINE_COLS = ["source", "source_file", "source_pos", "kind", "reason", "uid", "url", "text",
+                   "raw", "ingest_time", "run_id"]
+
+
+def resolve_sources(cfg: Config, lake: Lakehouse, sources: list[SourceConf],
+                    eval_set: bool = False) -> list[tuple[SourceConf, str]]:
+    """(source, path) pairs; a ``sample`` source is generated on first use."""
+    out = []
+    for src in sources:
+        if src.format == "sample":
+            root = ensure_sample(cfg, lake)
+            sub = "eval" if eval_set else "pool"
+            fmt = "folder" if eval_set else "img2dataset"
+            out.append((SourceConf(format=fmt, path=str(root / sub), name="sample"), str(root / sub)))
+        else:
+            out.append((src, src.path))
+    return out
+
+
+def ensure_sample(cfg: Config, lake: Lakehouse) -> Path:
+    """Write the sample pool under the lakehouse root unless it is already there."""
+    root = lake.root / cfg.sample.out_dir
+    if not (root / "_SUCCESS").exists():
+        s = cfg.sample
+        counts = write_sample(root, s.n_pairs, s.eval_size, s.seed, s.shard_size)
+        print(f"sample pool written to {root}: {counts}")
+    return root
+
+
+def normalize(raw: DataFrame, source: str, run_id: str) -> DataFrame:
+    """Raw frame -> bronze columns plus ``_reason`` (null for good rows)."""
+    text = F.regexp_replace("text", r"^\s+|\s+$", "")
+    given_uid = F.lower(F.trim(F.col("uid")))
+    reason = (F.when(F.col("error").isNotNull(), F.col("error"))
+              .when(text.isNull() | (text == ""), F.lit("text: empty or missing caption"))
+              .when(F.col("url").isNull() | (F.trim("url") == ""), F.lit("url: empty or missing"))
+              .when(given_uid.isNotNull() & ~given_uid.rlike(UID_RE),
+                    F.concat(F.lit("uid: "), F.col("uid"), F.lit(" is not 32 hex characters"))))
+    uid = F.coalesce(given_uid, F.md5(F.concat_ws("\u0000", F.col("url"), text)))
+    df = (raw.withColumn("_reason", reason).withColumn("uid", uid).withColumn("text", text)
+          .withColumn("sha256", F.coalesce(F.sha2("image", 256), F.lower("sha256"))))
+    size = image_size(F.col("image"))
+    df = (df.withColumn("_size", size)
+          .withColumn("width", F.coalesce(F.col("_size.width"), F.col("width")))
+          .withColumn("height", F.coalesce(F.col("_size.height"), F.col("height"))).drop("_size"))
+    return (df.withColumn("source", F.lit(source)).withColumn("ingest_time", F.current_timestamp())
+            .withColumn("run_id", F.lit(run_id)))
+
+
+@F.pandas_udf(T.StructType([T.StructField("width", T.IntegerType()),
+                             T.StructField("height", T.IntegerType())]))
+def image_size(images: pd.Series) -> pd.DataFrame:
+    """Width/height from the image header (no full decode); null when unreadable."""
+    from PIL import Image
+
+    sizes = []
+    for data in images:
+        try:
+            sizes.append(Image.open(io.BytesIO(data)).size if data is not None else (None, None))
+        except Exception:  # any unreadable header: the scoring step reports the error
+            sizes.append((None, None))
+    return pd.DataFrame(sizes, columns=["width", "height"], dtype="Int32")
+
+
+def split(df: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(good unique rows, in-input duplicates, errors) of a normalized frame."""
+    errors = df.where(F.col("_reason").isNotNull())
+    good = df.where(F.col("_reason").isNull())
+    w = Window.partitionBy("uid").orderBy("source_file", "source_pos")
+    ranked = (good.withColumn("_rank", F.row_number().over(w))
+              .withColumn("_first", F.first(F.concat_ws("#", "source_file", "source_pos")).over(w)))
+    unique = ranked.where("_rank = 1").drop("_rank", "_first", "_reason", "error", "raw")
+    dups = (ranked.where("_rank > 1")
+            .withColumn("_reason", F.concat(F.lit("duplicate uid within input; first at "),
+                                            F.col("_first"))).drop("_rank", "_first"))
+    return unique, dups, errors
+
+
+def to_quarantine(df: DataFrame, kind: str) -> DataFrame:
+    """Quarantine rows: where the row came from, and why."""
+    return df.select(
+        "source", "source_file", "source_pos", F.lit(kind).alias("kind"),
+        F.col("_reason").alias("reason"), "uid", "url", F.substring("text", 1, 1000).alias("text"),
+        F.substring("raw", 1, 1000).alias("raw"), "ingest_time", "run_id")
+
+
+def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
+                 table: str = BRONZE) -> dict[str, int]:
+    """Normalize ``raw`` and merge it into ``table`` (insert-only on uid); returns the counts."""
+    df = normalize(raw, source, run_id).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        unique, dups, errors = split(df)
+        counts = {"read": df.count(), "quarantined": errors.count(),
+                  "in_input_duplicates": dups.count()}
+        counts["new"] = lake.insert_new(unique, table, ["uid"])
+        counts["already_present"] = unique.count() - counts["new"]
+        bad = to_quarantine(errors, "error").unionByName(to_quarantine(dups, "duplicate"))
+        lake.insert_new(bad, QUARANTINE, ["source_file", "source_pos"])
+    finally:
+        df.unpersist()
+    assert_identity(counts)
+    return counts
+
+
+def assert_identity(c: dict[str, int]) -> None:
+    """read = new + already present + in-input duplicates + quarantined, or fail loudly."""
+    total = c["new"] + c["already_present"] + c["in_input_duplicates"] + c["quarantined"]
+    if total != c["read"]:
+        raise RuntimeError(f"ingest counts do not add up: {c} (sum {total} != read {c['read']})")
+
+
+def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> dict[str, int]:
+    """Ingest all configured pool sources into bronze and eval sources into the eval table."""
+    totals: dict[str, int] = {}
+    for table, sources, is_eval in ((BRONZE, cfg.ingest.sources, False),
+                                    (EVAL_IMAGES, cfg.ingest.eval_sources, True)):
+        # read every source first so a structural error stops the job before any write
+        frames = [(s, read_source(spark, s, p))
+                  for s, p in resolve_sources(cfg, lake, sources, is_eval)]
+        for src, raw in frames:
+            name = src.name or src.format
+            counts = ingest_frame(lake, raw, name, run_id, table)
+            lake.record_stats(run_id, f"ingest:{table}:{name}", counts)
+            print_counts(f"{table} <- {name} ({src.path})", counts)
+            for k, v in counts.items():
+                totals[f"{table}.{k}"] = totals.get(f"{table}.{k}", 0) + v
+    return totals
+
+
+def print_counts(title: str, c: dict[str, int]) -> None:
+    print(f"ingest {title}\n  read={c['read']} = new {c['new']} + already present "
+          f"{c['already_present']} + in-input duplicates {c['in_input_duplicates']} "
+          f"+ quarantined {c['quarantined']}")
+

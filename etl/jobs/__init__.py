@@ -1,0 +1,1 @@
+"""Thin job entry points: each module has ``main(argv=None)`` and runs under spark-submit."""

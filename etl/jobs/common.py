@@ -1,0 +1,53 @@
+"""Argument parsing and context shared by every job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from pyspark.sql import SparkSession
+
+from etl.config import Config, ConfigError, load_config
+from etl.tables import Lakehouse, new_run_id
+
+
+@dataclass
+class JobContext:
+    cfg: Config
+    spark: SparkSession
+    lake: Lakehouse
+    run_id: str
+    args: argparse.Namespace
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser with the options every job takes (--conf, --set)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--conf", default=None, help="YAML config (default: conf/local.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set score.batch_size=128 (repeatable)")
+    p.add_argument("--run-id", default=None, help="id recorded in run_stats (default: new)")
+    return p
+
+
+def start(p: argparse.ArgumentParser, argv: list[str] | None) -> JobContext:
+    """Parse ``argv``, load and validate config (failing fast), then get Spark."""
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.conf, args.overrides)
+    except ConfigError as exc:
+        p.exit(2, f"{p.prog}: config error: {exc}\n")
+    from etl.spark import get_spark
+
+    spark = get_spark(cfg.spark)
+    return JobContext(cfg, spark, Lakehouse(spark, cfg.lakehouse), args.run_id or new_run_id(), args)
+
+
+def run_job(main_fn, argv: list[str] | None = None) -> None:
+    """``if __name__ == '__main__'`` helper: exit non-zero on failure with a readable message."""
+    try:
+        main_fn(argv if argv is not None else sys.argv[1:])
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

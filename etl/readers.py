@@ -1,0 +1,257 @@
+"""Readers for raw image-text inputs. Each returns a *raw frame*:
+
+``uid, url, text, image, width, height, sha256, source_file, source_pos, error, raw`` plus the
+input's extra columns. ``error`` is set (and the row later quarantined) when a record is
+unusable; a structural problem (a missing required column) raises :class:`InputError` before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+
+import pandas as pd
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from etl.config import SourceConf
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+BASE = ["uid", "url", "text", "image", "width", "height", "sha256", "source_file", "source_pos",
+        "error", "raw"]
+
+TAR_SCHEMA = T.StructType([
+    T.StructField("key", T.StringType()), T.StructField("text", T.StringType()),
+    T.StructField("image", T.BinaryType()), T.StructField("json", T.StringType()),
+    T.StructField("source_file", T.StringType()), T.StructField("source_pos", T.LongType()),
+    T.StructField("error", T.StringType()), T.StructField("raw", T.StringType()),
+])
+
+
+class InputError(ValueError):
+    """The input cannot be ingested at all (e.g. a required column is missing)."""
+
+
+def read_source(spark: SparkSession, src: SourceConf, path: str | None = None) -> DataFrame:
+    """Dispatch on ``src.format`` and return the raw frame."""
+    path = path or src.path
+    fmt = src.format
+    if fmt == "datacomp":
+        return read_datacomp(spark, path, src)
+    if fmt in ("csv", "tsv"):
+        return read_delimited(spark, path, src, "\t" if fmt == "tsv" else ",")
+    if fmt in ("img2dataset", "webdataset"):
+        return read_webdataset(spark, path)
+    if fmt == "folder":
+        return read_image_folder(spark, path)
+    raise InputError(f"unknown source format {fmt!r}")
+
+
+def _require(columns: list[str], needed: list[str], what: str) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise InputError(f"{what}: missing required column(s) {', '.join(missing)}; "
+                         f"columns present: {', '.join(columns)}")
+
+
+def _position(df: DataFrame) -> DataFrame:
+    """Add source_file and a 0-based source_pos (row within its file)."""
+    df = df.withColumn("source_file", F.regexp_replace("_metadata.file_path", "^file:", ""))
+    df = df.withColumn("_mid", F.monotonically_increasing_id())
+    w = Window.partitionBy("source_file").orderBy("_mid")
+    return df.withColumn("source_pos", (F.row_number().over(w) - 1).cast("long")).drop("_mid")
+
+
+def _finish(df: DataFrame, **cols: Column) -> DataFrame:
+    """Fill the base columns (those not given default to null) and keep extras after them."""
+    for name in BASE:
+        if name in cols:
+            df = df.withColumn(name, cols[name])
+        elif name not in df.columns:
+            df = df.withColumn(name, F.lit(None))
+    typed = {"image": "binary", "width": "int", "height": "int", "source_pos": "long"}
+    base = [F.col(c).cast(typed.get(c, "string")).alias(c) for c in BASE]
+    return df.select(*base, *[c for c in df.columns if c not in BASE])
+
+
+def read_datacomp(spark: SparkSession, path: str, src: SourceConf) -> DataFrame:
+    """DataComp metadata parquet: uid, url, text (+ original_width/height, sha256, scores)."""
+    df = spark.read.parquet(path)
+    _require(df.columns, [src.uid_column, "url", "text"], f"DataComp metadata at {path}")
+    for col in ("url", "text"):
+        if not isinstance(df.schema[col].dataType, T.StringType):
+            raise InputError(f"DataComp metadata at {path}: column {col!r} must be a string, "
+                             f"found {df.schema[col].dataType.simpleString()}")
+    df = _position(df)
+    width = F.col("original_width") if "original_width" in df.columns else F.lit(None)
+    height = F.col("original_height") if "original_height" in df.columns else F.lit(None)
+    given = F.col("sha256") if "sha256" in df.columns else F.lit(None)
+    out = df.withColumnRenamed(src.uid_column, "_uid") if src.uid_column != "uid" else df
+    return _finish(out, uid=F.col("_uid" if src.uid_column != "uid" else "uid"), url=F.col("url"),
+                   text=F.col("text"), width=width, height=height, sha256=given,
+                   raw=F.to_json(F.struct("url", "text"))).drop("_uid")
+
+
+def read_delimited(spark: SparkSession, path: str, src: SourceConf, sep: str) -> DataFrame:
+    """CSV/TSV with a header row holding url + caption columns."""
+    header = spark.read.option("header", True).option("sep", sep).csv(path).columns
+    _require(header, [src.url_column, src.text_column], f"{'TSV' if sep == chr(9) else 'CSV'} {path}")
+    schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
+                          + [T.StructField("_corrupt", T.StringType())])
+    df = (spark.read.schema(schema).option("header", True).option("sep", sep)
+          .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt")
+          .option("escape", '"').csv(path))
+    df = _position(df)
+    err = F.when(F.col("_corrupt").isNotNull(),
+                 F.concat(F.lit("malformed row (expected "), F.lit(len(header)),
+                          F.lit(" fields)")))
+    renamed = [c for c in header if c not in (src.url_column, src.text_column)]
+    uid = F.col(src.uid_column) if src.uid_column in header else F.lit(None)
+    out = _finish(df, uid=uid, url=F.col(src.url_column), text=F.col(src.text_column), error=err,
+                  raw=F.coalesce(F.col("_corrupt"), F.concat_ws(sep, *[F.col(c) for c in header])))
+    drop = {src.url_column, src.text_column, src.uid_column, "_corrupt"} - set(BASE)
+    return out.drop(*drop).select(*BASE, *[c for c in renamed if c not in drop | set(BASE)])
+
+
+def list_files(path: str, suffix: str) -> list[str]:
+    """Files under ``path`` (a file, folder or glob) ending with ``suffix``, sorted."""
+    if os.path.isdir(path):
+        files = glob.glob(os.path.join(path, "**", f"*{suffix}"), recursive=True)
+    else:
+        files = [f for f in glob.glob(path) if f.endswith(suffix)]
+    return sorted(os.path.abspath(f) for f in files)
+
+
+def read_webdataset(spark: SparkSession, path: str) -> DataFrame:
+    """WebDataset / img2dataset shards (``.tar``) plus failed rows from img2dataset sidecars."""
+    tars = list_files(path, ".tar")
+    if not tars:
+        raise InputError(f"no .tar shards found under {path}")
+    paths = spark.createDataFrame([(t,) for t in tars], "path string").repartition(len(tars))
+    records = paths.mapInPandas(_read_tars, TAR_SCHEMA)
+    records = _expand_json(spark, records)
+    failed = _sidecar_failures(spark, path)
+    return records if failed is None else records.unionByName(failed, allowMissingColumns=True)
+
+
+def _read_tars(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    for batch in batches:
+        for path in batch["path"]:
+            rows = list(_tar_records(path))
+            for i in range(0, len(rows), 256):
+                yield pd.DataFrame(rows[i:i + 256], columns=TAR_SCHEMA.fieldNames())
+
+
+def _tar_records(path: str) -> Iterator[dict]:
+    """Group consecutive members by key (WebDataset convention) and emit one record per key."""
+    group: dict[str, bytes] = {}
+    key, pos = None, 0
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                k = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
+                ext = base.split(".", 1)[1].lower() if "." in base else ""
+                if k != key and key is not None:
+                    yield _tar_record(path, key, pos, group)
+                    group, pos = {}, pos + 1
+                key = k
+                group[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        yield {"key": key, "source_file": path, "source_pos": pos + 1,
+               "error": f"corrupt tar after key {key!r}: {exc}", "raw": None}
+    if key is not None:
+        yield _tar_record(path, key, pos, group)
+
+
+def _tar_record(path: str, key: str, pos: int, group: dict[str, bytes]) -> dict:
+    rec = {"key": key, "source_file": path, "source_pos": pos, "error": None,
+           "raw": ", ".join(sorted(group)), "json": None, "text": None, "image": None}
+    ext = next((e for e in IMAGE_EXTS if e in group), None)
+    errors = []
+    if ext is None:
+        errors.append(f"missing image member (.jpg/.png/.webp) for key {key}")
+    else:
+        rec["image"] = group[ext]
+    if "txt" in group:
+        try:
+            rec["text"] = group["txt"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.append(f"{key}.txt is not UTF-8: {exc}")
+    if "json" in group:
+        try:
+            json.loads(group["json"])
+            rec["json"] = group["json"].decode("utf-8")
+        except ValueError as exc:
+            errors.append(f"{key}.json is not valid JSON: {exc}")
+    rec["error"] = "; ".join(errors) or None
+    return rec
+
+
+def _expand_json(spark: SparkSession, records: DataFrame) -> DataFrame:
+    """Turn each record's JSON into typed columns (schema inferred over all records)."""
+    jsons = records.select("json").where(F.col("json").isNotNull()).rdd.map(lambda r: r[0])
+    schema = spark.read.json(jsons).schema
+    fields = [f.name for f in schema.fields if f.name not in ("_corrupt_record",)]
+    parsed = records.withColumn("_j", F.from_json("json", schema))
+
+    def jfield(name: str) -> Column:
+        return F.col(f"_j.{name}") if name in fields else F.lit(None)
+
+    taken = {"uid", "url", "caption", "width", "height", "sha256", "key"}
+    extras = [F.col(f"_j.`{f}`").alias(f) for f in fields if f not in taken and f not in BASE]
+    out = parsed.select("*", *extras)
+    return _finish(out, uid=jfield("uid"), url=jfield("url"),
+                   text=F.coalesce(F.col("text"), jfield("caption")), width=jfield("width"),
+                   height=jfield("height"), sha256=jfield("sha256")).drop("_j", "json")
+
+
+def _sidecar_failures(spark: SparkSession, path: str) -> DataFrame | None:
+    """img2dataset parquet sidecars: rows that never reached a shard (failed downloads)."""
+    files = [f for f in list_files(path, ".parquet") if not f.endswith("_stats.parquet")]
+    if not files or not os.path.isdir(path):
+        return None
+    df = spark.read.parquet(*files)
+    if "status" not in df.columns:
+        return None
+    df = _position(df).where(F.col("status") != "success")
+    msg = F.coalesce(F.col("error_message"), F.lit("")) if "error_message" in df.columns else F.lit("")
+    cols = {"url": F.col("url") if "url" in df.columns else F.lit(None),
+            "text": F.col("caption") if "caption" in df.columns else F.lit(None),
+            "error": F.concat(F.lit("img2dataset status="), F.col("status"), F.lit(": "), msg),
+            "raw": msg, "key": F.col("key").cast("string") if "key" in df.columns else F.lit(None)}
+    df = df.select("source_file", "source_pos", "status", *[c.alias(k) for k, c in cols.items()])
+    return _finish(df)
+
+
+def read_image_folder(spark: SparkSession, path: str) -> DataFrame:
+    """A folder of images with caption files ``stem.txt`` (and optional ``stem.json`` extras)."""
+    if not os.path.exists(path):
+        raise InputError(f"image folder {path} does not exist")
+    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path)
+             .select(F.regexp_replace("path", "^file:", "").alias("path"), "content")
+             .withColumn("ext", F.lower(F.regexp_extract("path", r"\.([^./]+)$", 1)))
+             .withColumn("stem", F.regexp_replace("path", r"\.[^./]+$", "")))
+    images = files.where(F.col("ext").isin(*IMAGE_EXTS)).select(
+        "stem", F.col("path").alias("image_path"), F.col("content").alias("image"))
+    texts = files.where(F.col("ext") == "txt").select(
+        "stem", F.col("path").alias("text_path"), F.col("content").alias("text_bytes"))
+    metas = files.where(F.col("ext") == "json").select(
+        "stem", F.col("content").cast("string").alias("json"))
+    df = images.join(texts, "stem", "full").join(metas, "stem", "left")
+    err = (F.when(F.col("image").isNull(), F.lit("caption file without an image"))
+           .when(F.col("text_bytes").isNull(), F.lit("no caption file (expected stem.txt)")))
+    df = df.select(
+        F.regexp_extract("stem", r"([^/]+)$", 1).alias("key"),
+        F.coalesce("image_path", "text_path").alias("source_file"), F.lit(0).cast("long").alias("source_pos"),
+        F.trim(F.col("text_bytes").cast("string")).alias("text"), "image", "json",
+        err.alias("error"), F.coalesce("image_path", "text_path").alias("raw"))
+    out = _expand_json(spark, df)
+    return out.withColumn("url", F.coalesce("url", "source_file"))

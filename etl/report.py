@@ -1,0 +1,408 @@
+"""Run report: one self-contained HTML page (plus PNG charts) showing what each filter did.
+
+``write_report`` reads ``gold_selection`` (and, when present, bronze image bytes, the eval
+images, ``run_stats`` and the labels) and writes ``index.html`` with every image embedded as a
+``data:`` URI, so the page opens from ``file://`` with no network, plus ``funnel.png`` and
+``scores.png`` next to it. Only aggregates and a few dozen example rows reach the driver.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from etl.config import Config, to_dict
+from etl.filters import configured_filters
+from etl.metrics import drop_reason_quality
+from etl.select import reason_order
+from etl.tables import (
+    BRONZE,
+    DEDUP,
+    EVAL_EMBEDDINGS,
+    EVAL_IMAGES,
+    EVALUATION,
+    GOLD,
+    QUARANTINE,
+    RUN_STATS,
+    SELECTION,
+    SILVER,
+    Lakehouse,
+)
+
+TABLES = [BRONZE, QUARANTINE, EVAL_IMAGES, SILVER, EVAL_EMBEDDINGS, DEDUP, SELECTION, GOLD,
+          RUN_STATS, EVALUATION]
+THUMB = 128
+OPTIONAL_COLUMNS = {"score": "double", "width": "int", "height": "int", "label_kind": "string",
+                    "dup_of": "string", "dup_similarity": "double", "eval_match": "string",
+                    "eval_similarity": "double"}
+PAIR_REASONS = {"duplicate": "dup_of", "near-duplicate": "dup_of", "eval-leak": "eval_match"}
+
+
+@dataclass
+class Tile:
+    """One thumbnail with the caption shown under it."""
+
+    uid: str
+    caption: str
+    note: str = ""
+    image: bytes | None = None
+
+
+@dataclass
+class Histogram:
+    edges: list[float]
+    series: dict[str, list[int]]  # kept / below-threshold / dropped earlier -> counts per bin
+    threshold: float | None = None
+
+
+@dataclass
+class ReportData:
+    """Everything the page shows, gathered from the lakehouse."""
+
+    funnel: list[tuple[str, int, int]]
+    histogram: Histogram | None
+    above: list[Tile] = field(default_factory=list)
+    below: list[Tile] = field(default_factory=list)
+    examples: dict[str, list[Tile]] = field(default_factory=dict)
+    pairs: dict[str, list[tuple[Tile, Tile]]] = field(default_factory=dict)
+    quality: list[dict] | None = None
+    run_stats: list[tuple[str, str, str]] = field(default_factory=list)
+    versions: list[tuple[str, int | None, str]] = field(default_factory=list)
+    config: str = ""
+
+
+# ---- gathering (Spark) ----------------------------------------------------------------------
+
+
+def funnel_rows(selection: DataFrame, filters: dict[str, str]) -> list[tuple[str, int, int]]:
+    """(step, rows dropped by it, rows left after it): ``pool``, each drop reason, ``kept``."""
+    got = {r["drop_reason"]: r["count"] for r in selection.groupBy("drop_reason").count().collect()}
+    total = sum(got.values())
+    order = reason_order(filters)
+    order += sorted(r for r in got if r is not None and r not in order)
+    rows, left = [("pool", 0, total)], total
+    for reason in order:
+        if got.get(reason):
+            left -= got[reason]
+            rows.append((reason, got[reason], left))
+    rows.append(("kept", 0, got.get(None, 0)))
+    return rows
+
+
+def threshold_of(selection: DataFrame) -> float | None:
+    """The score threshold recorded by the select step (None if none was applied)."""
+    if "threshold" not in selection.columns:
+        return None
+    row = selection.where(F.col("threshold").isNotNull()).select("threshold").first()
+    return None if row is None else float(row[0])
+
+
+def score_histogram(selection: DataFrame, bins: int = 40) -> Histogram | None:
+    """Counts of scores per bin, split into kept / below-threshold / dropped earlier."""
+    scored = selection.where(F.col("score").isNotNull() & ~F.isnan("score"))
+    lo, hi = scored.agg(F.min("score"), F.max("score")).first()
+    if lo is None:
+        return None
+    width = (hi - lo) / bins or 1.0
+    bucket = F.least(F.floor((F.col("score") - lo) / width).cast("int"), F.lit(bins - 1))
+    group = (F.when(F.col("kept"), "kept").when(F.col("drop_reason") == "below-threshold",
+                                                "below-threshold").otherwise("dropped earlier"))
+    series = {name: [0] * bins for name in ("kept", "below-threshold", "dropped earlier")}
+    for r in scored.groupBy(bucket.alias("b"), group.alias("g")).count().collect():
+        series[r["g"]][r["b"]] = r["count"]
+    return Histogram([lo + i * width for i in range(bins + 1)], series, threshold_of(selection))
+
+
+def near_threshold(selection: DataFrame, k: int) -> tuple[list, list]:
+    """Rows just above (kept) and just below (dropped) the threshold, closest first."""
+    thr = threshold_of(selection)
+    if thr is None:
+        return [], []
+    cand = selection.where(F.col("kept") | (F.col("drop_reason") == "below-threshold"))
+    above = cand.where(F.col("score") >= thr).orderBy("score", "uid").limit(k).collect()
+    below = cand.where(F.col("score") < thr).orderBy(F.desc("score"), "uid").limit(k).collect()
+    return above, below
+
+
+def reason_examples(selection: DataFrame, reasons: list[str], k: int) -> dict[str, list]:
+    """Up to ``k`` rows per drop reason (lowest uids, so reports are reproducible)."""
+    w = Window.partitionBy("drop_reason").orderBy("uid")
+    rows = (selection.where(F.col("drop_reason").isin(reasons))
+            .withColumn("_n", F.row_number().over(w)).where(F.col("_n") <= k).drop("_n")
+            .orderBy("drop_reason", "uid").collect())
+    out: dict[str, list] = {}
+    for r in rows:
+        out.setdefault(r["drop_reason"], []).append(r)
+    return out
+
+
+def images(lake: Lakehouse, table: str, key: str, values: list[str]) -> dict[str, tuple]:
+    """key value -> (image bytes, text) for a few rows of ``table``."""
+    if not values or not lake.exists(table):
+        return {}
+    df = lake.read(table)
+    if key not in df.columns:
+        return {}
+    rows = df.where(F.col(key).isin(sorted(set(values)))).select(key, "image", "text").collect()
+    return {r[key]: (r["image"], r["text"]) for r in rows}
+
+
+def latest_run_stats(lake: Lakehouse) -> list[tuple[str, str, str]]:
+    """(step, run_id, "metric=value, ...") of the latest run of each step."""
+    if not lake.exists(RUN_STATS):
+        return []
+    stats = lake.read(RUN_STATS)
+    last = stats.groupBy("step").agg(F.max_by("run_id", "recorded_at").alias("run_id"))
+    rows = stats.join(last, ["step", "run_id"]).orderBy("recorded_at", "step", "metric").collect()
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        grouped.setdefault((r["step"], r["run_id"]), []).append(f"{r['metric']}={r['value']}")
+    return [(step, run, ", ".join(m)) for (step, run), m in grouped.items()]
+
+
+def table_versions(lake: Lakehouse) -> list[tuple[str, int | None, str]]:
+    """(table, latest Delta version or None, SQL name) for each project table."""
+    return [(t, lake.version(t), lake.name(t)) for t in TABLES]
+
+
+def gather(lake: Lakehouse, cfg: Config, k: int = 8) -> ReportData:
+    """Collect the report's aggregates and example rows from the lakehouse."""
+    selection = lake.read(SELECTION)
+    for name, kind in OPTIONAL_COLUMNS.items():
+        if name not in selection.columns:
+            selection = selection.withColumn(name, F.lit(None).cast(kind))
+    selection = selection.persist()
+    try:
+        return _gather(lake, cfg, selection, k)
+    finally:
+        selection.unpersist()
+
+
+def _gather(lake: Lakehouse, cfg: Config, sel: DataFrame, k: int) -> ReportData:
+    funnel = funnel_rows(sel, configured_filters(cfg.select))
+    reasons = [name for name, dropped, _ in funnel[1:-1] if name != "below-threshold"]
+    above, below = near_threshold(sel, k)
+    examples = reason_examples(sel, reasons, k)
+    quality = drop_reason_quality(sel) if sel.where("label_kind IS NOT NULL").limit(1).count() \
+        else None
+    uids = [r["uid"] for r in above + below] + [r["uid"] for rs in examples.values() for r in rs]
+    uids += [r["dup_of"] for rs in examples.values() for r in rs if r["dup_of"]]
+    pool = images(lake, BRONZE, "uid", uids)
+    keys = [r["eval_match"] for r in examples.get("eval-leak", [])]
+    evals = images(lake, EVAL_IMAGES, "key", keys) or images(lake, EVAL_IMAGES, "uid", keys)
+    return ReportData(
+        funnel=funnel, histogram=score_histogram(sel),
+        above=[tile(r, pool) for r in above], below=[tile(r, pool) for r in below],
+        examples={r: [tile(x, pool) for x in rs] for r, rs in examples.items()
+                  if r not in PAIR_REASONS},
+        pairs={r: [(tile(x, pool), original(x, PAIR_REASONS[r], pool, evals)) for x in rs]
+               for r, rs in examples.items() if r in PAIR_REASONS},
+        quality=[q.asDict() for q in quality.collect()] if quality is not None else None,
+        run_stats=latest_run_stats(lake), versions=table_versions(lake),
+        config=yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def tile(row, pool: dict[str, tuple]) -> Tile:
+    """A pool row as a tile: score, size and (when labelled) the true label in the note."""
+    parts = [] if row["score"] is None else [f"score {float(row['score']):.4f}"]
+    if row["width"] is not None:
+        parts.append(f"{row['width']}x{row['height']}")
+    if row["label_kind"]:
+        parts.append(f"label {row['label_kind']}")
+    return Tile(row["uid"], row["text"] or "", " · ".join(parts), pool.get(row["uid"], (None,))[0])
+
+
+def original(row, column: str, pool: dict, evals: dict) -> Tile:
+    """The row a duplicate or leak was matched to (pool original or eval image)."""
+    ref = row[column]
+    sim = row["eval_similarity" if column == "eval_match" else "dup_similarity"]
+    note = f"similarity {float(sim):.3f}" if sim is not None else ""
+    image, text = (evals if column == "eval_match" else pool).get(ref, (None, ""))
+    kind = "eval image" if column == "eval_match" else "kept original"
+    return Tile(str(ref), text or "", f"{kind} {ref} {note}".strip(), image)
+
+
+# ---- rendering (driver only) ----------------------------------------------------------------
+
+
+def thumbnail(data: bytes | None, side: int = THUMB) -> bytes:
+    """A PNG thumbnail of ``data``; a grey placeholder naming the problem when undecodable."""
+    from PIL import Image, ImageDraw
+
+    try:
+        if data is None:
+            raise ValueError("no image bytes")
+        img = Image.open(io.BytesIO(data))
+        img.thumbnail((side, side))
+        img = img.convert("RGB")
+    except Exception as exc:  # any decode failure becomes a visible placeholder
+        img = Image.new("RGB", (side, side), (200, 200, 200))
+        ImageDraw.Draw(img).text((6, side // 2 - 6), str(exc)[:20] or "unreadable", fill=(60, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def funnel_png(funnel: list[tuple[str, int, int]]) -> bytes:
+    """Horizontal bars: rows left after each step, with the rows each step dropped."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 0.45 * len(funnel) + 1.2), dpi=100)
+    ax = fig.subplots()
+    names = [name for name, _, _ in funnel][::-1]
+    left = [n for _, _, n in funnel][::-1]
+    dropped = [d for _, d, _ in funnel][::-1]
+    ax.barh(names, left, color="#4c78a8", label="rows left")
+    ax.barh(names, dropped, left=left, color="#e45756", label="dropped by this step")
+    for y, (n, d) in enumerate(zip(left, dropped, strict=True)):
+        ax.text(n + d, y, f" {n}" + (f" (-{d})" if d else ""), va="center", fontsize=8)
+    ax.set_xlabel("rows")
+    ax.set_title("Selection funnel")
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def histogram_png(hist: Histogram) -> bytes:
+    """Stacked score histogram with the threshold marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.6), dpi=100)
+    ax = fig.subplots()
+    width = hist.edges[1] - hist.edges[0]
+    bottom = [0] * len(hist.edges[:-1])
+    colors = {"kept": "#54a24b", "below-threshold": "#e45756", "dropped earlier": "#bab0ac"}
+    for name, counts in hist.series.items():
+        ax.bar(hist.edges[:-1], counts, width=width, bottom=bottom, align="edge",
+               color=colors[name], label=name)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    if hist.threshold is not None:
+        ax.axvline(hist.threshold, color="black", linestyle="--",
+                   label=f"threshold {hist.threshold:.4f}")
+    ax.set_xlabel("score")
+    ax.set_ylabel("rows")
+    ax.set_title("Score distribution")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+CSS = """body{font-family:sans-serif;margin:24px;max-width:1200px;color:#222}
+h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px}
+td.n{text-align:right}.grid{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;width:140px;font-size:11px}figure img{border:1px solid #ccc;display:block}
+.pair{display:flex;gap:4px;border:1px solid #eee;padding:4px}
+.caption{font-style:italic}.note{color:#666;overflow-wrap:anywhere}pre{background:#f6f6f6;padding:8px;font-size:12px}"""
+
+# Self-check, read by tests and handy for humans: how many images decoded in the browser.
+CHECK = """<script>window.addEventListener('load',function(){var i=Array.from(document.images);
+var ok=i.filter(function(x){return x.complete&&x.naturalWidth>0}).length;
+document.body.setAttribute('data-images-total',i.length);
+document.body.setAttribute('data-images-ok',ok);});</script>"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def figure_html(t: Tile) -> str:
+    return (f'<figure><img src="{data_uri(thumbnail(t.image))}" alt="{_e(t.uid)}">'
+            f'<figcaption><span class="caption">{_e(t.caption[:120])}</span><br>'
+            f'<span class="note">{_e(t.note)}</span></figcaption></figure>')
+
+
+def grid_html(tiles: list[Tile]) -> str:
+    if not tiles:
+        return "<p>(none)</p>"
+    return '<div class="grid">' + "".join(figure_html(t) for t in tiles) + "</div>"
+
+
+def pairs_html(pairs: list[tuple[Tile, Tile]]) -> str:
+    return '<div class="grid">' + "".join(
+        f'<div class="pair">{figure_html(a)}{figure_html(b)}</div>' for a, b in pairs) + "</div>"
+
+
+def table_html(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(
+        f'<td class="n">{_e(c)}</td>' if isinstance(c, (int, float)) else f"<td>{_e(c)}</td>"
+        for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def render(data: ReportData, charts: dict[str, bytes], title: str) -> str:
+    """The whole page as one HTML string (images inline)."""
+    pool = data.funnel[0][2] or 1
+    funnel = [[n, d or "", left, f"{100 * left / pool:.1f}%"] for n, d, left in data.funnel]
+    parts = [f"<h1>{_e(title)}</h1>",
+             f"<p>generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; kept "
+             f"{data.funnel[-1][2]} of {data.funnel[0][2]} pairs</p>",
+             "<h2>Funnel</h2>", _chart(charts, "funnel"),
+             table_html(["step", "dropped", "left", "of pool"], funnel),
+             "<h2>Scores</h2>", _chart(charts, "scores"),
+             "<h2>Just above the threshold (kept)</h2>", grid_html(data.above),
+             "<h2>Just below the threshold (dropped)</h2>", grid_html(data.below)]
+    for reason, pairs in data.pairs.items():
+        what = "eval leaks" if reason == "eval-leak" else f"{reason}s"
+        parts += [f"<h2>Detected {_e(what)} (dropped | matched)</h2>", pairs_html(pairs)]
+    for reason, tiles in data.examples.items():
+        parts += [f"<h2>Dropped: {_e(reason)}</h2>", grid_html(tiles)]
+    if data.quality is not None:
+        rows = [[q["reason"], q["label_kinds"], q["predicted"], q["expected"], q["true_pos"],
+                 _pct(q["precision"]), _pct(q["recall"]), _pct(q["recall_any"])]
+                for q in data.quality]
+        parts += ["<h2>Precision / recall per drop reason (sample labels)</h2>", table_html(
+            ["reason", "labels", "dropped", "labelled", "correct", "precision", "recall",
+             "caught by any"], rows)]
+    parts += ["<h2>Run stats (latest run of each step)</h2>",
+              table_html(["step", "run_id", "metrics"], [list(r) for r in data.run_stats]),
+              "<h2>Delta tables</h2>", table_html(
+                  ["table", "version", "name"],
+                  [[t, "absent" if v is None else v, n] for t, v, n in data.versions]),
+              "<h2>Config</h2>", f"<pre>{_e(data.config)}</pre>"]
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{CSS}</style>{CHECK}</head><body>{''.join(parts)}</body></html>")
+
+
+def _chart(charts: dict[str, bytes], name: str) -> str:
+    if name not in charts:
+        return "<p>(no scores)</p>"
+    return f'<img class="chart" src="{data_uri(charts[name])}" alt="{name} chart">'
+
+
+def write_report(lake: Lakehouse, cfg: Config, out: str | Path, k: int = 8,
+                 title: str = "dfn-curate run report") -> Path:
+    """Gather, draw and write ``out/index.html`` (+ ``funnel.png``, ``scores.png``)."""
+    data = gather(lake, cfg, k)
+    charts = {"funnel": funnel_png(data.funnel)}
+    if data.histogram is not None:
+        charts["scores"] = histogram_png(data.histogram)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, png in charts.items():
+        (out / f"{name}.png").write_bytes(png)
+    page = out / "index.html"
+    page.write_text(render(data, charts, title), encoding="utf-8")
+    return page

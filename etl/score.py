@@ -1,0 +1,173 @@
+"""Scoring step: bronze pairs -> silver scores (and eval images -> eval embeddings).
+
+``score_pairs`` is the DataFrame -> DataFrame step. ``score_table`` is the edge: for every
+configured model it streams the source Delta table in chunks of ``score.files_per_commit``
+files (Structured Streaming, ``availableNow``, checkpointed per target and model), scores only
+pairs with no row for that model yet, and inserts with an insert-only MERGE on
+(uid, model_id). A killed run therefore keeps the chunks it committed, and the next run
+resumes from the checkpoint; the anti-join plus the MERGE keep every pair scored exactly once
+even when a chunk is replayed or the checkpoint is reset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+from typing import Any
+
+from pyspark.errors import StreamingQueryException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from etl.config import Config, ScoreConf
+from etl.tables import BRONZE, EVAL_EMBEDDINGS, EVAL_IMAGES, SILVER, Lakehouse
+from udfs.models import ModelSpec, resolve_conf
+from udfs.score import ScoreOptions, make_score_udf
+
+log = logging.getLogger(__name__)
+
+KEYS = ["uid", "model_id"]
+SILVER_COLUMNS = ["uid", "model_id", "score", "score_error", "image_embedding",
+                  "text_embedding", "scored_at", "run_id"]
+
+
+def score_pairs(df: DataFrame, model: Any, conf: ScoreConf, run_id: str | None = None) -> DataFrame:
+    """Score ``df`` (uid, image, text) with one model; returns the silver columns.
+
+    ``model`` is an ``etl.config.ModelConf`` or a resolved ``udfs.models.ModelSpec``.
+    """
+    spec = model if isinstance(model, ModelSpec) else resolve_conf(model)
+    udf = make_score_udf(spec, ScoreOptions.from_conf(conf))
+    scored = df.select("uid", udf(F.col("image"), F.col("text")).alias("r"))
+    return scored.select(
+        "uid", F.lit(spec.model_id).alias("model_id"), "r.score", "r.score_error",
+        "r.image_embedding", "r.text_embedding",
+        F.current_timestamp().alias("scored_at"), F.lit(run_id).cast("string").alias("run_id"))
+
+
+def pending(bronze: DataFrame, silver: DataFrame | None, model_id: str) -> DataFrame:
+    """Rows of ``bronze`` with no silver row for ``model_id`` (the resume anti-join).
+
+    Only uids are shuffled; the (small) set of pending uids is broadcast back, so image bytes
+    never cross a shuffle. Call it per chunk, not on a whole large pool at once.
+    """
+    if silver is None:
+        return bronze
+    done = silver.filter(F.col("model_id") == model_id).select("uid")
+    todo = bronze.select("uid").join(done, "uid", "left_anti")
+    return bronze.join(F.broadcast(todo), "uid", "left_semi")
+
+
+def configure_arrow(spark: SparkSession, conf: ScoreConf) -> None:
+    """Arrow batch sizing for the pandas UDF (rows and bytes per batch sent to Python)."""
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(conf.max_records_per_batch))
+    spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch", str(conf.max_bytes_per_batch))
+
+
+def score_table(lake: Lakehouse, source_table: str, target_table: str, cfg: Config,
+                run_id: str) -> dict[str, int]:
+    """Score every configured model over ``source_table`` into ``target_table``; resumable.
+
+    Records and returns per-model counts: ``pending[m]`` (unscored before), ``scored[m]``
+    (rows inserted by this run) and ``errors[m]`` (of those, rows with a null score).
+    """
+    configure_arrow(lake.spark, cfg.score)
+    counts = {"source_rows": lake.read(source_table).count()}
+    for model_conf in cfg.score.models:
+        spec = resolve_conf(model_conf)
+        counts.update(_score_model(lake, source_table, target_table, spec, cfg.score, run_id,
+                                   counts["source_rows"]))
+    lake.record_stats(run_id, f"score:{target_table}", counts)
+    return counts
+
+
+def _score_model(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: ScoreConf,
+                 run_id: str, source_rows: int) -> dict[str, int]:
+    mid = spec.model_id
+    before = pending_count(lake, source, target, mid)
+    inserted = 0
+    if before:
+        try:  # with no row for this model yet there is nothing to skip: no anti-join per chunk
+            inserted = _stream(lake, source, target, spec, conf, run_id,
+                               skip_done=before != source_rows)
+        except StreamingQueryException as exc:
+            if "DELTA_" not in str(exc):  # only source-side changes are recoverable here
+                raise
+            log.warning("score: %s was rewritten since the last run (%s); resetting the %s "
+                        "checkpoint and scoring what is missing", source, str(exc)[:200], mid)
+            inserted = _stream(lake, source, target, spec, conf, run_id, reset=True)
+        if inserted < before and pending_count(lake, source, target, mid):
+            # the checkpoint is ahead of the target table (rows deleted, table replaced)
+            inserted += _stream(lake, source, target, spec, conf, run_id, reset=True)
+    errors = 0
+    if lake.exists(target):
+        errors = lake.read(target).filter(
+            (F.col("model_id") == mid) & (F.col("run_id") == run_id) & F.col("score").isNull()
+        ).count()
+    return {f"pending[{mid}]": before, f"scored[{mid}]": inserted, f"errors[{mid}]": errors}
+
+
+def pending_count(lake: Lakehouse, source: str, target: str, model_id: str) -> int:
+    """How many source uids have no row for ``model_id`` in ``target`` (uids only are read)."""
+    uids = lake.read(source).select("uid")
+    if not lake.exists(target):
+        return uids.count()
+    done = lake.read(target).filter(F.col("model_id") == model_id).select("uid")
+    return uids.join(done, "uid", "left_anti").count()
+
+
+def checkpoint_dir(lake: Lakehouse, target: str, model_id: str) -> str:
+    """Where the streaming checkpoint for (target, model) lives, under the lakehouse root."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:60]
+    digest = hashlib.sha1(model_id.encode()).hexdigest()[:8]
+    return str(lake.root / "_checkpoints" / f"score-{target}" / f"{safe}-{digest}")
+
+
+def _stream(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: ScoreConf,
+            run_id: str, reset: bool = False, skip_done: bool = True) -> int:
+    """Score ``source`` -> ``target`` in chunks, one Delta commit per chunk; rows inserted.
+
+    ``skip_done`` anti-joins each chunk against the target first, so replayed or reset chunks
+    are not scored again; the MERGE alone already keeps them from being inserted twice.
+    """
+    checkpoint = checkpoint_dir(lake, target, spec.model_id)
+    if reset:
+        delete_dir(lake.spark, checkpoint)
+    inserted = [0]
+
+    def write_chunk(batch: DataFrame, batch_id: int) -> None:
+        silver = lake.read(target) if skip_done and lake.exists(target) else None
+        todo = pending(batch.select("uid", "image", "text"), silver, spec.model_id)
+        inserted[0] += lake.insert_new(score_pairs(todo, spec, conf, run_id), target, KEYS)
+
+    query = (_read_stream(lake, source, conf).writeStream.foreachBatch(write_chunk)
+             .option("checkpointLocation", checkpoint).trigger(availableNow=True)
+             .queryName(f"score-{target}-{spec.model_id}"[:100]).start())
+    query.awaitTermination()
+    return inserted[0]
+
+
+def delete_dir(spark: SparkSession, path: str) -> None:
+    """Remove a checkpoint folder on any Hadoop filesystem (local, DBFS/volumes, s3a, abfss)."""
+    try:
+        jvm = spark.sparkContext._jvm
+        hpath = jvm.org.apache.hadoop.fs.Path(path)
+        hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hpath, True)
+    except Exception:  # noqa: BLE001 - no JVM access (Spark Connect): local paths only
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_stream(lake: Lakehouse, source: str, conf: ScoreConf) -> DataFrame:
+    reader = lake.spark.readStream.format("delta").option(
+        "maxFilesPerTrigger", str(max(1, conf.files_per_commit)))
+    return reader.table(lake.name(source)) if lake.conf.schema else reader.load(lake.path(source))
+
+
+def score_all(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, dict[str, int]]:
+    """The ``score`` step of a run: bronze pairs -> silver scores, eval images -> embeddings."""
+    out = {SILVER: score_table(lake, BRONZE, SILVER, cfg, run_id)}
+    if lake.exists(EVAL_IMAGES):
+        out[EVAL_EMBEDDINGS] = score_table(lake, EVAL_IMAGES, EVAL_EMBEDDINGS, cfg, run_id)
+    return out

@@ -1,0 +1,252 @@
+"""Selection: dedup flags + basic filters + a score threshold -> ``gold_selection``.
+
+Every pool uid gets exactly one row with ``kept`` and the *first* ``drop_reason`` in this order:
+
+1. ``eval-leak``        near/exact copy of an evaluation image (``silver_dedup.eval_match``);
+2. ``duplicate``        exact duplicate (sha256, url+text, url) of a canonical row;
+3. ``near-duplicate``   near duplicate by image embedding / thumbnail;
+4. each basic filter by name, in config order (the preset's first, then ``select.filters``);
+5. ``unscorable``       no score (only when a threshold is configured);
+6. ``below-threshold``  score below the threshold.
+
+Reasons that hold regardless of any model come first, model-dependent ones last.
+
+Threshold semantics (DataComp ``baselines/apply_filter.py: get_threshold``): with
+``keep_fraction`` f over N scored rows, sort scores descending, n = int(N * f), threshold =
+the score at 0-based position n, keep rows with score >= threshold. So ties at the threshold
+are all kept, f = 0 keeps the top score (and its ties), and n == N (f = 1) keeps every scored
+row. N counts non-null scores of the rows left after steps 1-4 (``fraction_of: remaining``)
+or of the whole pool (``fraction_of: pool``, DataComp's own setting). ``min_score`` keeps
+score >= min_score. The threshold is found exactly without collecting the pool
+(:func:`kth_largest`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from etl.config import Config, ConfigError, SelectConf
+from etl.filters import add_derived, check_filters, configured_filters, failed_filter
+from etl.tables import BRONZE, DEDUP, SELECTION, SILVER, Lakehouse
+
+DEDUP_COLUMNS = ["dup_of", "dup_reason", "dup_similarity", "eval_match", "eval_similarity"]
+SMALL = 200_000  # below this many values the exact top-k is taken directly
+
+
+@dataclass
+class Threshold:
+    """The score cut: keep ``score >= value``; ``value`` None keeps every scored row."""
+
+    rule: str  # none | min_score | keep_fraction
+    value: float | None = None
+    n_scored: int | None = None  # N (keep_fraction)
+    position: int | None = None  # n = int(N * fraction)
+
+    @property
+    def active(self) -> bool:
+        return self.rule != "none"
+
+
+def reason_order(filters: dict[str, str]) -> list[str]:
+    """All drop reasons in the order they are assigned."""
+    return ["eval-leak", "duplicate", "near-duplicate", *filters, "unscorable", "below-threshold"]
+
+
+def pre_threshold(pool: DataFrame, dedup: DataFrame | None, filters: dict[str, str]) -> DataFrame:
+    """Pool rows (uid, text, sizes, score, ...) + derived columns, dedup flags, ``pre_reason``.
+
+    ``pre_reason`` is the first of eval-leak, duplicate, near-duplicate, failed filter.
+    """
+    df = add_derived(pool, filters)
+    check_filters(df, filters)
+    if dedup is not None:
+        df = df.drop(*[c for c in DEDUP_COLUMNS if c in df.columns]).join(
+            dedup.select("uid", *[c for c in DEDUP_COLUMNS if c in dedup.columns]), "uid", "left")
+    for name in DEDUP_COLUMNS:
+        if name not in df.columns:
+            df = df.withColumn(name, F.lit(None).cast("double" if "similarity" in name else "string"))
+    reason = (F.when(F.col("eval_match").isNotNull(), "eval-leak")
+              .when(F.col("dup_reason").startswith("exact"), "duplicate")
+              .when(F.col("dup_reason").startswith("near"), "near-duplicate")
+              .otherwise(failed_filter(filters)))
+    return df.withColumn("pre_reason", reason)
+
+
+def threshold_for(pre: DataFrame, conf: SelectConf, small: int = SMALL) -> Threshold:
+    """Resolve ``min_score`` / ``keep_fraction`` over ``pre`` (see the module docstring)."""
+    if conf.min_score is not None:
+        return Threshold("min_score", conf.min_score)
+    if conf.keep_fraction is None:
+        return Threshold("none")
+    base = pre if conf.fraction_of == "pool" else pre.where(F.col("pre_reason").isNull())
+    return fraction_threshold(base, "score", conf.keep_fraction, small)
+
+
+def fraction_threshold(df: DataFrame, col: str, fraction: float, small: int = SMALL) -> Threshold:
+    """DataComp's keep-fraction threshold over the non-null values of ``col``."""
+    scores = df.select(F.col(col).alias("v")).where(F.col("v").isNotNull())
+    n_scored = scores.count()
+    n = int(n_scored * fraction)
+    if n >= n_scored:  # fraction 1, or nothing scored: keep every scored row
+        return Threshold("keep_fraction", None, n_scored, n)
+    return Threshold("keep_fraction", kth_largest(scores, "v", n, small, n_scored), n_scored, n)
+
+
+def kth_largest(df: DataFrame, col: str, k: int, small: int = SMALL,
+                count: int | None = None, buckets: int = 64) -> float:
+    """Exact value at 0-based position ``k`` of ``col`` sorted descending (nulls excluded).
+
+    Never collects the column: values are bucketed by approximate quantiles, only per-bucket
+    counts come to the driver, and the search narrows to the bucket holding position ``k``
+    until at most ``small`` values remain, whose top ``k + 1`` are then taken exactly.
+    """
+    values = df.select(F.col(col).cast("double").alias("v")).where(F.col("v").isNotNull())
+    n = values.count() if count is None else count
+    if not 0 <= k < n:
+        raise ValueError(f"position {k} is outside 0..{n - 1}")
+    while n > small:
+        lo, hi, before, size = _bucket_of(values, k, buckets)
+        if lo == hi:
+            return hi
+        if size == n:  # quantiles did not split (heavy ties at the low end): peel the minimum
+            above = values.where(F.col("v") > lo)
+            n_above = above.count()
+            if k >= n_above:
+                return lo
+            values, n = above, n_above
+            continue
+        values, k, n = values.where(F.col("v").between(lo, hi)), k - before, size
+    return values.orderBy(F.desc("v")).limit(k + 1).agg(F.min("v")).first()[0]
+
+
+def _bucket_of(values: DataFrame, k: int, buckets: int) -> tuple[float, float, int, int]:
+    """(min, max, rows before, rows) of the quantile bucket holding descending position k."""
+    qs = values.approxQuantile("v", [i / buckets for i in range(1, buckets)], 0.25 / buckets)
+    bounds = F.array(*[F.lit(float(x)) for x in sorted(set(qs), reverse=True)])
+    bucket = F.size(F.filter(bounds, lambda b: b > F.col("v")))
+    stats = (values.groupBy(bucket.alias("b"))
+             .agg(F.count("*").alias("n"), F.min("v").alias("lo"), F.max("v").alias("hi"))
+             .orderBy("b").collect())
+    before = 0
+    for row in stats:
+        if k < before + row["n"]:
+            return row["lo"], row["hi"], before, row["n"]
+        before += row["n"]
+    raise AssertionError("bucket counts do not cover the position")
+
+
+def apply_threshold(pre: DataFrame, thr: Threshold) -> DataFrame:
+    """Final ``kept`` / ``drop_reason`` / ``threshold`` columns from ``pre`` and ``thr``."""
+    score = F.col("score")
+    reason: Column = F.col("pre_reason")
+    if thr.active:
+        reason = F.coalesce(reason, F.when(score.isNull(), F.lit("unscorable")))
+    if thr.value is not None:
+        reason = F.coalesce(reason, F.when(score < F.lit(thr.value), F.lit("below-threshold")))
+    return (pre.withColumn("drop_reason", reason)
+            .withColumn("kept", F.col("drop_reason").isNull())
+            .withColumn("threshold", F.lit(thr.value).cast("double"))
+            .drop("pre_reason"))
+
+
+def select_pairs(pool: DataFrame, dedup: DataFrame | None, conf: SelectConf,
+                 small: int = SMALL) -> DataFrame:
+    """The whole selection as one DataFrame -> DataFrame step (``pool`` needs ``score``)."""
+    pre = pre_threshold(pool, dedup, configured_filters(conf))
+    return apply_threshold(pre, threshold_for(pre, conf, small))
+
+
+# ---- edges: lakehouse reads and writes ---------------------------------------------------
+
+
+def model_id_for(lake: Lakehouse, cfg: Config) -> str:
+    """The model whose scores/embeddings select and dedup use: ``select.model_id``, else the
+    first configured scoring model, else the only model in ``silver_scores``."""
+    if cfg.select.model_id:
+        return cfg.select.model_id
+    try:
+        from udfs.models import resolve_conf
+
+        return resolve_conf(cfg.score.models[0]).model_id
+    except (ValueError, OSError, IndexError):
+        pass
+    ids = [r[0] for r in lake.read(SILVER).select("model_id").distinct().limit(2).collect()]
+    if len(ids) != 1:
+        raise ConfigError(f"select.model_id: set it to one of the scored models {ids}")
+    return ids[0]
+
+
+def model_scores(lake: Lakehouse, cfg: Config, embeddings: bool = False) -> DataFrame:
+    """uid, score (NaN as null), score_error[, image_embedding] of the selection model."""
+    mid = model_id_for(lake, cfg)
+    silver = lake.read(SILVER).where(F.col("model_id") == mid)
+    if not silver.limit(1).count():
+        ids = [r[0] for r in lake.read(SILVER).select("model_id").distinct().limit(20).collect()]
+        raise ConfigError(f"select.model_id: no scores for model {mid!r} in silver_scores "
+                          f"(scored models: {ids}); run `dfn-curate score` or set select.model_id")
+    error = F.col("score_error") if "score_error" in silver.columns else F.lit(None)
+    cols = [F.col("uid"), F.nanvl("score", F.lit(None).cast("double")).alias("score"),
+            error.cast("string").alias("score_error")]
+    return silver.select(*cols, *([F.col("image_embedding")] if embeddings else []))
+
+
+def scored_pool(lake: Lakehouse, cfg: Config) -> DataFrame:
+    """Bronze pairs (no image bytes) with the configured score column as ``score``."""
+    bronze = lake.read(BRONZE).drop("image")
+    col = cfg.select.score_column
+    if col == "score":
+        return bronze.drop("score", "score_error").join(model_scores(lake, cfg), "uid", "left")
+    if col not in bronze.columns:
+        raise ConfigError(f"select.score_column: {col!r} is neither 'score' (the model score in "
+                          f"silver) nor a bronze column ({', '.join(bronze.columns)})")
+    value = F.col(col).try_cast("double")
+    return bronze.withColumn("score", F.nanvl(value, F.lit(None).cast("double")))
+
+
+def funnel(selection: DataFrame, filters: dict[str, str]) -> dict[str, int]:
+    """Counts per step: ``pool``, ``dropped:<reason>`` in reason order, ``kept``."""
+    got = {r["drop_reason"]: r["count"]
+           for r in selection.groupBy("drop_reason").count().collect()}
+    counts = {"pool": sum(got.values())}
+    for reason in reason_order(filters):
+        counts[f"dropped:{reason}"] = int(got.get(reason, 0))
+    counts["kept"] = int(got.get(None, 0))
+    return counts
+
+
+def print_funnel(counts: dict[str, int], thr: Threshold | None = None) -> None:
+    """Print the funnel: pool, each drop reason with what is left after it, kept."""
+    left = counts["pool"]
+    print(f"{'pool':<28}{left:>10}")
+    for key, value in counts.items():
+        if key.startswith("dropped:") and value:
+            left -= value
+            print(f"  - {key[8:]:<24}{value:>10}   -> {left}")
+    print(f"{'kept':<28}{counts['kept']:>10}")
+    if thr is not None and thr.active:
+        where = f" (N={thr.n_scored}, n={thr.position})" if thr.rule == "keep_fraction" else ""
+        print(f"threshold: {thr.rule} -> score >= {thr.value}{where}")
+
+
+def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
+    """Edge: bronze + silver scores + silver_dedup -> ``gold_selection``; prints the funnel."""
+    filters = configured_filters(cfg.select)
+    dedup = lake.read(DEDUP) if lake.exists(DEDUP) else None
+    if dedup is None:
+        print("select: no silver_dedup table; run `dfn-curate dedup` to drop duplicates")
+    pre = pre_threshold(scored_pool(lake, cfg), dedup, filters).persist()
+    try:
+        thr = threshold_for(pre, cfg.select)
+        lake.overwrite(apply_threshold(pre, thr), SELECTION)
+    finally:
+        pre.unpersist()
+    counts = funnel(lake.read(SELECTION), filters)
+    print_funnel(counts, thr)
+    stats = dict(counts)
+    if thr.n_scored is not None:
+        stats.update({"threshold_N": thr.n_scored, "threshold_n": thr.position})
+    lake.record_stats(run_id, "select", stats)
+    return counts

@@ -1,0 +1,36 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # 00 · End to end
+# MAGIC The whole pipeline, as `dfn-curate run`: ingest → score → dedup → select → export, then the
+# MAGIC run report. Each step is idempotent, so re-running skips what is already done (ingest
+# MAGIC inserts only new uids, score scores only unscored pairs).
+# MAGIC
+# MAGIC Parameters: `conf`, `overrides`, `run_id` (see 01_ingest), `steps` (comma-separated subset
+# MAGIC of ingest,score,dedup,select,export), `out` (report folder).
+
+# COMMAND ----------
+
+from pyspark.sql import functions as F
+
+from etl.jobs import report, run
+from etl.notebook import context, job_argv, show, show_html, widget
+from etl.tables import SELECTION
+
+steps = widget("steps", ",".join(run.STEPS))
+out = widget("out", "")
+argv = job_argv(widget("conf", "conf/local.yaml"), widget("overrides", ""), widget("run_id", ""))
+ctx = context(argv)
+
+# COMMAND ----------
+
+results = run.main([*argv, "--steps", steps])
+
+# COMMAND ----------
+
+show(ctx.lake.read(SELECTION).groupBy("kept", "drop_reason").count().orderBy(F.desc("count")))
+
+# COMMAND ----------
+
+page = report.main([*argv, *(["--out", out] if out else [])])
+if not show_html(page.read_text(encoding="utf-8")):
+    print(f"open {page.resolve().as_uri()} in a browser")

@@ -1,0 +1,48 @@
+"""One session-scoped local Spark with Delta for the whole suite (local[2], small, UI off)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from etl.config import SparkConf
+    from etl.spark import get_spark
+
+    conf = SparkConf(master="local[2]", app_name="dfn-curate-tests", conf={
+        "spark.sql.shuffle.partitions": "2",
+        "spark.default.parallelism": "2",
+        "spark.driver.memory": "3g",
+        "spark.databricks.delta.snapshotPartitions": "1",
+        "spark.sql.sources.parallelPartitionDiscovery.parallelism": "2",
+    })
+    session = get_spark(conf)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def lake(spark, tmp_path):
+    """A fresh, empty lakehouse folder per test."""
+    from etl.config import LakehouseConf
+    from etl.tables import Lakehouse
+
+    return Lakehouse(spark, LakehouseConf(root=str(tmp_path / "lakehouse")))
+
+
+def assert_same_rows(actual, expected, columns=None):
+    """Compare two DataFrames (or a DataFrame and a list of tuples) ignoring row order."""
+    cols = columns or actual.columns
+    got = sorted(tuple(r[c] for c in cols) for r in actual.select(*cols).collect())
+    if hasattr(expected, "collect"):
+        exp = sorted(tuple(r[c] for c in cols) for r in expected.select(*cols).collect())
+    else:
+        exp = sorted(tuple(e) for e in expected)
+    assert got == exp

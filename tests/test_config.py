@@ -1,0 +1,69 @@
+"""Config loading: defaults, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from etl.config import ConfigError, load_config
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_default_config_loads_and_is_typed():
+    cfg = load_config()
+    assert cfg.spark.master == "local[2]"
+    assert cfg.score.models[0].model_id == "dfn-tiny"
+    assert isinstance(cfg.select.keep_fraction, float)
+
+
+def test_set_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, "score: {batch_size: 8}"),
+                      ["score.batch_size=32", "select.keep_fraction=0.15", "lakehouse.root=/x"])
+    assert cfg.score.batch_size == 32 and cfg.select.keep_fraction == 0.15
+    assert cfg.lakehouse.root == "/x"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("score: {batchsize: 3}", "unknown key 'score.batchsize'"),
+    ("nonsense: 1", "unknown key 'nonsense'"),
+    ("score: {batch_size: many}", "score.batch_size: expected int"),
+    ("score: {embeddings: 3}", "score.embeddings: expected bool"),
+    ("select: {keep_fraction: 1.5}", "select.keep_fraction"),
+    ("select: {min_score: 0.2, keep_fraction: 0.1}", "not both"),
+    ("ingest: {sources: [{format: xls, path: a}]}", "not one of"),
+    ("ingest: {sources: [{format: csv}]}", "path is required"),
+    ("score: {device: tpu}", "score.device"),
+    ("- a list", "top level must be a mapping"),
+])
+def test_bad_config_fails_with_the_key(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(write(tmp_path, text))
+    assert needle in str(err.value)
+
+
+def test_unknown_override_key_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="allowed keys under score"):
+        load_config(None, ["score.nope=1"])
+
+
+def test_override_needs_equals():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["score.batch_size"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("conf/nope.yaml")
+
+
+def test_unknown_key_fails_the_job_before_spark(capsys):
+    from etl.jobs import ingest
+
+    with pytest.raises(SystemExit) as exc:
+        ingest.main(["--set", "ingest.bogus=1"])
+    assert exc.value.code == 2
+    assert "unknown key 'ingest.bogus'" in capsys.readouterr().err

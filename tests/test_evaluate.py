@@ -1,0 +1,151 @@
+"""evaluate: filter-quality metrics on literal rows, retrieval / zero-shot on hand-made
+embeddings, and the whole job on a tiny pool (both tables written, one row per selection)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from etl.evaluate import FILTER_QUALITY, filter_quality, format_table, labelled_scores, roc_auc
+from etl.sample import SampleBuilder
+from etl.tables import BRONZE, EVAL_IMAGES, EVALUATION, SELECTION, SILVER
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny batches run far faster on one intra-op thread when the cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_roc_auc_matches_pair_counting_with_ties():
+    rng = random.Random(0)
+    pos = [rng.choice([0.1, 0.2, 0.5, 0.9]) for _ in range(40)]
+    neg = [rng.choice([0.0, 0.2, 0.5]) for _ in range(30)]
+    brute = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert roc_auc(pos, neg) == pytest.approx(brute)
+    assert roc_auc([1.0], [1.0]) == 0.5
+    assert roc_auc([], [0.3]) is None
+
+
+def test_filter_quality_on_literal_rows(spark):
+    bronze = spark.createDataFrame([
+        ("c1", "clean"), ("c2", "clean"), ("c3", "clean"), ("c4", "clean"),
+        ("m1", "mismatched"), ("m2", "mismatched"), ("b1", "blank"), ("n1", "noise"),
+        ("d1", "exact_dup"),  # not an alignment label: left out
+    ], "uid string, label_kind string").repartition(2)
+    scores = spark.createDataFrame([
+        ("c1", 0.9), ("c2", 0.8), ("c3", 0.7), ("c4", None),  # c4 unscorable
+        ("m1", 0.1), ("m2", 0.75), ("b1", float("nan")), ("d1", 0.0),  # n1 never scored
+    ], "uid string, score double").repartition(2)
+    labelled = labelled_scores(scores, bronze)
+    assert labelled.count() == 8
+    rows = {r["group"]: r for r in filter_quality(labelled, threshold=0.72)}
+    assert rows["mismatched"]["auc_vs_clean"] == pytest.approx(5 / 6)
+    assert rows["mismatched"]["n"] == 2 and rows["mismatched"]["dropped"] == 1
+    # drops at 0.72: clean c3 + unscored c4; noisy m1, b1 (NaN = unscored), n1 (unscored)
+    assert rows["clean"]["dropped"] == 2 and rows["clean"]["n_unscored"] == 1
+    assert rows["all_noisy"]["dropped"] == 3 and rows["all_noisy"]["n"] == 4
+    assert rows["all_noisy"]["recall"] == pytest.approx(3 / 4)
+    assert rows["all_noisy"]["precision"] == pytest.approx(3 / 5)
+    assert rows["all_noisy"]["auc_vs_clean"] == pytest.approx(5 / 6)  # only m1, m2 scored
+    assert rows["blank"]["auc_vs_clean"] is None and rows["blank"]["recall"] == 1.0
+    assert rows["unrelated"]["n"] == 0 and rows["unrelated"]["recall"] is None
+    no_threshold = {r["group"]: r for r in filter_quality(labelled, None)}
+    assert no_threshold["all_noisy"]["precision"] is None
+    assert no_threshold["all_noisy"]["auc_vs_clean"] == pytest.approx(5 / 6)
+
+
+def test_retrieval_counts_repeated_captions_and_zero_shot():
+    import torch
+
+    from udfs.zeroshot import retrieval_recall, zero_shot_accuracy
+
+    img = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]]), dim=1)
+    txt = torch.nn.functional.normalize(torch.tensor([[0.0, 1.0], [1.0, 0.1], [1.0, 0.0]]), dim=1)
+    texts = ["a red circle", "a blue star", "a red circle"]
+    got = retrieval_recall(img, txt, texts, ks=(1, 2))
+    # top-1 image -> text: 0 -> 2 (same caption as its own text 0: a hit), 1 -> 0, 2 -> 1
+    assert got["i2t_r1"] == pytest.approx(1 / 3)
+    # top-1 text -> image: 0 -> 1, 1 -> 0, 2 -> 0 (image 0's caption equals text 2: a hit)
+    assert got["t2i_r1"] == pytest.approx(1 / 3)
+    assert got["i2t_r2"] == pytest.approx(1.0)
+    classes = torch.eye(2)
+    assert zero_shot_accuracy(img[:2], ["x", "y"], ["x", "y"], classes) == 1.0
+    assert zero_shot_accuracy(img[:2], ["y", None], ["x", "y"], classes) == 0.0
+    assert math.isnan(zero_shot_accuracy(img[:2], [None, "z"], ["x", "y"], classes))
+
+
+def test_format_table_aligns_and_marks_missing():
+    text = format_table([{"a": "none", "b": 0.12345}, {"a": "dfn", "b": None}], ["a", "b"])
+    assert text.splitlines() == ["   a      b", "none  0.123", " dfn      -"]
+
+
+def build_tiny_lake(spark, lake, tmp_path):
+    """bronze + eval + silver_scores + gold_selection for a tiny pool, per the contracts."""
+    built = SampleBuilder(n_pairs=60, eval_size=12, seed=5).build()
+    pool = [(f"{i:032x}", p.image, p.text, p.meta["label_kind"], p.meta["label_shape"],
+             p.meta["label_color"]) for i, p in enumerate(built.pool)]
+    pool.append(("f" * 32, b"\x89PNG broken", "a red star", "clean", "star", "red"))
+    schema = ("uid string, image binary, text string, label_kind string, label_shape string, "
+              "label_color string")
+    lake.overwrite(spark.createDataFrame(pool, schema).repartition(2), BRONZE)
+    ev = [(f"e{i:031x}", p.image, p.text, p.meta["label_shape"], p.meta["label_color"])
+          for i, p in enumerate(built.eval)]
+    lake.overwrite(spark.createDataFrame(ev, "uid string, image binary, text string, "
+                                         "label_shape string, label_color string"), EVAL_IMAGES)
+    # scores: clean 0.8+, noisy at most 0.36, other kinds 0.5+ (not alignment labels)
+    score = {"clean": 0.8, "mismatched": 0.1, "unrelated": 0.2, "blank": 0.3, "noise": 0.05}
+    scores = [(u, "m1", score.get(k, 0.5) + (0.001 * i), None, None, None, None, "r")
+              for i, (u, _, _, k, _, _) in enumerate(pool)]
+    lake.overwrite(spark.createDataFrame(scores, "uid string, model_id string, score double, "
+                   "score_error string, image_embedding array<float>, text_embedding "
+                   "array<float>, scored_at timestamp, run_id string"), SILVER)
+    sel = [(u, k == "clean", None if k == "clean" else
+            ("english" if k == "non_english" else "below-threshold"), 0.0, 0.6)
+           for u, _, _, k, _, _ in pool]
+    lake.overwrite(spark.createDataFrame(sel, "uid string, kept boolean, drop_reason string, "
+                                         "score double, threshold double"), SELECTION)
+    return pool
+
+
+def test_evaluate_job_on_a_tiny_pool(spark, lake, tmp_path):
+    from etl.jobs.evaluate import main
+
+    pool = build_tiny_lake(spark, lake, tmp_path)
+    uids_file = tmp_path / "mine.txt"
+    mine = [r[0] for r in pool[:10]]
+    uids_file.write_text("\n".join(mine) + "\n\n")
+    out = main(["--no-progress", "--set", f"lakehouse.root={lake.conf.root}",
+                "--set", "select.model_id=m1", "--set", "evaluate.steps=3",
+                "--set", "evaluate.batch_size=8",
+                "--set", f"evaluate.selections=[none, basic, dfn, oracle, 'uids:{uids_file}']"])
+
+    table = {r["selection"]: r for r in lake.read(EVALUATION).collect()}
+    assert set(table) == {"none", "basic", "dfn", "oracle", f"uids:{uids_file}"}
+    kinds = {r[0]: r[3] for r in pool}
+    decodable = {r[0] for r in pool[:-1]}  # the broken PNG is dropped at decode
+    assert table["none"]["n_pairs"] == len(decodable)
+    assert table["dfn"]["n_pairs"] == sum(kinds[u] == "clean" for u in decodable)
+    assert table["oracle"]["n_pairs"] == table["dfn"]["n_pairs"]
+    assert table["basic"]["n_pairs"] == sum(kinds[u] != "non_english" for u in decodable)
+    assert table[f"uids:{uids_file}"]["n_pairs"] == len(set(mine) & decodable)
+    for row in table.values():
+        assert row["steps"] == 3 and row["batch_size"] == 8 and row["eval_images"] == 12
+        for metric in ("zeroshot_shape", "zeroshot_color", "i2t_r1", "t2i_r5"):
+            assert 0.0 <= row[metric] <= 1.0
+        assert row["i2t_r1"] <= row["i2t_r5"]
+
+    quality = {r["group"]: r for r in lake.read(FILTER_QUALITY).collect()}
+    assert quality["all_noisy"]["threshold"] == 0.6
+    assert quality["mismatched"]["auc_vs_clean"] == 1.0
+    assert quality["all_noisy"]["model_id"] == "m1"
+    assert quality["all_noisy"]["precision"] == 1.0  # no clean pair scores below 0.6
+    assert quality["all_noisy"]["recall"] == 1.0
+    assert {r["group"] for r in out["filter"]} == set(quality)

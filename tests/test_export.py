@@ -1,0 +1,172 @@
+"""Export: DataComp uids.npy layout, WebDataset shards, atomic publish, the edge step."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import etl.export as export
+from etl.config import Config, ExportConf, LakehouseConf
+from etl.export import (
+    UID_DTYPE,
+    export_files,
+    run_export,
+    uid_pairs,
+    uid_strings,
+    write_shards,
+    write_uids_npy,
+)
+from etl.tables import BRONZE, GOLD, RUN_STATS, SELECTION
+
+GOLD_SCHEMA = ("uid string, url string, text string, image binary, width int, height int, "
+               "score double")
+
+
+def uid(i: int) -> str:
+    # spread over the whole 128-bit range, high bit set for half of them
+    return f"{(i * 0x9E3779B97F4A7C15F39CC0605CEDC834) % (1 << 128):032x}"
+
+
+def image_bytes(fmt: str, color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def gold_rows(n: int, null_image: int = 1):
+    fmts = ["JPEG", "PNG", "GIF", "WEBP"]
+    rows = [(uid(i), f"https://x.example/{i}.jpg", f"caption {i}",
+             image_bytes(fmts[i % 4], (i * 20 % 255, 40, 90)), 32, 24, 1.0 - i / 100)
+            for i in range(n)]
+    for i in range(null_image):
+        rows.append((uid(n + i), f"https://x.example/meta{i}", "metadata only", None, None,
+                     None, 0.3))
+    return rows
+
+
+def gold_df(spark, rows, parts=3):
+    return spark.sparkContext.parallelize(rows, parts).toDF(GOLD_SCHEMA)
+
+
+def test_uid_pairs_round_trip_and_order():
+    uids = sorted(uid(i) for i in range(50))
+    arr = uid_pairs(uids)
+    assert arr.dtype == UID_DTYPE and len(arr) == 50
+    assert uid_strings(arr) == uids
+    assert arr[0]["f0"] == int(uids[0][:16], 16) and arr[0]["f1"] == int(uids[0][16:], 16)
+    pairs = [tuple(x) for x in arr.tolist()]
+    assert pairs == sorted(pairs)  # hex order == (hi, lo) numeric order
+
+
+def test_write_uids_npy_sorted_unique_in_parts(spark, tmp_path):
+    uids = [uid(i) for i in range(40)]
+    dup_rows = [(u,) for u in uids] + [(uids[3],), (uids[7],)]
+    df = spark.sparkContext.parallelize(dup_rows, 4).toDF("uid string")
+    path = tmp_path / "uids.npy"
+    assert write_uids_npy(df, path, rows_per_part=15) == 40  # several range parts
+    arr = np.load(path)
+    assert arr.dtype == np.dtype("u8,u8") and arr.shape == (40,)
+    assert uid_strings(arr) == sorted(uids)
+    assert list(tmp_path.iterdir()) == [path]  # part files cleaned up
+    bad = spark.createDataFrame([("NOT-HEX",)], "uid string")
+    with pytest.raises(ValueError, match="hex"):
+        write_uids_npy(bad, tmp_path / "bad.npy")
+
+
+def test_empty_uids_npy(spark, tmp_path):
+    df = spark.createDataFrame([], "uid string")
+    assert write_uids_npy(df, tmp_path / "e.npy") == 0
+    assert np.load(tmp_path / "e.npy").shape == (0,)
+
+
+def test_shards_readable_by_webdataset_with_counts(spark, tmp_path):
+    import webdataset as wds
+
+    rows = gold_rows(11)
+    stats = write_shards(gold_df(spark, rows), tmp_path / "shards", shard_size=4)
+    assert [s["name"] for s in stats] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert [s["count"] for s in stats] == [4, 4, 3] and sum(s["skipped"] for s in stats) == 0
+    urls = [str(tmp_path / "shards" / s["name"]) for s in stats]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == 11
+    by_uid = {r[0]: r for r in rows}
+    exts = set()
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert s["__key__"] == meta["uid"] and meta["url"] == by_uid[meta["uid"]][1]
+        assert s["txt"].decode() == by_uid[meta["uid"]][2]
+        assert meta["score"] == pytest.approx(by_uid[meta["uid"]][6])
+        ext = next(k for k in ("jpg", "png", "webp") if k in s)
+        exts.add(ext)
+        Image.open(io.BytesIO(s[ext])).verify()
+    assert exts == {"jpg", "png", "webp"}  # GIF re-encoded to jpg
+    with tarfile.open(urls[0]) as tar:
+        names = tar.getnames()
+    assert len(names) == 12 and names[0].endswith((".jpg", ".png", ".webp"))
+    assert not list((tmp_path / "shards").glob(".*"))  # no temporary files left
+
+
+def read_manifest(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_export_files_manifest_and_atomic_replace(spark, tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    conf = ExportConf(out_dir=str(out), shard_size=5)
+    first = export_files(gold_df(spark, gold_rows(12)), out, conf, "run-a")
+    wds_part = first["webdataset"]
+    assert first["kept"] == 13 and first["uids_npy"]["count"] == 13
+    assert wds_part["samples"] == 12 and wds_part["pattern"] == "{00000..00002}.tar"
+    assert wds_part["train_data"] == str(out / "shards" / "{00000..00002}.tar")
+    from braceexpand import braceexpand
+
+    assert all((out / "shards" / p).exists() for p in braceexpand(wds_part["pattern"]))
+    assert read_manifest(out) == first
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shards", "uids.npy",
+                                                     "urls.parquet"]
+    urls = spark.read.parquet(str(out / "urls.parquet"))
+    assert urls.columns == ["url", "caption", "uid"] and urls.count() == 13
+
+    def boom(folder, manifest):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "write_manifest", boom)
+    with pytest.raises(RuntimeError):
+        export_files(gold_df(spark, gold_rows(3)), out, conf, "run-b")
+    assert read_manifest(out)["run_id"] == "run-a"  # the previous export is untouched
+    assert len(list((out / "shards").glob("*.tar"))) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging left behind
+    monkeypatch.undo()
+
+    second = export_files(gold_df(spark, gold_rows(3, null_image=0)), out, conf, "run-c")
+    assert read_manifest(out)["run_id"] == "run-c" and second["webdataset"]["samples"] == 3
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.tar"]
+    assert second["webdataset"]["pattern"] == "00000.tar"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_run_export_edge(spark, lake):
+    rows = gold_rows(6)
+    bronze = gold_df(spark, rows).drop("score")
+    lake.overwrite(bronze, BRONZE)
+    kept = {r[0] for r in rows[::2]}
+    sel = spark.createDataFrame([(r[0], r[0] in kept, None if r[0] in kept else "aspect", r[6])
+                                 for r in rows],
+                                "uid string, kept boolean, drop_reason string, score double")
+    lake.overwrite(sel, SELECTION)
+    cfg = Config(lakehouse=LakehouseConf(root=str(lake.root)),
+                 export=ExportConf(out_dir="export", shard_size=2))
+    manifest = run_export(lake, cfg, "run-e")
+    gold = lake.read(GOLD)
+    assert {r.uid for r in gold.collect()} == kept and "score" in gold.columns
+    out = lake.root / "export"
+    assert sorted(uid_strings(np.load(out / "uids.npy"))) == sorted(kept)
+    assert manifest["webdataset"]["samples"] == len([r for r in rows[::2] if r[3] is not None])
+    assert manifest["gold_version"] == lake.version(GOLD)
+    stats = {r.metric: r.value for r in lake.read(RUN_STATS).where("step = 'export'").collect()}
+    assert stats["gold_pairs"] == len(kept)

@@ -1,0 +1,192 @@
+"""Ingest: every reader, quarantine reasons, in-input duplicates, idempotence, count identity."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pandas as pd
+import pytest
+from PIL import Image
+from pyspark.sql import functions as F
+
+from etl.config import SourceConf
+from etl.ingest import ingest_frame
+from etl.readers import InputError, read_source
+from etl.tables import BRONZE, QUARANTINE
+from tests.conftest import assert_same_rows
+
+
+def jpeg(w: int = 32, h: int = 24, color=(200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def ingest_source(spark, lake, src: SourceConf) -> dict:
+    return ingest_frame(lake, read_source(spark, src), src.format, "run-test")
+
+
+def quarantine_reasons(lake) -> list[str]:
+    return sorted(r.reason for r in lake.read(QUARANTINE).collect())
+
+
+U1, U2, U3 = "0" * 31 + "1", "0" * 31 + "2", "0" * 31 + "3"
+
+
+@pytest.fixture
+def datacomp_dir(tmp_path):
+    d = tmp_path / "datacomp"
+    d.mkdir()
+    part1 = pd.DataFrame({
+        "uid": [U1, U2, "NOT-A-UID"], "url": ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg"],
+        "text": ["a red circle", "", "a blue square"], "original_width": [640, 300, 100],
+        "original_height": [480, 200, 100], "sha256": ["AB" * 32, "cd" * 32, "ef" * 32],
+        "clip_l14_similarity_score": [0.31, 0.12, 0.25]})
+    part2 = pd.DataFrame({
+        "uid": [U3, U1.upper()], "url": ["http://a/4.jpg", "http://a/1b.jpg"],
+        "text": ["  a green star  ", "same uid again"], "original_width": [256, 256],
+        "original_height": [256, 256], "sha256": ["12" * 32, "34" * 32],
+        "clip_l14_similarity_score": [0.4, 0.3]})
+    part1.to_parquet(d / "part-0.parquet")
+    part2.to_parquet(d / "part-1.parquet")
+    return d
+
+
+def test_datacomp_reader_quarantine_dups_and_identity(spark, lake, datacomp_dir):
+    counts = ingest_source(spark, lake, SourceConf(format="datacomp", path=str(datacomp_dir)))
+    assert counts == {"read": 5, "quarantined": 2, "in_input_duplicates": 1, "new": 2,
+                      "already_present": 0}
+    bronze = lake.read(BRONZE)
+    assert_same_rows(bronze, [(U1, "a red circle", 640, 480, "ab" * 32, 0.31),
+                              (U3, "a green star", 256, 256, "12" * 32, 0.4)],
+                     ["uid", "text", "width", "height", "sha256", "clip_l14_similarity_score"])
+    reasons = quarantine_reasons(lake)
+    assert reasons[0].startswith("duplicate uid within input; first at ")
+    assert "part-0.parquet#0" in reasons[0]
+    assert reasons[1:] == ["text: empty or missing caption", "uid: NOT-A-UID is not 32 hex characters"]
+    q = lake.read(QUARANTINE).where("reason like 'uid:%'").first()
+    assert q.source_file.endswith("part-0.parquet") and q.source_pos == 2
+
+
+def test_reingest_adds_nothing(spark, lake, datacomp_dir):
+    src = SourceConf(format="datacomp", path=str(datacomp_dir))
+    ingest_source(spark, lake, src)
+    again = ingest_source(spark, lake, src)
+    assert again["new"] == 0 and again["already_present"] == 2
+    assert lake.read(BRONZE).count() == 2
+    assert lake.read(QUARANTINE).count() == 3
+
+
+def test_missing_required_column_fails_before_any_write(spark, lake, tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    pd.DataFrame({"uid": [U1], "caption": ["x"]}).to_parquet(d / "p.parquet")
+    with pytest.raises(InputError, match="missing required column.*url, text"):
+        read_source(spark, SourceConf(format="datacomp", path=str(d)))
+    assert not lake.exists(BRONZE)
+
+
+def test_csv_reader_hashes_uid_and_quarantines_malformed(spark, lake, tmp_path):
+    p = tmp_path / "pairs.csv"
+    p.write_text('url,caption,lang\n'
+                 'http://x/1.jpg,"a cat, sitting",en\n'
+                 'http://x/2.jpg,,en\n'
+                 'http://x/3.jpg,a dog,en,EXTRA\n'
+                 ',no url,en\n'
+                 'http://x/1.jpg,"a cat, sitting",en\n')
+    counts = ingest_source(spark, lake, SourceConf(format="csv", path=str(p)))
+    assert counts["read"] == 5 and counts["new"] == 1 and counts["in_input_duplicates"] == 1
+    assert counts["quarantined"] == 3
+    row = lake.read(BRONZE).first()
+    import hashlib
+
+    assert row.uid == hashlib.md5(b"http://x/1.jpg\x00a cat, sitting").hexdigest()
+    assert row.lang == "en" and row.image is None
+    reasons = quarantine_reasons(lake)
+    assert any(r.startswith("malformed row") for r in reasons)
+    assert "url: empty or missing" in reasons
+
+
+def test_tsv_reader_with_custom_columns(spark, lake, tmp_path):
+    p = tmp_path / "cc.tsv"
+    p.write_text("caption\timage_url\nA tree\thttp://y/1\nA car\thttp://y/2\n")
+    src = SourceConf(format="tsv", path=str(p), url_column="image_url", text_column="caption")
+    counts = ingest_source(spark, lake, src)
+    assert counts["new"] == 2
+    assert_same_rows(lake.read(BRONZE), [("http://y/1", "A tree"), ("http://y/2", "A car")],
+                     ["url", "text"])
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    with tarfile.open(d / "00000.tar", "w") as tar:
+        add(tar, "000.jpg", jpeg(40, 30))
+        add(tar, "000.txt", b"a red box")
+        add(tar, "000.json", json.dumps({"url": "http://s/0", "score_x": 0.5}).encode())
+        add(tar, "001.txt", b"caption without image")
+        add(tar, "001.json", json.dumps({"url": "http://s/1"}).encode())
+        add(tar, "002.png", jpeg())
+        add(tar, "002.txt", b"\xff\xfe not utf8")
+        add(tar, "002.json", b'{"url": "http://s/2"}')
+    with tarfile.open(d / "00001.tar", "w") as tar:
+        add(tar, "100.jpg", b"not really an image")
+        add(tar, "100.json", json.dumps({"url": "http://s/100", "caption": "from json",
+                                         "uid": U3}).encode())
+        add(tar, "101.jpg", jpeg(20, 10))
+        add(tar, "101.txt", b"broken json")
+        add(tar, "101.json", b"{oops")
+    pd.DataFrame({"key": ["000", "999"], "url": ["http://s/0", "http://dead/9"],
+                  "caption": ["a red box", "gone"], "status": ["success", "failed_to_download"],
+                  "error_message": [None, "timeout"]}).to_parquet(d / "00000.parquet")
+    return d
+
+
+def test_webdataset_reader(spark, lake, shards):
+    counts = ingest_source(spark, lake, SourceConf(format="img2dataset", path=str(shards)))
+    assert counts == {"read": 6, "quarantined": 4, "in_input_duplicates": 0, "new": 2,
+                      "already_present": 0}
+    rows = {r.url: r for r in lake.read(BRONZE).collect()}
+    assert rows["http://s/0"].width == 40 and rows["http://s/0"].height == 30
+    assert rows["http://s/0"].score_x == 0.5 and rows["http://s/0"].key == "000"
+    assert rows["http://s/100"].uid == U3 and rows["http://s/100"].text == "from json"
+    assert rows["http://s/100"].width is None  # undecodable bytes: left for scoring to report
+    reasons = quarantine_reasons(lake)
+    assert "img2dataset status=failed_to_download: timeout" in reasons
+    assert "missing image member (.jpg/.png/.webp) for key 001" in reasons
+    assert any(r.startswith("002.txt is not UTF-8") for r in reasons)
+    assert any(r.startswith("101.json is not valid JSON") for r in reasons)
+
+
+def test_image_folder_reader(spark, lake, tmp_path):
+    d = tmp_path / "imgs" / "sub"
+    d.mkdir(parents=True)
+    (d / "a.jpg").write_bytes(jpeg(50, 60))
+    (d / "a.txt").write_text("an apple\n")
+    (d / "a.json").write_text(json.dumps({"label_shape": "circle"}))
+    (d / "b.png").write_bytes(jpeg())
+    (d / "c.txt").write_text("orphan caption")
+    counts = ingest_source(spark, lake, SourceConf(format="folder", path=str(tmp_path / "imgs")))
+    assert counts["new"] == 1 and counts["quarantined"] == 2 and counts["read"] == 3
+    row = lake.read(BRONZE).first()
+    assert (row.text, row.width, row.height, row.label_shape) == ("an apple", 50, 60, "circle")
+    assert row.url.endswith("sub/a.jpg")
+    assert quarantine_reasons(lake) == ["caption file without an image",
+                                        "no caption file (expected stem.txt)"]
+
+
+def test_bronze_sha256_is_of_the_bytes(spark, lake, shards):
+    import hashlib
+
+    ingest_source(spark, lake, SourceConf(format="webdataset", path=str(shards)))
+    row = lake.read(BRONZE).where(F.col("url") == "http://s/0").first()
+    assert row.sha256 == hashlib.sha256(row.image).hexdigest()
