@@ -50,7 +50,7 @@ def gold_pairs(selection: DataFrame, bronze: DataFrame) -> DataFrame:
 
 def output_dir(lake: Lakehouse, conf: ExportConf) -> Path:
     out = Path(conf.out_dir).expanduser()
-    return out if out.is_absolute() else lake.root / out
+    return out if out.is_absolute() else lake.local_root() / out
 
 
 # ---- uids.npy ------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def resolve_sources(cfg: Config, lake: Lakehouse, sources: list[SourceConf],
 
 def ensure_sample(cfg: Config, lake: Lakehouse) -> Path:
     """Write the sample pool under the lakehouse root unless it is already there."""
-    root = lake.root / cfg.sample.out_dir
+    root = lake.local_root() / cfg.sample.out_dir
     if not (root / "_SUCCESS").exists():
         s = cfg.sample
         counts = write_sample(root, s.n_pairs, s.eval_size, s.seed, s.shard_size)

@@ -122,7 +122,7 @@ def checkpoint_dir(lake: Lakehouse, target: str, model_id: str) -> str:
     """Where the streaming checkpoint for (target, model) lives, under the lakehouse root."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:60]
     digest = hashlib.sha1(model_id.encode()).hexdigest()[:8]
-    return str(lake.root / "_checkpoints" / f"score-{target}" / f"{safe}-{digest}")
+    return lake.under("_checkpoints", f"score-{target}", f"{safe}-{digest}")
 
 
 def _stream(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: ScoreConf,

@@ -14,7 +14,8 @@ DELTA_CONF = {
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
 }
 
-# Sensible for a laptop; every key can be overridden from spark.conf in YAML.
+# Sensible for a laptop; every key can be overridden from spark.conf in YAML. Under spark-submit
+# only the keys it did not set are applied, so `--conf` on the command line wins.
 LOCAL_DEFAULTS = {
     "spark.ui.enabled": "false",
     "spark.ui.showConsoleProgress": "false",
@@ -45,12 +46,14 @@ def get_spark(conf: SparkConf | None = None) -> SparkSession:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(conf.app_name)
-    if not _launched_by_spark_submit():
+    submitted = _launched_by_spark_submit()
+    if not submitted:
         builder = builder.master(conf.master)
         if conf.master.startswith("local"):
             # workers fork from a daemon that has torch + open_clip imported already
             builder = builder.config("spark.python.daemon.module", "udfs.daemon")
-    for key, value in {**LOCAL_DEFAULTS, **DELTA_CONF, **conf.conf}.items():
+    defaults = _unset(LOCAL_DEFAULTS) if submitted else LOCAL_DEFAULTS
+    for key, value in {**defaults, **DELTA_CONF, **conf.conf}.items():
         builder = builder.config(key, value)
     if conf.jars:
         builder = builder.config("spark.jars", ",".join(conf.jars))
@@ -65,6 +68,16 @@ def get_spark(conf: SparkConf | None = None) -> SparkSession:
 
 def _launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ or "SPARK_SUBMIT_OPTS" in os.environ
+
+
+def _unset(defaults: dict[str, str]) -> dict[str, str]:
+    """The defaults spark-submit (``--conf``, spark-defaults.conf) did not already set."""
+    from pyspark import SparkConf as JvmConf
+    from pyspark import SparkContext
+
+    SparkContext._ensure_initialized()  # the gateway to spark-submit's JVM, holding its conf
+    given = JvmConf()
+    return {k: v for k, v in defaults.items() if not given.contains(k)}
 
 
 def _delta_on_classpath() -> bool:

@@ -37,6 +37,11 @@ RUN_STATS_SCHEMA = T.StructType([
 ])
 
 
+def is_url(path: str) -> bool:
+    """True for ``scheme://...`` and ``dbfs:/...`` locations, which must not be resolved locally."""
+    return "://" in path or path.startswith("dbfs:")
+
+
 class Lakehouse:
     """Names, reads and writes of the project's Delta tables."""
 
@@ -45,12 +50,27 @@ class Lakehouse:
         self.conf = conf
 
     @property
-    def root(self) -> Path:
-        return Path(self.conf.root).expanduser().resolve()
+    def root(self) -> str:
+        """The root as given when it is a URL (``s3a://``, ``abfss://``, ``dbfs:``), else absolute."""
+        root = self.conf.root
+        return root.rstrip("/") if is_url(root) else str(Path(root).expanduser().resolve())
+
+    def under(self, *parts: str) -> str:
+        """A location below the root (URL-safe join)."""
+        return "/".join([self.root, *parts])
+
+    def local_root(self) -> Path:
+        """The root as a local path, for files written with plain Python IO."""
+        if is_url(self.conf.root):
+            raise ValueError(
+                f"lakehouse.root={self.conf.root!r} is a URL, but the sample pool, export and "
+                "report are written with Python file IO: set lakehouse.root (or export.out_dir / "
+                "--out) to a path every node mounts, e.g. /Volumes/..., /dbfs/..., an NFS mount")
+        return Path(self.root)
 
     def path(self, table: str) -> str:
         """Filesystem location of ``table`` (folder mode only)."""
-        return str(self.root / table)
+        return self.under(table)
 
     def name(self, table: str) -> str:
         """SQL name of ``table``: ``catalog.schema.table`` or ``delta.`/path```."""

@@ -46,3 +46,14 @@ def assert_same_rows(actual, expected, columns=None):
     else:
         exp = sorted(tuple(e) for e in expected)
     assert got == exp
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny batches run far faster on one intra-op thread when the cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -160,3 +160,32 @@ def test_spark_submit_on_standalone_cluster_matches_local_mode(cluster, spark, t
     assert_same_rows(cluster_lake.read(SELECTION), local_lake.read(SELECTION), cols)
     assert_same_rows(cluster_lake.read(GOLD), local_lake.read(GOLD), ["uid"])
     assert (root / "export" / "manifest.json").exists()
+
+
+PROBE = """
+import json
+from etl.config import SparkConf
+from etl.spark import get_spark
+spark = get_spark(SparkConf(conf={"spark.default.parallelism": "5"}))
+keys = ["spark.sql.shuffle.partitions", "spark.sql.execution.arrow.maxRecordsPerBatch",
+        "spark.default.parallelism", "spark.sql.session.timeZone", "spark.sql.extensions"]
+print("CONF " + json.dumps({k: spark.sparkContext.getConf().get(k) for k in keys}))
+"""
+
+
+def test_spark_submit_conf_wins_over_the_laptop_defaults(tmp_path):
+    """Under spark-submit, --conf values stay; only unset laptop defaults and the YAML's
+    spark.conf are applied."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    cmd = [str(SPARK_HOME / "bin" / "spark-submit"), "--master", "local[1]", *delta_args(),
+           "--conf", "spark.sql.shuffle.partitions=3",
+           "--conf", "spark.sql.execution.arrow.maxRecordsPerBatch=99", str(script)]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=spark_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("CONF "))
+    assert json.loads(line[5:]) == {
+        "spark.sql.shuffle.partitions": "3", "spark.sql.execution.arrow.maxRecordsPerBatch": "99",
+        "spark.default.parallelism": "5", "spark.sql.session.timeZone": "UTC",
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension"}

@@ -67,3 +67,26 @@ def test_unknown_key_fails_the_job_before_spark(capsys):
         ingest.main(["--set", "ingest.bogus=1"])
     assert exc.value.code == 2
     assert "unknown key 'ingest.bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("root", ["s3a://bucket/lake/", "abfss://c@acct.dfs.core.windows.net/lake",
+                                  "dbfs:/mnt/lake"])
+def test_url_roots_are_kept_as_urls(root):
+    from etl.config import LakehouseConf
+    from etl.tables import Lakehouse
+
+    lake = Lakehouse(None, LakehouseConf(root=root))
+    assert lake.path("bronze_pairs") == root.rstrip("/") + "/bronze_pairs"
+    assert lake.name("gold_pairs") == f"delta.`{root.rstrip('/')}/gold_pairs`"
+    with pytest.raises(ValueError, match="is a URL"):
+        lake.local_root()
+
+
+def test_relative_roots_are_made_absolute(tmp_path, monkeypatch):
+    from etl.config import LakehouseConf
+    from etl.tables import Lakehouse
+
+    monkeypatch.chdir(tmp_path)
+    lake = Lakehouse(None, LakehouseConf(root="lh"))
+    assert lake.path("run_stats") == str(tmp_path.resolve() / "lh" / "run_stats")
+    assert lake.local_root() == tmp_path.resolve() / "lh"

@@ -12,16 +12,7 @@ from etl.evaluate import FILTER_QUALITY, filter_quality, format_table, labelled_
 from etl.sample import SampleBuilder
 from etl.tables import BRONZE, EVAL_IMAGES, EVALUATION, SELECTION, SILVER
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny batches run far faster on one intra-op thread when the cores are shared."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_roc_auc_matches_pair_counting_with_ties():

@@ -164,7 +164,7 @@ def test_run_export_edge(spark, lake):
     manifest = run_export(lake, cfg, "run-e")
     gold = lake.read(GOLD)
     assert {r.uid for r in gold.collect()} == kept and "score" in gold.columns
-    out = lake.root / "export"
+    out = lake.local_root() / "export"
     assert sorted(uid_strings(np.load(out / "uids.npy"))) == sorted(kept)
     assert manifest["webdataset"]["samples"] == len([r for r in rows[::2] if r[3] is not None])
     assert manifest["gold_version"] == lake.version(GOLD)

@@ -14,15 +14,7 @@ from etl.tables import BRONZE
 MODEL = str(PROJECT_ROOT / "conf" / "models" / "dfn-tiny.json")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny batches run far faster on one intra-op thread when the cores are shared."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

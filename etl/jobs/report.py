@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--examples", type=int, default=8,
                    help="thumbnails per grid (near the threshold, per drop reason)")
     ctx = start(p, argv)
-    out = Path(ctx.args.out) if ctx.args.out else ctx.lake.root / "report"
+    out = Path(ctx.args.out) if ctx.args.out else ctx.lake.local_root() / "report"
     page = write_report(ctx.lake, ctx.cfg, out, ctx.args.examples)
     print(f"report: {page.resolve().as_uri()}")
     return page
