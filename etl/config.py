@@ -124,8 +124,9 @@ class SelectConf:
 
 @dataclass
 class ExportConf:
-    out_dir: str = "export"  # relative to lakehouse.root unless absolute
+    out_dir: str = "export"  # relative to lakehouse.root unless absolute or a URL
     shard_size: int = 256
+    keep_previous: bool = True  # keep the run folder the new export replaced (open readers)
     webdataset: bool = True
     uids_npy: bool = True
     urls_parquet: bool = True
@@ -292,6 +293,17 @@ def validate(cfg: Config) -> None:
     _check(cfg.export.shard_size > 0, "export.shard_size: must be > 0")
     _check(cfg.train.steps > 0 and cfg.train.batch_size > 1,
            "train: steps must be > 0 and batch_size > 1")
+
+
+def config_urls(cfg: Config) -> dict[str, str]:
+    """Every configured location that is a URL, keyed by its config key (for up-front checks)."""
+    from etl.fs import is_url
+
+    urls = {"lakehouse.root": cfg.lakehouse.root, "export.out_dir": cfg.export.out_dir}
+    for name, sources in (("sources", cfg.ingest.sources), ("eval_sources", cfg.ingest.eval_sources)):
+        for i, src in enumerate(sources):
+            urls[f"ingest.{name}[{i}].path"] = src.path
+    return {k: v for k, v in urls.items() if v and is_url(v)}
 
 
 def resolve_path(path: str) -> Path:

@@ -1,33 +1,34 @@
 """Export the kept pairs: ``gold_pairs`` (Delta) plus files that training code reads.
 
-Under ``export.out_dir`` (relative to the lakehouse root unless absolute):
+``export.out_dir`` (relative to the lakehouse root unless absolute or a URL; any of local,
+``s3a://``, ``abfss://``, ``gs://``, ``dbfs:/``) holds one folder per export run and one
+published pointer::
 
-* ``uids.npy``      DataComp subset file: dtype ``u8,u8`` (uid hi / lo 64 bits), sorted, unique;
-* ``shards/00000.tar ...`` WebDataset shards (``<uid>.jpg|png|webp``, ``<uid>.txt``,
-  ``<uid>.json`` with uid, url, score, width, height), ``export.shard_size`` samples each
-  (the last one fewer), written in parallel by Spark tasks;
-* ``urls.parquet/`` url, caption, uid for re-download with img2dataset
-  (``--input_format parquet --url_col url --caption_col caption --save_additional_columns '["uid"]'``);
-* ``manifest.json`` counts per shard, totals and the open_clip ``--train-data`` pattern.
+    <out>/manifest.json                 the published export (written last, one object PUT)
+    <out>/runs/<run_id>/uids.npy        DataComp subset file: dtype ``u8,u8``, sorted, unique
+    <out>/runs/<run_id>/shards/00000.tar ...  WebDataset shards (``<uid>.jpg|png|webp``,
+                                        ``<uid>.txt``, ``<uid>.json``), written by Spark tasks
+    <out>/runs/<run_id>/urls.parquet/   url, caption, uid for re-download with img2dataset
+    <out>/runs/<run_id>/manifest.json   the run's own manifest, written after all its files
 
-Everything is written to ``.<name>.tmp-<run_id>`` next to the output and renamed into place
-when complete (``manifest.json`` last), the previous export being moved aside first and
-removed after. A failed run leaves the previous export untouched. Tasks write files directly,
-so ``out_dir`` must be a filesystem path every executor sees (local disk in local mode, a
-shared mount such as ``/dbfs`` or ``/Volumes`` on a cluster).
+Publishing needs no rename (object stores have none): a run writes only below its own
+``runs/<run_id>/`` prefix and becomes *the* export when ``<out>/manifest.json`` is replaced,
+a single-object write that readers see whole or not at all. A crash at any point before that
+leaves the previous manifest, and every file it names, untouched. Readers go through
+:func:`read_export`; a run folder without its manifest is never read. After publishing, run
+folders other than the new one and (``export.keep_previous``) the one it replaced are removed,
+so a reader still streaming the previous export finishes; only folders marked as this
+project's by a ``_dfn_export`` file (written first) are removed, nothing else under ``<out>``.
+Exports into one ``out_dir`` must not run concurrently.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import tarfile
-import uuid
 from datetime import datetime, timezone
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,11 +36,15 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from etl.config import Config, ExportConf
+from etl.fs import Store, join
 from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
 
 UID_DTYPE = np.dtype("u8,u8")
 ROWS_PER_BUCKET = 200_000  # rows per window partition when numbering samples
 SHARD_COLUMNS = ["shard", "uid", "url", "text", "image", "score", "width", "height"]
+MANIFEST = "manifest.json"
+MARKER = "_dfn_export"
+FORMAT = "dfn-curate-export/2"
 
 
 def gold_pairs(selection: DataFrame, bronze: DataFrame) -> DataFrame:
@@ -48,9 +53,9 @@ def gold_pairs(selection: DataFrame, bronze: DataFrame) -> DataFrame:
     return bronze.drop("score").join(kept, "uid")
 
 
-def output_dir(lake: Lakehouse, conf: ExportConf) -> Path:
-    out = Path(conf.out_dir).expanduser()
-    return out if out.is_absolute() else lake.local_root() / out
+def output_dir(lake: Lakehouse, conf: ExportConf) -> str:
+    """Where exports are published (a URL or an absolute path)."""
+    return lake.resolve(conf.out_dir)
 
 
 # ---- uids.npy ------------------------------------------------------------------------------
@@ -69,46 +74,50 @@ def uid_strings(arr: np.ndarray) -> list[str]:
     return [f"{int(hi):016x}{int(lo):016x}" for hi, lo in arr.tolist()]
 
 
-def write_uids_npy(df: DataFrame, path: Path, rows_per_part: int = 1_000_000) -> int:
+def write_uids_npy(df: DataFrame, path: str, store: Store | None = None,
+                   rows_per_part: int = 1_000_000) -> int:
     """Write the sorted unique uids of ``df`` as a DataComp subset ``.npy``; returns the count.
 
-    Tasks each write the raw records of one uid range; the driver writes the header and
-    concatenates the parts in range order, so no uid passes through the driver.
+    Tasks each write the raw records of one uid range next to ``path``; the driver writes the
+    header and streams the parts in range order into ``path`` (16 bytes a uid; no uid is held
+    in driver memory), then removes the parts.
     """
+    store, path = store or Store(), str(path)
     uids = df.select("uid").dropDuplicates(["uid"])
     bad = uids.where(~F.col("uid").rlike("^[0-9a-f]{32}$")).limit(1).collect()
     if bad:
         raise ValueError(f"uids.npy needs 32 lowercase hex digit uids, got {bad[0]['uid']!r}")
     n = uids.count()
-    parts_dir = path.parent / f"_{path.stem}_parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
+    parts_dir = join(path.rsplit("/", 1)[0], f"_{path.rsplit('/', 1)[-1]}.parts")
     ranged = uids.repartitionByRange(max(1, -(-n // rows_per_part)), "uid").sortWithinPartitions("uid")
-    stats = ranged.mapInPandas(partial(uid_part_writer, out=str(parts_dir)),
+    stats = ranged.mapInPandas(partial(uid_part_writer, out=parts_dir, store=store),
                                "part int, count long, first string, last string").collect()
     stats = sorted((r for r in stats if r["count"]), key=lambda r: r["part"])
     for a, b in zip(stats, stats[1:], strict=False):
         if not a["last"] < b["first"]:
             raise AssertionError("uid ranges of the parts overlap; refusing to write uids.npy")
-    with path.open("wb") as fh:
-        np.lib.format.write_array_header_1_0(fh, {
-            "descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False,
-            "shape": (sum(r["count"] for r in stats),)})
-        for r in stats:
-            with (parts_dir / f"{r['part']:05d}.bin").open("rb") as part:
-                shutil.copyfileobj(part, fh)
-    shutil.rmtree(parts_dir)
-    return sum(r["count"] for r in stats)
+    total = sum(r["count"] for r in stats)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {
+        "descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False,
+        "shape": (total,)})
+    store.concat([join(parts_dir, f"{r['part']:05d}.bin") for r in stats], path,
+                 header.getvalue())
+    store.rm(parts_dir)
+    return total
 
 
-def uid_part_writer(batches, out: str):
-    """mapInPandas body: this task's sorted uids as raw ``u8,u8`` records in ``<part>.bin``."""
+def uid_part_writer(batches, out: str, store: Store):
+    """mapInPandas body: this task's sorted uids as raw ``u8,u8`` records in ``<part>.bin``.
+
+    A retried task rewrites the same part whole; nothing is read before the driver has every
+    task's count.
+    """
     from pyspark import TaskContext
 
     part = TaskContext.get().partitionId()
-    final = Path(out) / f"{part:05d}.bin"
-    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex}")
     count, first, last = 0, None, None
-    with tmp.open("wb") as fh:
+    with store.open(join(out, f"{part:05d}.bin"), "wb") as fh:
         for pdf in batches:
             if pdf.empty:
                 continue
@@ -116,7 +125,6 @@ def uid_part_writer(batches, out: str):
             count += len(pdf)
             first = first or pdf["uid"].iloc[0]
             last = pdf["uid"].iloc[-1]
-    os.replace(tmp, final)
     yield pd.DataFrame({"part": [part], "count": [count], "first": [first], "last": [last]})
 
 
@@ -173,13 +181,13 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class _ShardFile:
-    """One shard being written to a temporary name, renamed on close."""
+    """One shard streamed straight to its final name in the (unpublished) run folder."""
 
-    def __init__(self, out: Path, shard: int, width: int):
+    def __init__(self, store: Store, out: str, shard: int, width: int):
         self.shard, self.count, self.skipped = shard, 0, 0
-        self.final = out / f"{shard:0{width}d}.tar"
-        self.tmp = out / f".{self.final.name}.{uuid.uuid4().hex}"
-        self.tar = tarfile.open(self.tmp, "w")
+        self.name = f"{shard:0{width}d}.tar"
+        self.fh = store.open(join(out, self.name), "wb")
+        self.tar = tarfile.open(fileobj=self.fh, mode="w|")
 
     def add(self, row) -> None:
         got = as_supported(row.image)
@@ -196,9 +204,9 @@ class _ShardFile:
 
     def close(self) -> dict:
         self.tar.close()
-        os.replace(self.tmp, self.final)
-        return {"shard": self.shard, "count": self.count, "skipped": self.skipped,
-                "bytes": self.final.stat().st_size}
+        size = self.fh.tell()
+        self.fh.close()
+        return {"shard": self.shard, "count": self.count, "skipped": self.skipped, "bytes": size}
 
 
 def _num(v):
@@ -215,7 +223,7 @@ def _int(v):
     return None if v is None else int(v)
 
 
-def shard_writer(batches, out: str, width: int):
+def shard_writer(batches, out: str, width: int, store: Store):
     """mapInPandas body: rows sorted by (shard, uid) -> one tar per shard."""
     current, done = None, []
     for pdf in batches:
@@ -223,19 +231,19 @@ def shard_writer(batches, out: str, width: int):
             if current is None or current.shard != row.shard:
                 if current is not None:
                     done.append(current.close())
-                current = _ShardFile(Path(out), int(row.shard), width)
+                current = _ShardFile(store, out, int(row.shard), width)
             current.add(row)
     if current is not None:
         done.append(current.close())
         yield pd.DataFrame(done, columns=["shard", "count", "skipped", "bytes"])
 
 
-def write_shards(df: DataFrame, out: Path, shard_size: int) -> list[dict]:
+def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None = None) -> list[dict]:
     """Write ``df`` (uid, url, text, image, score, width, height) as WebDataset shards.
 
     Samples are numbered on uids alone; image bytes then move once, to their shard's task.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    store, out = store or Store(), str(out)
     with_image = df.where(F.col("image").isNotNull())
     ids = number_rows(with_image.select("uid")).select(
         "uid", F.floor(F.col("idx") / F.lit(shard_size)).alias("shard")).persist()
@@ -247,7 +255,7 @@ def write_shards(df: DataFrame, out: Path, shard_size: int) -> list[dict]:
         width = max(5, len(str(n_shards - 1)))
         parts = (with_image.join(ids, "uid").select(*SHARD_COLUMNS)
                  .repartition(n_shards, "shard").sortWithinPartitions("shard", "uid"))
-        stats = parts.mapInPandas(partial(shard_writer, out=str(out), width=width),
+        stats = parts.mapInPandas(partial(shard_writer, out=out, width=width, store=store),
                                   "shard long, count long, skipped long, bytes long").collect()
     finally:
         ids.unpersist()
@@ -263,69 +271,89 @@ def write_shards(df: DataFrame, out: Path, shard_size: int) -> list[dict]:
 # ---- the step ------------------------------------------------------------------------------
 
 
-def export_files(gold: DataFrame, out: Path, conf: ExportConf, run_id: str,
-                 extra: dict | None = None) -> dict:
-    """Write all export files of ``gold`` to ``out`` atomically; returns the manifest."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = out.parent / f".{out.name}.tmp-{run_id}"
-    staging.mkdir()
-    try:
-        manifest = _write_all(gold, staging, out, conf, run_id, extra or {})
-        write_manifest(staging, manifest)
-        publish(staging, out, run_id)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def export_files(gold: DataFrame, out: str, conf: ExportConf, run_id: str,
+                 extra: dict | None = None, store: Store | None = None) -> dict:
+    """Write all export files of ``gold`` under ``out/runs/<run_id>/`` and publish them by
+    writing ``out/manifest.json`` last; returns the manifest."""
+    store, out = store or Store(), str(out)
+    run_dir = join(out, "runs", run_id)
+    if store.exists(join(run_dir, MANIFEST)):
+        raise ValueError(f"export run {run_dir} already exists; use a new run id")
+    store.write_text(join(run_dir, MARKER), run_id)
+    manifest = _write_all(gold, run_dir, conf, run_id, extra or {}, store)
+    previous = read_export(out, store)
+    write_manifest(store, run_dir, manifest)
+    write_manifest(store, out, manifest)  # the publish: one object, written last
+    keep = {run_id} | ({previous["run_id"]} if previous and conf.keep_previous else set())
+    prune_runs(store, out, keep)
     return manifest
 
 
-def _write_all(gold: DataFrame, staging: Path, out: Path, conf: ExportConf, run_id: str,
-               extra: dict) -> dict:
-    manifest = {"run_id": run_id, "created_at": datetime.now(timezone.utc).isoformat(),
+def _write_all(gold: DataFrame, run_dir: str, conf: ExportConf, run_id: str, extra: dict,
+               store: Store) -> dict:
+    manifest = {"format": FORMAT, "run_id": run_id,
+                "created_at": datetime.now(timezone.utc).isoformat(), "run_dir": run_dir,
                 "kept": gold.count(), **extra}
     if conf.uids_npy:
-        manifest["uids_npy"] = {"path": "uids.npy",
-                                "count": write_uids_npy(gold, staging / "uids.npy")}
+        path = join(run_dir, "uids.npy")
+        manifest["uids_npy"] = {"path": path, "count": write_uids_npy(gold, path, store)}
     if conf.urls_parquet:
-        gold.select("url", F.col("text").alias("caption"), "uid").write.parquet(
-            str(staging / "urls.parquet"))
-        manifest["urls_parquet"] = {"path": "urls.parquet", "count": manifest["kept"]}
+        path = join(run_dir, "urls.parquet")
+        gold.select("url", F.col("text").alias("caption"), "uid").write.mode("overwrite").parquet(path)
+        manifest["urls_parquet"] = {"path": path, "count": manifest["kept"]}
     if conf.webdataset:
+        shards = join(run_dir, "shards")
         manifest["webdataset"] = webdataset_manifest(
-            write_shards(gold, staging / "shards", conf.shard_size), out / "shards",
-            conf.shard_size)
+            write_shards(gold, shards, conf.shard_size, store), shards, conf.shard_size)
     return manifest
 
 
-def webdataset_manifest(stats: list[dict], shard_dir: Path, shard_size: int) -> dict:
+def webdataset_manifest(stats: list[dict], shard_dir: str, shard_size: int) -> dict:
     """Counts and the open_clip ``--train-data`` / ``--train-num-samples`` values."""
     total = sum(r["count"] for r in stats)
     pattern = None
     if stats:
         first, last = stats[0]["name"][:-4], stats[-1]["name"][:-4]
         pattern = f"{{{first}..{last}}}.tar" if first != last else f"{first}.tar"
-    return {"dir": "shards", "shard_size": shard_size, "samples": total,
+    return {"dir": shard_dir, "shard_size": shard_size, "samples": total,
             "skipped": sum(r["skipped"] for r in stats),
             "shards": [{"name": r["name"], "count": r["count"], "bytes": r["bytes"]}
                        for r in stats],
-            "pattern": pattern, "train_data": str(shard_dir / pattern) if pattern else None,
+            "pattern": pattern,
+            "train_data": tool_url(join(shard_dir, pattern)) if pattern else None,
             "train_num_samples": total}
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+def tool_url(url: str) -> str:
+    """The URL training tools (webdataset/fsspec, the aws CLI) use: ``s3a://`` -> ``s3://``."""
+    return "s3://" + url[len("s3a://"):] if url.startswith("s3a://") else url
 
 
-def publish(staging: Path, out: Path, run_id: str) -> None:
-    """Swap ``staging`` into ``out``: old export aside, new one in, old one removed."""
-    old = out.parent / f".{out.name}.old-{run_id}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+def write_manifest(store: Store, folder: str, manifest: dict) -> None:
+    store.write_text(join(folder, MANIFEST), json.dumps(manifest, indent=2))
+
+
+def read_export(out: str, store: Store | None = None) -> dict | None:
+    """The published export under ``out`` (its manifest), or None when nothing is published."""
+    store = store or Store()
+    path = join(out, MANIFEST)
+    if not store.exists(path):
+        return None
+    manifest = json.loads(store.read_bytes(path))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a dfn-curate export manifest ({FORMAT})")
+    return manifest
+
+
+def prune_runs(store: Store, out: str, keep: set[str]) -> list[str]:
+    """Remove this project's run folders under ``out/runs`` except those in ``keep``; folders
+    without the ``_dfn_export`` marker are left alone."""
+    runs_dir = join(out, "runs")
+    ours = [r for r in store.listdir(runs_dir) if store.exists(join(runs_dir, r, MARKER))]
+    removed = [r for r in ours if r not in keep]
+    for r in removed:
+        store.rm(join(runs_dir, r))
+    return removed
 
 
 def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
@@ -333,12 +361,13 @@ def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
     lake.overwrite(gold_pairs(lake.read(SELECTION), lake.read(BRONZE)), GOLD)
     out = output_dir(lake, cfg.export)
     manifest = export_files(lake.read(GOLD), out, cfg.export, run_id,
-                            {"gold_table": lake.name(GOLD), "gold_version": lake.version(GOLD)})
+                            {"gold_table": lake.name(GOLD), "gold_version": lake.version(GOLD)},
+                            lake.store)
     wds = manifest.get("webdataset") or {}
     counts = {"gold_pairs": manifest["kept"], "uids_npy": manifest.get("uids_npy", {}).get("count", 0),
               "shards": len(wds.get("shards", [])), "shard_samples": wds.get("samples", 0),
               "shard_skipped": wds.get("skipped", 0)}
-    print(f"export: {out}")
+    print(f"export: {out} (run {manifest['run_dir']})")
     for name, value in counts.items():
         print(f"export: {name:<20}{value:>10}")
     if wds.get("train_data"):

@@ -8,7 +8,6 @@ table (an error, or a duplicate uid within the same input). The counts add up:
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pandas as pd
 from pyspark import StorageLevel
@@ -17,6 +16,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from etl.config import Config, SourceConf
+from etl.fs import join
 from etl.readers import read_source
 from etl.sample import write_sample
 from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
@@ -32,21 +32,20 @@ def resolve_sources(cfg: Config, lake: Lakehouse, sources: list[SourceConf],
     out = []
     for src in sources:
         if src.format == "sample":
-            root = ensure_sample(cfg, lake)
-            sub = "eval" if eval_set else "pool"
+            path = join(ensure_sample(cfg, lake), "eval" if eval_set else "pool")
             fmt = "folder" if eval_set else "img2dataset"
-            out.append((SourceConf(format=fmt, path=str(root / sub), name="sample"), str(root / sub)))
+            out.append((SourceConf(format=fmt, path=path, name="sample"), path))
         else:
             out.append((src, src.path))
     return out
 
 
-def ensure_sample(cfg: Config, lake: Lakehouse) -> Path:
-    """Write the sample pool under the lakehouse root unless it is already there."""
-    root = lake.local_root() / cfg.sample.out_dir
-    if not (root / "_SUCCESS").exists():
+def ensure_sample(cfg: Config, lake: Lakehouse) -> str:
+    """Write the sample pool under the lakehouse root (any URL) unless it is already there."""
+    root = lake.under(cfg.sample.out_dir)
+    if not lake.store.exists(join(root, "_SUCCESS")):
         s = cfg.sample
-        counts = write_sample(root, s.n_pairs, s.eval_size, s.seed, s.shard_size)
+        counts = write_sample(root, s.n_pairs, s.eval_size, s.seed, s.shard_size, lake.store)
         print(f"sample pool written to {root}: {counts}")
     return root
 

@@ -8,18 +8,20 @@ anything is written.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
+import posixpath
 import tarfile
 from collections.abc import Iterator
+from functools import partial
 
 import pandas as pd
+from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from etl.config import SourceConf
+from etl.fs import Store
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 BASE = ["uid", "url", "text", "image", "width", "height", "sha256", "source_file", "source_pos",
@@ -31,6 +33,7 @@ TAR_SCHEMA = T.StructType([
     T.StructField("source_file", T.StringType()), T.StructField("source_pos", T.LongType()),
     T.StructField("error", T.StringType()), T.StructField("raw", T.StringType()),
 ])
+RECORDS_PER_BATCH = 256  # tar records per Arrow batch: a shard is streamed, never held whole
 
 
 class InputError(ValueError):
@@ -38,17 +41,21 @@ class InputError(ValueError):
 
 
 def read_source(spark: SparkSession, src: SourceConf, path: str | None = None) -> DataFrame:
-    """Dispatch on ``src.format`` and return the raw frame."""
+    """Dispatch on ``src.format`` and return the raw frame; ``path`` may be any URL."""
     path = path or src.path
     fmt = src.format
-    if fmt == "datacomp":
-        return read_datacomp(spark, path, src)
-    if fmt in ("csv", "tsv"):
-        return read_delimited(spark, path, src, "\t" if fmt == "tsv" else ",")
-    if fmt in ("img2dataset", "webdataset"):
-        return read_webdataset(spark, path)
-    if fmt == "folder":
-        return read_image_folder(spark, path)
+    try:
+        if fmt == "datacomp":
+            return read_datacomp(spark, path, src)
+        if fmt in ("csv", "tsv"):
+            return read_delimited(spark, path, src, "\t" if fmt == "tsv" else ",")
+        if fmt in ("img2dataset", "webdataset"):
+            return read_webdataset(spark, path)
+        if fmt == "folder":
+            return read_image_folder(spark, path)
+    except AnalysisException as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise InputError(f"{fmt} source {path}: {first}") from exc
     raise InputError(f"unknown source format {fmt!r}")
 
 
@@ -118,46 +125,58 @@ def read_delimited(spark: SparkSession, path: str, src: SourceConf, sep: str) ->
     return out.drop(*drop).select(*BASE, *[c for c in renamed if c not in drop | set(BASE)])
 
 
-def list_files(path: str, suffix: str) -> list[str]:
-    """Files under ``path`` (a file, folder or glob) ending with ``suffix``, sorted."""
-    if os.path.isdir(path):
-        files = glob.glob(os.path.join(path, "**", f"*{suffix}"), recursive=True)
-    else:
-        files = [f for f in glob.glob(path) if f.endswith(suffix)]
-    return sorted(os.path.abspath(f) for f in files)
+def list_files(spark: SparkSession, path: str, pattern: str) -> DataFrame:
+    """``path`` (one file, a folder searched recursively, or a glob) of files whose names match
+    ``pattern``, listed by Spark's own Hadoop filesystem (any URL); column ``path``.
+
+    Only the listing is read (``binaryFile`` without its ``content`` column reads no bytes).
+    Local files come back as plain paths, remote ones as URLs.
+    """
+    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+             .option("pathGlobFilter", pattern).load(path))
+    return files.select(F.regexp_replace("path", "^file:", "").alias("path"))
 
 
 def read_webdataset(spark: SparkSession, path: str) -> DataFrame:
-    """WebDataset / img2dataset shards (``.tar``) plus failed rows from img2dataset sidecars."""
-    tars = list_files(path, ".tar")
-    if not tars:
+    """WebDataset / img2dataset shards (``.tar``) plus failed rows from img2dataset sidecars.
+
+    Each shard is opened on an executor (fsspec) and streamed member by member.
+    """
+    tars = list_files(spark, path, "*.tar")
+    n = tars.count()
+    if not n:
         raise InputError(f"no .tar shards found under {path}")
-    paths = spark.createDataFrame([(t,) for t in tars], "path string").repartition(len(tars))
-    records = paths.mapInPandas(_read_tars, TAR_SCHEMA)
+    reader = partial(_read_tars, store=Store.from_spark(spark))
+    records = tars.repartition(n).mapInPandas(reader, TAR_SCHEMA)
     records = _expand_json(spark, records)
     failed = _sidecar_failures(spark, path)
     return records if failed is None else records.unionByName(failed, allowMissingColumns=True)
 
 
-def _read_tars(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+def _read_tars(batches: Iterator[pd.DataFrame], store: Store) -> Iterator[pd.DataFrame]:
     for batch in batches:
         for path in batch["path"]:
-            rows = list(_tar_records(path))
-            for i in range(0, len(rows), 256):
-                yield pd.DataFrame(rows[i:i + 256], columns=TAR_SCHEMA.fieldNames())
+            rows: list[dict] = []
+            for rec in _tar_records(path, store):
+                rows.append(rec)
+                if len(rows) == RECORDS_PER_BATCH:
+                    yield pd.DataFrame(rows, columns=TAR_SCHEMA.fieldNames())
+                    rows = []
+            if rows:
+                yield pd.DataFrame(rows, columns=TAR_SCHEMA.fieldNames())
 
 
-def _tar_records(path: str) -> Iterator[dict]:
+def _tar_records(path: str, store: Store) -> Iterator[dict]:
     """Group consecutive members by key (WebDataset convention) and emit one record per key."""
     group: dict[str, bytes] = {}
     key, pos = None, 0
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with store.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                base = os.path.basename(member.name)
-                k = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
+                base = posixpath.basename(member.name)
+                k = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0])
                 ext = base.split(".", 1)[1].lower() if "." in base else ""
                 if k != key and key is not None:
                     yield _tar_record(path, key, pos, group)
@@ -215,8 +234,9 @@ def _expand_json(spark: SparkSession, records: DataFrame) -> DataFrame:
 
 def _sidecar_failures(spark: SparkSession, path: str) -> DataFrame | None:
     """img2dataset parquet sidecars: rows that never reached a shard (failed downloads)."""
-    files = [f for f in list_files(path, ".parquet") if not f.endswith("_stats.parquet")]
-    if not files or not os.path.isdir(path):
+    listed = list_files(spark, path, "*.parquet").where(~F.col("path").endswith("_stats.parquet"))
+    files = [r.path for r in listed.collect()]  # one row per sidecar file, not per pair
+    if not files:
         return None
     df = spark.read.parquet(*files)
     if "status" not in df.columns:
@@ -233,8 +253,6 @@ def _sidecar_failures(spark: SparkSession, path: str) -> DataFrame | None:
 
 def read_image_folder(spark: SparkSession, path: str) -> DataFrame:
     """A folder of images with caption files ``stem.txt`` (and optional ``stem.json`` extras)."""
-    if not os.path.exists(path):
-        raise InputError(f"image folder {path} does not exist")
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path)
              .select(F.regexp_replace("path", "^file:", "").alias("path"), "content")
              .withColumn("ext", F.lower(F.regexp_extract("path", r"\.([^./]+)$", 1)))

@@ -13,7 +13,6 @@ import html
 import io
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import yaml
 from pyspark.sql import DataFrame, Window
@@ -21,6 +20,7 @@ from pyspark.sql import functions as F
 
 from etl.config import Config, to_dict
 from etl.filters import configured_filters
+from etl.fs import join
 from etl.metrics import drop_reason_quality
 from etl.select import reason_order
 from etl.tables import (
@@ -392,17 +392,17 @@ def _chart(charts: dict[str, bytes], name: str) -> str:
     return f'<img class="chart" src="{data_uri(charts[name])}" alt="{name} chart">'
 
 
-def write_report(lake: Lakehouse, cfg: Config, out: str | Path, k: int = 8,
-                 title: str = "dfn-curate run report") -> Path:
-    """Gather, draw and write ``out/index.html`` (+ ``funnel.png``, ``scores.png``)."""
+def write_report(lake: Lakehouse, cfg: Config, out: str, k: int = 8,
+                 title: str = "dfn-curate run report") -> str:
+    """Gather, draw and write ``out/index.html`` (+ ``funnel.png``, ``scores.png``) to any URL;
+    returns the page's location (``index.html`` last, so a page never names missing charts)."""
     data = gather(lake, cfg, k)
     charts = {"funnel": funnel_png(data.funnel)}
     if data.histogram is not None:
         charts["scores"] = histogram_png(data.histogram)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out)
     for name, png in charts.items():
-        (out / f"{name}.png").write_bytes(png)
-    page = out / "index.html"
-    page.write_text(render(data, charts, title), encoding="utf-8")
+        lake.store.write_bytes(join(out, f"{name}.png"), png)
+    page = join(out, "index.html")
+    lake.store.write_text(page, render(data, charts, title))
     return page

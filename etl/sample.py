@@ -20,9 +20,10 @@ import json
 import random
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from etl.fs import Store, join
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
 COLORS = {
@@ -270,36 +271,37 @@ class SampleBuilder:
                     encode(img, ext), ext, meta)
 
 
-def write_sample(out_dir: str | Path, n_pairs: int = 2000, eval_size: int = 120, seed: int = 0,
-                 shard_size: int = 500) -> dict[str, int]:
+def write_sample(out_dir: str, n_pairs: int = 2000, eval_size: int = 120, seed: int = 0,
+                 shard_size: int = 500, store: Store | None = None) -> dict[str, int]:
     """Write the pool as img2dataset-style shards under ``out_dir/pool`` and the eval set under
-    ``out_dir/eval``. Returns counts of what was written (including deliberately broken rows)."""
-    out = Path(out_dir)
+    ``out_dir/eval`` (``out_dir`` may be any URL). Returns counts of what was written (including
+    deliberately broken rows). ``_SUCCESS`` is written last."""
+    store = store or Store()
+    out = str(out_dir)
     b = SampleBuilder(n_pairs, eval_size, seed).build()
-    pool_dir, eval_dir = out / "pool", out / "eval"
-    pool_dir.mkdir(parents=True, exist_ok=True)
-    eval_dir.mkdir(parents=True, exist_ok=True)
     shards = [b.pool[i:i + shard_size] for i in range(0, len(b.pool), shard_size)]
     broken = 0
     for n, shard in enumerate(shards):
-        broken += _write_shard(pool_dir, n, shard, random.Random(seed * 1000 + n))
+        broken += _write_shard(store, join(out, "pool"), n, shard, random.Random(seed * 1000 + n))
     for p in b.eval:
-        (eval_dir / f"{p.key}.{p.ext}").write_bytes(p.image)
-        (eval_dir / f"{p.key}.txt").write_text(p.text)
-        (eval_dir / f"{p.key}.json").write_text(json.dumps(p.meta))
-    (out / "_SUCCESS").write_text(json.dumps({"n_pairs": n_pairs, "seed": seed}))
+        stem = join(out, "eval", p.key)
+        store.write_bytes(f"{stem}.{p.ext}", p.image)
+        store.write_text(f"{stem}.txt", p.text)
+        store.write_text(f"{stem}.json", json.dumps(p.meta))
+    store.write_text(join(out, "_SUCCESS"), json.dumps({"n_pairs": n_pairs, "seed": seed}))
     return {"pool_rows": len(b.pool) + broken, "eval_images": len(b.eval), "shards": len(shards),
             "broken_rows": broken}
 
 
-def _write_shard(pool_dir: Path, n: int, shard: list[Pair], rng: random.Random) -> int:
+def _write_shard(store: Store, pool_dir: str, n: int, shard: list[Pair], rng: random.Random) -> int:
     """One tar + parquet sidecar. Adds 2 failed downloads (sidecar only) and one member-less
     caption (a real crawl artefact); returns how many such broken rows were added."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = []
-    with tarfile.open(pool_dir / f"{n:05d}.tar", "w") as tar:
+    with (store.open(join(pool_dir, f"{n:05d}.tar"), "wb") as fh,
+          tarfile.open(fileobj=fh, mode="w|") as tar):
         for p in shard:
             meta = {"key": p.key, "url": p.url, "caption": p.text, "status": "success", **p.meta}
             if p.image is not None:
@@ -316,7 +318,8 @@ def _write_shard(pool_dir: Path, n: int, shard: list[Pair], rng: random.Random) 
         rows.append({"key": f"{n:05d}9999{j}", "url": f"https://dead.example.com/{rng.getrandbits(32)}.jpg",
                      "caption": "a photo that could not be downloaded", "status": "failed_to_download",
                      "error_message": "HTTP Error 404: Not Found"})
-    pq.write_table(pa.Table.from_pylist(rows), pool_dir / f"{n:05d}.parquet")
+    with store.open(join(pool_dir, f"{n:05d}.parquet"), "wb") as fh:
+        pq.write_table(pa.Table.from_pylist(rows), fh)
     return 3
 
 

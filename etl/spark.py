@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
 from etl.config import SparkConf
+from etl.fs import SCHEMES, ConnectorError, Store, local_path, scheme
 
 DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -30,13 +33,25 @@ LOCAL_DEFAULTS = {
     "spark.databricks.delta.schema.autoMerge.enabled": "true",
 }
 
+# s3a out of the box retries for minutes against a wrong endpoint; these fail within seconds
+# and name the endpoint, while still riding out a throttled or briefly unavailable store.
+S3A_DEFAULTS = {
+    "spark.hadoop.fs.s3a.attempts.maximum": "3",
+    "spark.hadoop.fs.s3a.retry.limit": "3",
+    "spark.hadoop.fs.s3a.retry.interval": "500ms",
+    "spark.hadoop.fs.s3a.connection.establish.timeout": "5s",
+    "spark.hadoop.fs.s3a.connection.timeout": "60s",
+}
 
-def get_spark(conf: SparkConf | None = None) -> SparkSession:
+
+def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = ()) -> SparkSession:
     """Return the active SparkSession untouched, or build a local one with Delta configured.
 
     On Databricks or under spark-submit a session already exists and is used as is. Otherwise
     a session is built from ``conf``: Delta jars come from Maven (``configure_spark_with_delta_pip``)
-    unless ``conf.jars`` lists local jar files (air-gapped clusters).
+    unless ``conf.jars`` lists local jar files (air-gapped clusters). When any of ``urls`` is
+    ``s3a://``, ``hadoop-aws`` matching pyspark's bundled Hadoop is resolved the same way, and
+    fail-fast s3a retry settings are added (each overridable).
     """
     active = SparkSession.getActiveSession()
     if active is not None:
@@ -52,7 +67,9 @@ def get_spark(conf: SparkConf | None = None) -> SparkSession:
         if conf.master.startswith("local"):
             # workers fork from a daemon that has torch + open_clip imported already
             builder = builder.config("spark.python.daemon.module", "udfs.daemon")
-    defaults = _unset(LOCAL_DEFAULTS) if submitted else LOCAL_DEFAULTS
+    s3a = any(scheme(u) == "s3a" for u in urls)
+    wanted = {**LOCAL_DEFAULTS, **(S3A_DEFAULTS if s3a else {})}
+    defaults = _unset(wanted) if submitted else wanted
     for key, value in {**defaults, **DELTA_CONF, **conf.conf}.items():
         builder = builder.config(key, value)
     if conf.jars:
@@ -60,7 +77,8 @@ def get_spark(conf: SparkConf | None = None) -> SparkSession:
     elif not _delta_on_classpath():
         from delta import configure_spark_with_delta_pip
 
-        builder = configure_spark_with_delta_pip(builder)
+        extra = [f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"] if s3a else []
+        builder = configure_spark_with_delta_pip(builder, extra_packages=extra)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DFN_SPARK_LOG_LEVEL", "ERROR"))
     return spark
@@ -84,3 +102,62 @@ def _delta_on_classpath() -> bool:
     """True when spark-submit was already given Delta (--packages / --jars)."""
     args = os.environ.get("PYSPARK_SUBMIT_ARGS", "")
     return "delta-spark" in args or "delta-core" in args
+
+
+def hadoop_version() -> str:
+    """The Hadoop version bundled in pyspark (hadoop-aws must match it exactly)."""
+    import pyspark
+
+    jars = sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar"))
+    if not jars:
+        raise RuntimeError("cannot find pyspark's bundled hadoop-client-api jar; set spark.jars "
+                           "to local hadoop-aws + AWS SDK bundle jars")
+    return jars[-1].name[len("hadoop-client-api-"):-len(".jar")]
+
+
+def check_connectors(spark: SparkSession, urls: dict[str, str], reach: bool = True) -> None:
+    """Fail before any work when a configured URL cannot be served.
+
+    ``urls`` maps config keys to locations. For each remote one: Spark must have a Hadoop
+    filesystem for its scheme, Python an fsspec one, and (``reach``) the store must answer, so
+    wrong credentials or an unreachable endpoint stop the job here, naming key and endpoint.
+    """
+    store = Store.from_spark(spark)
+    for key, url in urls.items():
+        if local_path(url) is not None:
+            continue
+        _check_hadoop(spark, key, url)
+        store.check(url, key)
+        if reach:
+            probe(store, key, url)
+
+
+def _check_hadoop(spark: SparkSession, key: str, url: str) -> None:
+    sch = scheme(url)
+    try:
+        jvm = spark.sparkContext._jvm
+        hconf = spark.sparkContext._jsc.hadoopConfiguration()
+    except Exception:  # noqa: BLE001 - Spark Connect: the server side is checked on first use
+        return
+    try:
+        jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass(sch, hconf)
+    except Exception as exc:  # noqa: BLE001 - py4j wraps UnsupportedFileSystemException
+        connector = SCHEMES.get(sch, (None, None, "a Hadoop FileSystem for it"))[2]
+        raise ConnectorError(
+            f"{key}: Spark has no filesystem for URL scheme {sch!r} ({url}); add {connector} "
+            f"to the cluster (spark.jars.packages / --packages, or spark.jars for local jars)"
+            f"; {str(exc).splitlines()[0][:200]}") from exc
+
+
+def probe(store: Store, key: str, url: str) -> None:
+    """One cheap request against the store; errors name the key, the URL and the endpoint."""
+    try:
+        store.exists(url)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a config problem
+        opts = store.options.get(SCHEMES.get(scheme(url), ("",))[0], {})
+        endpoint = opts.get("client_kwargs", {}).get("endpoint_url", "the default endpoint")
+        raise ConnectorError(
+            f"{key}: cannot access {url} at {endpoint}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''} (check "
+            "spark.hadoop.fs.s3a.endpoint / access.key / secret.key under spark.conf, or the "
+            "AWS_* environment variables)") from exc

@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from etl.config import LakehouseConf
+from etl.fs import Store, is_url
 
 BRONZE = "bronze_pairs"
 QUARANTINE = "quarantine"
@@ -37,17 +38,20 @@ RUN_STATS_SCHEMA = T.StructType([
 ])
 
 
-def is_url(path: str) -> bool:
-    """True for ``scheme://...`` and ``dbfs:/...`` locations, which must not be resolved locally."""
-    return "://" in path or path.startswith("dbfs:")
-
-
 class Lakehouse:
     """Names, reads and writes of the project's Delta tables."""
 
-    def __init__(self, spark: SparkSession, conf: LakehouseConf):
+    def __init__(self, spark: SparkSession, conf: LakehouseConf, store: Store | None = None):
         self.spark = spark
         self.conf = conf
+        self._store = store
+
+    @property
+    def store(self) -> Store:
+        """Python file access for this lakehouse's URLs, with the session's credentials."""
+        if self._store is None:
+            self._store = Store.from_spark(self.spark)
+        return self._store
 
     @property
     def root(self) -> str:
@@ -59,14 +63,11 @@ class Lakehouse:
         """A location below the root (URL-safe join)."""
         return "/".join([self.root, *parts])
 
-    def local_root(self) -> Path:
-        """The root as a local path, for files written with plain Python IO."""
-        if is_url(self.conf.root):
-            raise ValueError(
-                f"lakehouse.root={self.conf.root!r} is a URL, but the sample pool, export and "
-                "report are written with Python file IO: set lakehouse.root (or export.out_dir / "
-                "--out) to a path every node mounts, e.g. /Volumes/..., /dbfs/..., an NFS mount")
-        return Path(self.root)
+    def resolve(self, path: str) -> str:
+        """A configured location: a URL or absolute path as is, a relative one under the root."""
+        if is_url(path) or Path(path).expanduser().is_absolute():
+            return path if is_url(path) else str(Path(path).expanduser())
+        return self.under(path)
 
     def path(self, table: str) -> str:
         """Filesystem location of ``table`` (folder mode only)."""

@@ -11,7 +11,7 @@
 
 import json
 
-from etl.export import output_dir
+from etl.export import output_dir, read_export
 from etl.jobs import export
 from etl.notebook import context, job_argv, show, widget
 from etl.tables import GOLD
@@ -25,8 +25,7 @@ export.main(argv)
 
 # COMMAND ----------
 
-out = output_dir(ctx.lake, ctx.cfg.export)
-manifest = json.loads((out / "manifest.json").read_text())
+manifest = read_export(output_dir(ctx.lake, ctx.cfg.export), ctx.lake.store)
 print(json.dumps({k: v for k, v in manifest.items() if k != "webdataset"}, indent=2))
 print("open_clip --train-data", (manifest.get("webdataset") or {}).get("train_data"))
 

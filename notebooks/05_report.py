@@ -12,12 +12,12 @@
 # COMMAND ----------
 
 from etl.jobs import report
-from etl.notebook import job_argv, show_html, widget
+from etl.notebook import context, job_argv, show_html, widget
 
 out = widget("out", "")
 examples = widget("examples", "8")
-argv = job_argv(widget("conf", "conf/local.yaml"), widget("overrides", ""), widget("run_id", ""),
-                "--examples", examples, *(["--out", out] if out else []))
+base = job_argv(widget("conf", "conf/local.yaml"), widget("overrides", ""), widget("run_id", ""))
+argv = [*base, "--examples", examples, *(["--out", out] if out else [])]
 
 # COMMAND ----------
 
@@ -25,5 +25,5 @@ page = report.main(argv)
 
 # COMMAND ----------
 
-if not show_html(page.read_text(encoding="utf-8")):
-    print(f"open {page.resolve().as_uri()} in a browser")
+if not show_html(context(base).lake.store.read_bytes(page).decode("utf-8")):
+    print(f"open {page} in a browser")

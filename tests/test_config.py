@@ -78,8 +78,8 @@ def test_url_roots_are_kept_as_urls(root):
     lake = Lakehouse(None, LakehouseConf(root=root))
     assert lake.path("bronze_pairs") == root.rstrip("/") + "/bronze_pairs"
     assert lake.name("gold_pairs") == f"delta.`{root.rstrip('/')}/gold_pairs`"
-    with pytest.raises(ValueError, match="is a URL"):
-        lake.local_root()
+    assert lake.resolve("export") == root.rstrip("/") + "/export"
+    assert lake.resolve("gs://other/x") == "gs://other/x"
 
 
 def test_relative_roots_are_made_absolute(tmp_path, monkeypatch):
@@ -89,4 +89,43 @@ def test_relative_roots_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lake = Lakehouse(None, LakehouseConf(root="lh"))
     assert lake.path("run_stats") == str(tmp_path.resolve() / "lh" / "run_stats")
-    assert lake.local_root() == tmp_path.resolve() / "lh"
+    assert lake.resolve("report") == str(tmp_path.resolve() / "lh" / "report")
+    assert lake.resolve("/abs/out") == "/abs/out"
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml", "databricks.yaml", "s3.yaml"])
+def test_shipped_configs_load(name):
+    from etl.config import PROJECT_ROOT, config_urls
+
+    cfg = load_config(PROJECT_ROOT / "conf" / name)
+    if name == "s3.yaml":
+        assert set(config_urls(cfg)) == {"lakehouse.root", "export.out_dir",
+                                         "ingest.sources[0].path", "ingest.eval_sources[0].path"}
+
+
+def test_unknown_url_scheme_fails_before_any_work_naming_key_and_scheme(spark):
+    from etl.fs import ConnectorError
+    from etl.spark import check_connectors
+
+    with pytest.raises(ConnectorError, match=r"ingest\.sources\[0\]\.path: .*scheme 'nosuch'"):
+        check_connectors(spark, {"ingest.sources[0].path": "nosuch://bucket/pool"})
+    # a session built without hadoop-aws says which connector to add for s3a
+    with pytest.raises(ConnectorError, match=r"lakehouse\.root: Spark has no filesystem.*hadoop-aws"):
+        check_connectors(spark, {"lakehouse.root": "s3a://bucket/lake"})
+
+
+def test_unreachable_endpoint_fails_fast_naming_it():
+    import time
+
+    from etl.fs import ConnectorError, Store
+    from etl.spark import probe
+    from tests.s3util import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    store = Store.from_conf({"spark.hadoop.fs.s3a.endpoint": endpoint,
+                             "spark.hadoop.fs.s3a.access.key": "k",
+                             "spark.hadoop.fs.s3a.secret.key": "s"})
+    t0 = time.monotonic()
+    with pytest.raises(ConnectorError, match=rf"lakehouse\.root: cannot access s3a://b/lake at {endpoint}"):
+        probe(store, "lakehouse.root", "s3a://b/lake")
+    assert time.monotonic() - t0 < 30

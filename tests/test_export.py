@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from etl.config import Config, ExportConf, LakehouseConf
 from etl.export import (
     UID_DTYPE,
     export_files,
+    read_export,
     run_export,
     uid_pairs,
     uid_strings,
@@ -68,7 +70,7 @@ def test_write_uids_npy_sorted_unique_in_parts(spark, tmp_path):
     dup_rows = [(u,) for u in uids] + [(uids[3],), (uids[7],)]
     df = spark.sparkContext.parallelize(dup_rows, 4).toDF("uid string")
     path = tmp_path / "uids.npy"
-    assert write_uids_npy(df, path, rows_per_part=15) == 40  # several range parts
+    assert write_uids_npy(df, str(path), rows_per_part=15) == 40  # several range parts
     arr = np.load(path)
     assert arr.dtype == np.dtype("u8,u8") and arr.shape == (40,)
     assert uid_strings(arr) == sorted(uids)
@@ -115,39 +117,58 @@ def read_manifest(out):
     return json.loads((out / "manifest.json").read_text())
 
 
-def test_export_files_manifest_and_atomic_replace(spark, tmp_path, monkeypatch):
+def test_export_publishes_by_manifest_and_survives_a_crash(spark, tmp_path, monkeypatch):
     out = tmp_path / "export"
     conf = ExportConf(out_dir=str(out), shard_size=5)
     first = export_files(gold_df(spark, gold_rows(12)), out, conf, "run-a")
+    run_a = out / "runs" / "run-a"
     wds_part = first["webdataset"]
     assert first["kept"] == 13 and first["uids_npy"]["count"] == 13
+    assert first["run_dir"] == str(run_a) and first["uids_npy"]["path"] == str(run_a / "uids.npy")
     assert wds_part["samples"] == 12 and wds_part["pattern"] == "{00000..00002}.tar"
-    assert wds_part["train_data"] == str(out / "shards" / "{00000..00002}.tar")
+    assert wds_part["train_data"] == str(run_a / "shards" / "{00000..00002}.tar")
     from braceexpand import braceexpand
 
-    assert all((out / "shards" / p).exists() for p in braceexpand(wds_part["pattern"]))
-    assert read_manifest(out) == first
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shards", "uids.npy",
-                                                     "urls.parquet"]
-    urls = spark.read.parquet(str(out / "urls.parquet"))
+    assert all((run_a / "shards" / p).exists() for p in braceexpand(wds_part["pattern"]))
+    assert read_manifest(out) == first == read_export(str(out)) == read_manifest(run_a)
+    assert sorted(p.name for p in run_a.iterdir()) == ["_dfn_export", "manifest.json", "shards",
+                                                       "uids.npy", "urls.parquet"]
+    assert uid_strings(np.load(run_a / "uids.npy")) == sorted(r[0] for r in gold_rows(12))
+    urls = spark.read.parquet(str(run_a / "urls.parquet"))
     assert urls.columns == ["url", "caption", "uid"] and urls.count() == 13
 
-    def boom(folder, manifest):
-        raise RuntimeError("disk full")
+    def boom(*args):
+        raise RuntimeError("killed before publishing")
 
     monkeypatch.setattr(export, "write_manifest", boom)
     with pytest.raises(RuntimeError):
         export_files(gold_df(spark, gold_rows(3)), out, conf, "run-b")
-    assert read_manifest(out)["run_id"] == "run-a"  # the previous export is untouched
-    assert len(list((out / "shards").glob("*.tar"))) == 3
-    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging left behind
     monkeypatch.undo()
+    assert read_export(str(out)) == first  # the previous export is still the published one
+    assert len(list((run_a / "shards").glob("*.tar"))) == 3  # and every file it names is there
+    assert not (out / "runs" / "run-b" / "manifest.json").exists()  # the crashed run: unpublished
 
+    (out / "runs" / "notes").mkdir()  # a folder that is not an export run is never removed
     second = export_files(gold_df(spark, gold_rows(3, null_image=0)), out, conf, "run-c")
     assert read_manifest(out)["run_id"] == "run-c" and second["webdataset"]["samples"] == 3
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.tar"]
     assert second["webdataset"]["pattern"] == "00000.tar"
-    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    # published run + the one before it are kept; the crashed run-b is pruned
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["notes", "run-a", "run-c"]
+    export_files(gold_df(spark, gold_rows(2, null_image=0)), out, conf, "run-d")
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["notes", "run-c", "run-d"]
+    with pytest.raises(ValueError, match="already exists"):
+        export_files(gold_df(spark, gold_rows(2)), out, conf, "run-d")
+
+
+def test_export_into_the_lakehouse_root_touches_nothing_else(spark, lake):
+    lake.overwrite(gold_df(spark, gold_rows(4)), GOLD)
+    before = sorted(p.name for p in Path(lake.root).iterdir())
+    export_files(lake.read(GOLD), lake.resolve("."), ExportConf(out_dir="."), "run-x")
+    export_files(lake.read(GOLD), lake.resolve("."), ExportConf(out_dir=".", keep_previous=False), "run-y")
+    assert sorted(p.name for p in Path(lake.root).iterdir()) == sorted(
+        [*before, "manifest.json", "runs"])
+    assert lake.read(GOLD).count() == 5 and [p.name for p in Path(lake.root, "runs").iterdir()] == [
+        "run-y"]
 
 
 def test_run_export_edge(spark, lake):
@@ -164,8 +185,8 @@ def test_run_export_edge(spark, lake):
     manifest = run_export(lake, cfg, "run-e")
     gold = lake.read(GOLD)
     assert {r.uid for r in gold.collect()} == kept and "score" in gold.columns
-    out = lake.local_root() / "export"
-    assert sorted(uid_strings(np.load(out / "uids.npy"))) == sorted(kept)
+    assert manifest == read_export(lake.resolve("export"))
+    assert sorted(uid_strings(np.load(manifest["uids_npy"]["path"]))) == sorted(kept)
     assert manifest["webdataset"]["samples"] == len([r for r in rows[::2] if r[3] is not None])
     assert manifest["gold_version"] == lake.version(GOLD)
     stats = {r.metric: r.value for r in lake.read(RUN_STATS).where("step = 'export'").collect()}

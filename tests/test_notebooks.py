@@ -89,7 +89,8 @@ def test_stage_notebooks_build_every_table_and_output(run, tiny_lake):
     manifest = json.loads((run.root / "export" / "manifest.json").read_text())
     assert manifest["kept"] == kept
     page = run.namespaces["05_report.py"]["page"]
-    assert page == run.root / "report" / "index.html" and page.stat().st_size > 10_000
+    assert page == str(run.root / "report" / "index.html")
+    assert (run.root / "report" / "index.html").stat().st_size > 10_000
 
 
 def test_end_to_end_notebook_reruns_idempotently(run, tiny_lake, tmp_path):

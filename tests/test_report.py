@@ -6,6 +6,7 @@ import io
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -72,7 +73,7 @@ def test_report_page_renders_with_its_images_in_headless_chromium(spark, tmp_pat
     run = notebook_run(tmp_path_factory)
     argv = ["--conf", "conf/local.yaml", *[a for o in run.overrides for a in ("--set", o)],
             "--out", str(tmp_path), "--examples", "4"]
-    page = report.main(argv)
+    page = Path(report.main(argv))
     assert {p.name for p in tmp_path.iterdir()} == {"index.html", "funnel.png", "scores.png"}
     html = page.read_text()
     for heading in ("Funnel", "Scores", "Just above the threshold", "Just below the threshold",

@@ -14,6 +14,7 @@ import contextlib
 with contextlib.suppress(ImportError):
     import open_clip  # noqa: F401
     import pyarrow  # noqa: F401
+    import s3fs  # noqa: F401  (botocore's data files: ~0.7 s a worker otherwise)
     import torch  # noqa: F401
 
     import udfs.score  # noqa: F401

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 
-from etl.config import Config, ConfigError, load_config
+from etl.config import Config, ConfigError, config_urls, load_config
 from etl.tables import Lakehouse, new_run_id
 
 
@@ -38,9 +38,11 @@ def start(p: argparse.ArgumentParser, argv: list[str] | None) -> JobContext:
         cfg = load_config(args.conf, args.overrides)
     except ConfigError as exc:
         p.exit(2, f"{p.prog}: config error: {exc}\n")
-    from etl.spark import get_spark
+    from etl.spark import check_connectors, get_spark
 
-    spark = get_spark(cfg.spark)
+    urls = config_urls(cfg)
+    spark = get_spark(cfg.spark, urls.values())
+    check_connectors(spark, urls)
     return JobContext(cfg, spark, Lakehouse(spark, cfg.lakehouse), args.run_id or new_run_id(), args)
 
 

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from etl.fs import is_url
 from etl.jobs.common import parser, run_job, start
 from etl.report import write_report
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> str:
     """Write ``<out>/index.html`` for the lakehouse's current gold_selection; returns its path."""
     p = parser("dfn-curate report", main.__doc__)
     p.add_argument("--out", default=None,
-                   help="output folder (default: <lakehouse.root>/report)")
+                   help="output folder or URL (default: <lakehouse.root>/report)")
     p.add_argument("--examples", type=int, default=8,
                    help="thumbnails per grid (near the threshold, per drop reason)")
     ctx = start(p, argv)
-    out = Path(ctx.args.out) if ctx.args.out else ctx.lake.local_root() / "report"
+    out = ctx.lake.resolve(ctx.args.out or "report")
     page = write_report(ctx.lake, ctx.cfg, out, ctx.args.examples)
-    print(f"report: {page.resolve().as_uri()}")
+    print(f"report: {page if is_url(page) else 'file://' + page}")
     return page
 
 

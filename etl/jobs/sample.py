@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from etl.config import load_config
+from etl.fs import Store, join
 from etl.jobs.common import parser, run_job
 
 
@@ -13,12 +12,14 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     from etl.sample import write_sample
 
     p = parser("dfn-curate sample", main.__doc__)
-    p.add_argument("--out", default=None, help="output folder (default: <lakehouse>/<sample.out_dir>)")
+    p.add_argument("--out", default=None,
+                   help="output folder or URL (default: <lakehouse.root>/<sample.out_dir>)")
     args = p.parse_args(argv)
     cfg = load_config(args.conf, args.overrides)
-    out = Path(args.out or Path(cfg.lakehouse.root) / cfg.sample.out_dir)
+    out = args.out or join(cfg.lakehouse.root, cfg.sample.out_dir)
     s = cfg.sample
-    counts = write_sample(out, s.n_pairs, s.eval_size, s.seed, s.shard_size)
+    counts = write_sample(out, s.n_pairs, s.eval_size, s.seed, s.shard_size,
+                          Store.from_conf(cfg.spark.conf))
     print(f"sample written to {out}: {counts}")
     return counts
 
