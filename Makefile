@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint venv dist bench clean model sysdeps
+.PHONY: demo test lint venv dist bench bench-scale clean model sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ model: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_score.py $(ARGS)
+
+# Cost per stage vs pool size (README "Scale"); ARGS="--meta 100000,1000000 --images 2000" for less.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/bench_scale.py $(ARGS)
 
 clean:
 	rm -rf lakehouse spark-warehouse metastore_db derby.log dist out

@@ -54,6 +54,7 @@ class SourceConf:
     url_column: str = "url"
     text_column: str = "caption"
     uid_column: str = "uid"
+    json_sample_rows: int = 1000  # WebDataset .json members read to find extra columns
 
     FORMATS = ("datacomp", "img2dataset", "webdataset", "csv", "tsv", "folder", "sample")
 
@@ -105,6 +106,7 @@ class DedupConf:
     near_threshold: float = 0.95
     n_clusters: int = 16
     kmeans_iters: int = 10
+    max_group_rows: int = 20_000  # rows compared in one task (bigger clusters are split)
     decontaminate: bool = True
     eval_threshold: float = 0.95
     # near-dup / eval-leak signals: "model" (silver image embeddings), "thumbnail" (pixels)
@@ -154,6 +156,7 @@ class EvaluateConf:
     steps: int = 300
     batch_size: int = 64
     seed: int = 0
+    max_pairs: int = 20_000  # pairs brought to the driver for the induced comparison
 
 
 @dataclass
@@ -270,6 +273,7 @@ def validate(cfg: Config) -> None:
                f"ingest source [{i}].format: {src.format!r} is not one of {', '.join(SourceConf.FORMATS)}")
         _check(src.format == "sample" or bool(src.path),
                f"ingest source [{i}] ({src.format}): path is required")
+        _check(src.json_sample_rows > 0, f"ingest source [{i}].json_sample_rows: must be > 0")
     _check(cfg.sample.n_pairs >= 10, "sample.n_pairs: must be >= 10")
     _check(cfg.score.batch_size > 0, "score.batch_size: must be > 0")
     _check(cfg.score.files_per_commit > 0, "score.files_per_commit: must be > 0")
@@ -282,6 +286,7 @@ def validate(cfg: Config) -> None:
     for key in ("near_threshold", "eval_threshold"):
         val = getattr(cfg.dedup, key)
         _check(-1.0 <= val <= 1.0, f"dedup.{key}: a cosine similarity in [-1, 1], got {val}")
+    _check(cfg.dedup.max_group_rows >= 2, "dedup.max_group_rows: must be >= 2")
     sel = cfg.select
     _check(sel.preset in (None, "none", "datacomp_basic"),
            "select.preset: one of datacomp_basic, none (or null)")
@@ -293,6 +298,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.export.shard_size > 0, "export.shard_size: must be > 0")
     _check(cfg.train.steps > 0 and cfg.train.batch_size > 1,
            "train: steps must be > 0 and batch_size > 1")
+    _check(cfg.evaluate.max_pairs > 0, "evaluate.max_pairs: must be > 0")
 
 
 def config_urls(cfg: Config) -> dict[str, str]:

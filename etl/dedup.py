@@ -7,8 +7,10 @@ Exact (in this order, each pass over the rows not yet marked): identical image b
 Near (``near_<signal>``), SemDeDup style: k-means over the image vectors (at most
 ``n_clusters``, about >= 1000 rows per cluster, so a small pool is compared exactly as one
 cluster), then inside each cluster rows are ranked and a row is dropped when its cosine similarity to any better-ranked
-row of its cluster is >= ``near_threshold``; ``dup_of`` is that most similar better row. Work
-is bounded by the cluster sizes: no all-pairs over the pool, nothing collected to the driver.
+row of its cluster is >= ``near_threshold``; ``dup_of`` is that most similar better row. No
+all-pairs over the pool and nothing pool-sized on the driver: k-means is fitted on a sample,
+and a cluster of more than ``dedup.max_group_rows`` is compared in parts of at most about that
+many rows, so one task's memory is bounded by the cap, not by the pool (``bounded_groups``).
 
 Decontamination: a pool row whose image has the sha256 of an evaluation image, or whose
 vector has cosine >= ``eval_threshold`` with one, gets ``eval_match`` (the eval ``key``) and
@@ -46,6 +48,7 @@ THUMB_SIDE = 16
 FLAT_RMS = 1.0  # a thumbnail within 1/255 RMS of its mean colour is flat: no vector
 FIT_ROWS = 200_000  # k-means is fitted on a sample of at most this many rows
 MIN_CLUSTER_ROWS = 1_000  # fewer clusters than n_clusters on small pools (exact below 2000)
+MAX_GROUP_ROWS = 20_000  # rows compared in one task: memory ~ rows * (3 * dim + 1024) * 4 bytes
 FLAG_SCHEMA = "uid string, dup_of string, dup_reason string, dup_similarity double"
 LEAK_SCHEMA = "uid string, eval_match string, eval_similarity double"
 
@@ -88,23 +91,72 @@ def group_duplicates(df: DataFrame, keys: list[str], reason: str) -> DataFrame:
 
 def near_duplicates(emb: DataFrame, threshold: float, n_clusters: int, iters: int,
                     reason: str = "near_model", seed: int = 0,
-                    min_cluster_rows: int = MIN_CLUSTER_ROWS) -> DataFrame:
+                    min_cluster_rows: int = MIN_CLUSTER_ROWS,
+                    max_group_rows: int = MAX_GROUP_ROWS) -> DataFrame:
     """(uid, score, embedding) -> flagged rows (uid, dup_of, dup_reason, dup_similarity).
 
     Uses at most ``n_clusters`` clusters and on average at least ``min_cluster_rows`` rows per
-    cluster (a small pool is one cluster: exact). Computed here and checkpointed, so k-means
-    runs once.
+    cluster (a small pool is one cluster: exact); clusters of more than ``max_group_rows`` are
+    compared in parts (:func:`bounded_groups`). Computed here and checkpointed, so k-means runs
+    once.
     """
     emb = emb.where(F.col("embedding").isNotNull()).select("uid", "score", "embedding").persist()
     try:
-        clustered = assign_clusters(emb, n_clusters, iters, seed, min_cluster_rows)
-        flags = (clustered.groupBy("cluster")
+        clustered = assign_clusters(emb, n_clusters, iters, seed, min_cluster_rows).persist()
+        grouped = bounded_groups(clustered, max_group_rows, seed)
+        flags = (grouped.groupBy("cluster", "part", "sub")
                  .applyInPandas(partial(semdedup_cluster, threshold=threshold),
                                 "uid string, dup_of string, dup_similarity double")
                  .withColumn("dup_reason", F.lit(reason)))
-        return flags.select("uid", "dup_of", "dup_reason", "dup_similarity").localCheckpoint()
+        out = flags.select("uid", "dup_of", "dup_reason", "dup_similarity").localCheckpoint()
+        clustered.unpersist()
+        return out
     finally:
         emb.unpersist()
+
+
+def bounded_groups(clustered: DataFrame, max_rows: int, seed: int = 0) -> DataFrame:
+    """Add ``part`` and ``sub`` so that no (cluster, part, sub) group is much over ``max_rows``.
+
+    A cluster of n > ``max_rows`` rows is cut into ceil(2n / max_rows) ranges of its rows'
+    projection on a seeded random direction (cuts at approximate quantiles, computed on the
+    executors), so near duplicates, whose projections are close, stay together except at a
+    cut. A part still over ``max_rows`` (identical vectors project alike) is split by uid hash:
+    each piece then keeps its own best copy. Clusters within the cap are untouched (exact).
+    """
+    spark = clustered.sparkSession
+    out = clustered.withColumn("part", F.lit(0)).withColumn("sub", F.lit(0))
+    big = {r["cluster"]: r["count"] for r in
+           clustered.groupBy("cluster").count().where(F.col("count") > max_rows).collect()}
+    if not big:  # at most n_clusters rows came back
+        return out
+    dim = len(clustered.where(F.col("embedding").isNotNull()).first()["embedding"])
+    direction = np.random.default_rng(seed).standard_normal(dim)
+    grid = max(-(-2 * n // max_rows) for n in big.values())
+    parts = spark.createDataFrame([(int(c), -(-2 * n // max_rows)) for c, n in big.items()],
+                                  "cluster int, _parts int")
+    out = out.withColumn("_proj", _projection(direction)("embedding"))
+    cuts = (out.join(F.broadcast(parts), "cluster")
+            .groupBy("cluster", "_parts")
+            .agg(F.percentile_approx("_proj", [i / grid for i in range(1, grid)], 10_000)
+                 .alias("_cuts")))
+    below = F.size(F.filter("_cuts", lambda c: c < F.col("_proj")))
+    out = (out.join(F.broadcast(cuts), "cluster", "left")
+           .withColumn("part", F.coalesce(F.floor(below * F.col("_parts") / grid), F.lit(0)))
+           .drop("_cuts", "_parts", "_proj"))
+    over = (out.groupBy("cluster", "part").count().where(F.col("count") > max_rows)
+            .select("cluster", "part", F.ceil(F.col("count") * 2 / max_rows).alias("_subs")))
+    return (out.join(F.broadcast(over), ["cluster", "part"], "left")
+            .withColumn("sub", F.coalesce(F.pmod(F.xxhash64("uid"), F.col("_subs")), F.lit(0)))
+            .drop("_subs"))
+
+
+def _projection(direction: np.ndarray):
+    @pandas_udf("double")
+    def project(vectors: pd.Series) -> pd.Series:
+        return pd.Series(unit_rows(vectors) @ direction if len(vectors) else [], dtype="float64")
+
+    return project
 
 
 def assign_clusters(emb: DataFrame, n_clusters: int, iters: int, seed: int = 0,
@@ -259,7 +311,8 @@ def dedup_pairs(pairs: DataFrame, conf: DedupConf, vectors: dict[str, DataFrame]
             if signal not in vectors:
                 continue
             near = near_duplicates(vectors[signal].join(left, "uid"), conf.near_threshold,
-                                   conf.n_clusters, conf.kmeans_iters, f"near_{signal}")
+                                   conf.n_clusters, conf.kmeans_iters, f"near_{signal}",
+                                   max_group_rows=conf.max_group_rows)
             flags = flags.unionByName(near)
             left = left.join(near.select("uid"), "uid", "left_anti")
     matches = []

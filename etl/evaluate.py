@@ -204,6 +204,18 @@ def selection_pairs(lake: Lakehouse, names: list[str]) -> DataFrame:
     return bronze.select("uid", "image", "text").join(keep, "uid")
 
 
+def capped(pairs: DataFrame, cap: int, seed: int) -> list:
+    """At most ``cap`` rows of ``pairs``, ordered by uid: when there are more, the ``cap`` with
+    the lowest seeded hash of uid (a uniform sample taken on the executors, so every selection
+    keeps its share and the driver holds ``cap`` rows, never the pool)."""
+    n = pairs.count()
+    if n > cap:
+        print(f"evaluate: {n} pairs in the compared selections; training on a seeded sample of "
+              f"{cap} (evaluate.max_pairs)")
+        pairs = pairs.orderBy(F.xxhash64(F.lit(seed), "uid"), "uid").limit(cap)
+    return pairs.orderBy("uid").collect()
+
+
 def zero_shot_tasks(labels: dict[str, list[str | None]]) -> dict[str, tuple[list, dict]]:
     """Shape and colour tasks when the eval set has ``label_shape`` and ``label_color``: each
     class's prompts are the templates over every value of the other attribute."""
@@ -237,7 +249,7 @@ def induced_comparison(lake: Lakehouse, cfg: Config, run_id: str,
     names = cfg.evaluate.selections
     if not names:
         raise ConfigError("evaluate.selections: list at least one selection, e.g. [none, dfn]")
-    rows = selection_pairs(lake, names).orderBy("uid").collect()
+    rows = capped(selection_pairs(lake, names), cfg.evaluate.max_pairs, cfg.evaluate.seed)
     pool = ([bytes(r["image"]) for r in rows], [r["text"] for r in rows],
             [set(r["selections"]) for r in rows])
     blobs, texts, labels = eval_set(lake)

@@ -22,6 +22,7 @@ from etl.sample import write_sample
 from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
 
 UID_RE = r"^[0-9a-f]{32}$"
+METADATA_FORMATS = ("datacomp", "csv", "tsv")  # url + caption rows, no image bytes
 QUARANTINE_COLS = ["source", "source_file", "source_pos", "kind", "reason", "uid", "url", "text",
                    "raw", "ingest_time", "run_id"]
 
@@ -50,8 +51,9 @@ def ensure_sample(cfg: Config, lake: Lakehouse) -> str:
     return root
 
 
-def normalize(raw: DataFrame, source: str, run_id: str) -> DataFrame:
-    """Raw frame -> bronze columns plus ``_reason`` (null for good rows)."""
+def normalize(raw: DataFrame, source: str, run_id: str, images: bool = True) -> DataFrame:
+    """Raw frame -> bronze columns plus ``_reason`` (null for good rows). ``images=False``
+    (metadata-only sources) skips reading image headers, so no Python worker is started."""
     text = F.regexp_replace("text", r"^\s+|\s+$", "")
     given_uid = F.lower(F.trim(F.col("uid")))
     reason = (F.when(F.col("error").isNotNull(), F.col("error"))
@@ -62,10 +64,11 @@ def normalize(raw: DataFrame, source: str, run_id: str) -> DataFrame:
     uid = F.coalesce(given_uid, F.md5(F.concat_ws("\u0000", F.col("url"), text)))
     df = (raw.withColumn("_reason", reason).withColumn("uid", uid).withColumn("text", text)
           .withColumn("sha256", F.coalesce(F.sha2("image", 256), F.lower("sha256"))))
-    size = image_size(F.col("image"))
-    df = (df.withColumn("_size", size)
-          .withColumn("width", F.coalesce(F.col("_size.width"), F.col("width")))
-          .withColumn("height", F.coalesce(F.col("_size.height"), F.col("height"))).drop("_size"))
+    if images:
+        df = (df.withColumn("_size", image_size(F.col("image")))
+              .withColumn("width", F.coalesce(F.col("_size.width"), F.col("width")))
+              .withColumn("height", F.coalesce(F.col("_size.height"), F.col("height")))
+              .drop("_size"))
     return (df.withColumn("source", F.lit(source)).withColumn("ingest_time", F.current_timestamp())
             .withColumn("run_id", F.lit(run_id)))
 
@@ -108,9 +111,9 @@ def to_quarantine(df: DataFrame, kind: str) -> DataFrame:
 
 
 def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
-                 table: str = BRONZE) -> dict[str, int]:
+                 table: str = BRONZE, images: bool = True) -> dict[str, int]:
     """Normalize ``raw`` and merge it into ``table`` (insert-only on uid); returns the counts."""
-    df = normalize(raw, source, run_id).persist(StorageLevel.MEMORY_AND_DISK)
+    df = normalize(raw, source, run_id, images).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         unique, dups, errors = split(df)
         counts = {"read": df.count(), "quarantined": errors.count(),
@@ -142,7 +145,8 @@ def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> di
                   for s, p in resolve_sources(cfg, lake, sources, is_eval)]
         for src, raw in frames:
             name = src.name or src.format
-            counts = ingest_frame(lake, raw, name, run_id, table)
+            counts = ingest_frame(lake, raw, name, run_id, table,
+                                  images=src.format not in METADATA_FORMATS)
             lake.record_stats(run_id, f"ingest:{table}:{name}", counts)
             print_counts(f"{table} <- {name} ({src.path})", counts)
             for k, v in counts.items():

@@ -33,6 +33,12 @@ TAR_SCHEMA = T.StructType([
     T.StructField("source_file", T.StringType()), T.StructField("source_pos", T.LongType()),
     T.StructField("error", T.StringType()), T.StructField("raw", T.StringType()),
 ])
+# the keys img2dataset writes into each sample's .json (always parsed, whatever the sample shows)
+IMG2DATASET_JSON = T.StructType([T.StructField(n, t) for n, t in (
+    ("key", T.StringType()), ("uid", T.StringType()), ("url", T.StringType()),
+    ("caption", T.StringType()), ("status", T.StringType()), ("error_message", T.StringType()),
+    ("width", T.LongType()), ("height", T.LongType()), ("original_width", T.LongType()),
+    ("original_height", T.LongType()), ("sha256", T.StringType()), ("exif", T.StringType()))])
 RECORDS_PER_BATCH = 256  # tar records per Arrow batch: a shard is streamed, never held whole
 
 
@@ -50,9 +56,9 @@ def read_source(spark: SparkSession, src: SourceConf, path: str | None = None) -
         if fmt in ("csv", "tsv"):
             return read_delimited(spark, path, src, "\t" if fmt == "tsv" else ",")
         if fmt in ("img2dataset", "webdataset"):
-            return read_webdataset(spark, path)
+            return read_webdataset(spark, path, src.json_sample_rows)
         if fmt == "folder":
-            return read_image_folder(spark, path)
+            return read_image_folder(spark, path, src.json_sample_rows)
     except AnalysisException as exc:
         first = str(exc).strip().splitlines()[0][:300]
         raise InputError(f"{fmt} source {path}: {first}") from exc
@@ -137,10 +143,12 @@ def list_files(spark: SparkSession, path: str, pattern: str) -> DataFrame:
     return files.select(F.regexp_replace("path", "^file:", "").alias("path"))
 
 
-def read_webdataset(spark: SparkSession, path: str) -> DataFrame:
+def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000) -> DataFrame:
     """WebDataset / img2dataset shards (``.tar``) plus failed rows from img2dataset sidecars.
 
-    Each shard is opened on an executor (fsspec) and streamed member by member.
+    Each shard is opened on an executor (fsspec) and streamed member by member, once: the
+    ``.json`` members are parsed with img2dataset's own fields plus the extra keys found in the
+    first ``json_sample_rows`` of them (a bounded read, not a schema pass over the pool).
     """
     tars = list_files(spark, path, "*.tar")
     n = tars.count()
@@ -148,7 +156,7 @@ def read_webdataset(spark: SparkSession, path: str) -> DataFrame:
         raise InputError(f"no .tar shards found under {path}")
     reader = partial(_read_tars, store=Store.from_spark(spark))
     records = tars.repartition(n).mapInPandas(reader, TAR_SCHEMA)
-    records = _expand_json(spark, records)
+    records = _expand_json(records, json_schema(spark, records, json_sample_rows))
     failed = _sidecar_failures(spark, path)
     return records if failed is None else records.unionByName(failed, allowMissingColumns=True)
 
@@ -214,11 +222,22 @@ def _tar_record(path: str, key: str, pos: int, group: dict[str, bytes]) -> dict:
     return rec
 
 
-def _expand_json(spark: SparkSession, records: DataFrame) -> DataFrame:
-    """Turn each record's JSON into typed columns (schema inferred over all records)."""
-    jsons = records.select("json").where(F.col("json").isNotNull()).rdd.map(lambda r: r[0])
-    schema = spark.read.json(jsons).schema
-    fields = [f.name for f in schema.fields if f.name not in ("_corrupt_record",)]
+def json_schema(spark: SparkSession, records: DataFrame, sample_rows: int,
+                base: T.StructType = IMG2DATASET_JSON) -> T.StructType:
+    """The ``base`` fields (img2dataset's, typed), then any other keys seen in the first
+    ``sample_rows`` JSON values of ``records`` (types inferred from them)."""
+    sample = [r[0] for r in records.where(F.col("json").isNotNull()).select("json")
+              .limit(sample_rows).collect()]  # bounded by sample_rows, not by the pool
+    seen = spark.read.json(spark.sparkContext.parallelize(sample, 1)).schema if sample else None
+    fields = list(base.fields)
+    known = set(base.fieldNames()) | {"_corrupt_record"}
+    fields += [f for f in (seen.fields if seen else []) if f.name not in known]
+    return T.StructType(fields)
+
+
+def _expand_json(records: DataFrame, schema: T.StructType) -> DataFrame:
+    """Turn each record's JSON into typed columns."""
+    fields = schema.fieldNames()
     parsed = records.withColumn("_j", F.from_json("json", schema))
 
     def jfield(name: str) -> Column:
@@ -251,8 +270,9 @@ def _sidecar_failures(spark: SparkSession, path: str) -> DataFrame | None:
     return _finish(df)
 
 
-def read_image_folder(spark: SparkSession, path: str) -> DataFrame:
-    """A folder of images with caption files ``stem.txt`` (and optional ``stem.json`` extras)."""
+def read_image_folder(spark: SparkSession, path: str, json_sample_rows: int = 1000) -> DataFrame:
+    """A folder of images with caption files ``stem.txt`` (and optional ``stem.json`` extras,
+    whose keys are taken from the first ``json_sample_rows`` of them)."""
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path)
              .select(F.regexp_replace("path", "^file:", "").alias("path"), "content")
              .withColumn("ext", F.lower(F.regexp_extract("path", r"\.([^./]+)$", 1)))
@@ -271,5 +291,5 @@ def read_image_folder(spark: SparkSession, path: str) -> DataFrame:
         F.coalesce("image_path", "text_path").alias("source_file"), F.lit(0).cast("long").alias("source_pos"),
         F.trim(F.col("text_bytes").cast("string")).alias("text"), "image", "json",
         err.alias("error"), F.coalesce("image_path", "text_path").alias("raw"))
-    out = _expand_json(spark, df)
+    out = _expand_json(df, json_schema(spark, df, json_sample_rows, T.StructType()))
     return out.withColumn("url", F.coalesce("url", "source_file"))

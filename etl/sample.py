@@ -19,7 +19,10 @@ import io
 import json
 import random
 import tarfile
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 from PIL import Image, ImageDraw
 
@@ -56,6 +59,7 @@ MIX = {"mismatched": 0.10, "unrelated": 0.05, "blank": 0.02, "noise": 0.02, "exa
        "near_dup": 0.05, "too_small": 0.03, "non_english": 0.04, "bad_aspect": 0.02,
        "eval_leak": 0.03}
 NOISY_KINDS = ("mismatched", "unrelated", "blank", "noise")
+KINDS = ("clean", *MIX)
 
 
 @dataclass
@@ -151,25 +155,44 @@ def translate(a: Attrs, lang: str) -> str:
 
 
 class SampleBuilder:
-    """Builds the pool and eval set deterministically from one seed."""
+    """Builds the pool and eval set deterministically from one seed, one pair at a time.
 
-    def __init__(self, n_pairs: int, eval_size: int, seed: int):
+    The kinds of all ``n_pairs`` are drawn and shuffled up front (one byte each); pairs are then
+    generated in pool order by :meth:`pairs`, so a writer holds one shard, never the pool.
+    Duplicates and near duplicates copy one of the last ``recent`` clean pairs.
+    """
+
+    def __init__(self, n_pairs: int, eval_size: int, seed: int, recent: int = 256):
         self.rng = random.Random(seed)
         self.n_pairs, self.eval_size = n_pairs, eval_size
+        self.eval: list[Pair] = [self._eval_pair(i) for i in range(eval_size)]
         self.pool: list[Pair] = []
-        self.eval: list[Pair] = []
-        self.clean: list[tuple[Attrs, bytes, str, Image.Image]] = []
+        self.recent: deque[tuple[Attrs, bytes, str]] = deque(maxlen=recent)
+        self._count = 0
+
+    def plan(self) -> bytearray:
+        """The kind of every pair, as indices into ``KINDS``, in pool order."""
+        counts = {k: int(v * self.n_pairs) for k, v in MIX.items()}
+        kinds = bytearray([0]) * (self.n_pairs - sum(counts.values()))
+        for kind, n in counts.items():
+            kinds += bytearray([KINDS.index(kind)]) * n
+        self.rng.shuffle(kinds)
+        if 0 in kinds:  # duplicates need an earlier clean pair: one comes first
+            i = kinds.index(0)
+            kinds[0], kinds[i] = kinds[i], kinds[0]
+        return kinds
+
+    def pairs(self) -> Iterator[Pair]:
+        """Yield the pool's pairs in order (keys ``000000000``, ``000000001``, ...)."""
+        for kind in self.plan():
+            name = KINDS[kind]
+            if name in ("exact_dup", "near_dup") and not self.recent:
+                name = "clean"
+            yield getattr(self, f"_add_{name}")()
 
     def build(self) -> SampleBuilder:
-        self.eval = [self._eval_pair(i) for i in range(self.eval_size)]
-        counts = {k: int(v * self.n_pairs) for k, v in MIX.items()}
-        n_clean = self.n_pairs - sum(counts.values())
-        for _ in range(n_clean):
-            self._add_clean()
-        for kind, n in counts.items():
-            for _ in range(n):
-                getattr(self, f"_add_{kind}")()
-        self.rng.shuffle(self.pool)
+        """Generate the whole pool into ``self.pool`` (small pools: tests, notebooks)."""
+        self.pool = list(self.pairs())
         return self
 
     def _url(self, ext: str) -> str:
@@ -181,49 +204,50 @@ class SampleBuilder:
         meta = {"label_kind": kind, "label_of": of,
                 "label_shape": attrs.shape if attrs else None,
                 "label_color": attrs.color if attrs else None}
-        pair = Pair(f"{len(self.pool):09d}", url, text, data, ext, meta)
-        self.pool.append(pair)
-        return pair
+        self._count += 1
+        return Pair(f"{self._count - 1:09d}", url, text, data, ext, meta)
 
     def _new_image(self, a: Attrs, lo: int = 200, max_ar: float = 2.5):
         ext = "jpg" if self.rng.random() < 0.7 else "png"
         img = draw(a, *_size(self.rng, lo=lo, max_ar=max_ar), self.rng)
         return img, encode(img, ext, self.rng.randint(75, 95)), ext
 
-    def _add_clean(self) -> None:
+    def _add_clean(self) -> Pair:
         a = random_attrs(self.rng)
-        img, data, ext = self._new_image(a)
+        _, data, ext = self._new_image(a)
         pair = self._add(a.caption(self.rng), data, ext, "clean", a)
-        self.clean.append((a, data, pair.url, img))
+        self.recent.append((a, data, pair.url))
+        return pair
 
-    def _add_mismatched(self) -> None:
+    def _add_mismatched(self) -> Pair:
         a = random_attrs(self.rng)
         _, data, ext = self._new_image(a)
-        self._add(different_attrs(self.rng, a).caption(self.rng), data, ext, "mismatched", a)
+        return self._add(different_attrs(self.rng, a).caption(self.rng), data, ext, "mismatched", a)
 
-    def _add_unrelated(self) -> None:
+    def _add_unrelated(self) -> Pair:
         a = random_attrs(self.rng)
         _, data, ext = self._new_image(a)
-        self._add(self.rng.choice(UNRELATED), data, ext, "unrelated", a)
+        return self._add(self.rng.choice(UNRELATED), data, ext, "unrelated", a)
 
-    def _add_blank(self) -> None:
+    def _add_blank(self) -> Pair:
         w, h = _size(self.rng)
         img = Image.new("RGB", (w, h), tuple(self.rng.randint(0, 255) for _ in range(3)))
-        self._add(random_attrs(self.rng).caption(self.rng), encode(img, "jpg"), "jpg", "blank", None)
+        return self._add(random_attrs(self.rng).caption(self.rng), encode(img, "jpg"), "jpg", "blank", None)
 
-    def _add_noise(self) -> None:
+    def _add_noise(self) -> Pair:
         w, h = _size(self.rng)
         img = Image.frombytes("RGB", (w, h), self.rng.randbytes(w * h * 3))
-        self._add(random_attrs(self.rng).caption(self.rng), encode(img, "png"), "png", "noise", None)
+        return self._add(random_attrs(self.rng).caption(self.rng), encode(img, "png"), "png", "noise", None)
 
-    def _add_exact_dup(self) -> None:
-        a, data, url, _ = self.rng.choice(self.clean)
+    def _add_exact_dup(self) -> Pair:
+        a, data, url = self.rng.choice(self.recent)
         ext = "png" if data[:4] == b"\x89PNG" else "jpg"
-        self._add(a.caption(self.rng), data, ext, "exact_dup", a, of=url)
+        return self._add(a.caption(self.rng), data, ext, "exact_dup", a, of=url)
 
-    def _add_near_dup(self) -> None:
-        a, _, url, img = self.rng.choice(self.clean)
-        self._add(a.caption(self.rng), encode(self._perturb(img), "jpg", 70), "jpg", "near_dup", a,
+    def _add_near_dup(self) -> Pair:
+        a, data, url = self.rng.choice(self.recent)
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        return self._add(a.caption(self.rng), encode(self._perturb(img), "jpg", 70), "jpg", "near_dup", a,
                   of=url)
 
     def _perturb(self, img: Image.Image) -> Image.Image:
@@ -236,30 +260,30 @@ class SampleBuilder:
             return img.crop((dx, dy, w - dx, h - dy))
         return img
 
-    def _add_too_small(self) -> None:
+    def _add_too_small(self) -> Pair:
         a = random_attrs(self.rng)
         ext = "jpg"
         img = draw(a, self.rng.randint(40, 150), self.rng.randint(40, 150), self.rng)
-        self._add(a.caption(self.rng), encode(img, ext), ext, "too_small", a)
+        return self._add(a.caption(self.rng), encode(img, ext), ext, "too_small", a)
 
-    def _add_non_english(self) -> None:
+    def _add_non_english(self) -> Pair:
         a = random_attrs(self.rng)
         _, data, ext = self._new_image(a)
         text = translate(a, self.rng.choice(sorted(TRANSLATIONS)))
-        self._add(text, data, ext, "non_english", a)
+        return self._add(text, data, ext, "non_english", a)
 
-    def _add_bad_aspect(self) -> None:
+    def _add_bad_aspect(self) -> Pair:
         a = random_attrs(self.rng)
         w, h = self.rng.randint(200, 260), self.rng.randint(800, 1000)
         img = draw(a, *((h, w) if self.rng.random() < 0.5 else (w, h)), self.rng)
-        self._add(a.caption(self.rng), encode(img, "jpg"), "jpg", "bad_aspect", a)
+        return self._add(a.caption(self.rng), encode(img, "jpg"), "jpg", "bad_aspect", a)
 
-    def _add_eval_leak(self) -> None:
+    def _add_eval_leak(self) -> Pair:
         ev = self.rng.choice(self.eval)
         img = Image.open(io.BytesIO(ev.image)).convert("RGB")
         data = encode(img, "jpg", 85) if self.rng.random() < 0.5 else ev.image
         a = Attrs(ev.meta["label_shape"], ev.meta["label_color"], "white", 1, "large")
-        self._add(ev.text, data, "jpg" if data[:2] == b"\xff\xd8" else ev.ext, "eval_leak", a,
+        return self._add(ev.text, data, "jpg" if data[:2] == b"\xff\xd8" else ev.ext, "eval_leak", a,
                   of=ev.key)
 
     def _eval_pair(self, i: int) -> Pair:
@@ -278,24 +302,30 @@ def write_sample(out_dir: str, n_pairs: int = 2000, eval_size: int = 120, seed: 
     deliberately broken rows). ``_SUCCESS`` is written last."""
     store = store or Store()
     out = str(out_dir)
-    b = SampleBuilder(n_pairs, eval_size, seed).build()
-    shards = [b.pool[i:i + shard_size] for i in range(0, len(b.pool), shard_size)]
-    broken = 0
-    for n, shard in enumerate(shards):
-        broken += _write_shard(store, join(out, "pool"), n, shard, random.Random(seed * 1000 + n))
+    b = SampleBuilder(n_pairs, eval_size, seed)
+    pairs = b.pairs()
+    broken = shards = written = 0
+    while written < n_pairs:
+        shard = islice(pairs, min(shard_size, n_pairs - written))
+        rows = _write_shard(store, join(out, "pool"), shards, shard,
+                            random.Random(seed * 1000 + shards))
+        written, broken, shards = written + rows, broken + 3, shards + 1
+        if rows == 0:
+            raise RuntimeError(f"sample generator ended after {written} of {n_pairs} pairs")
     for p in b.eval:
         stem = join(out, "eval", p.key)
         store.write_bytes(f"{stem}.{p.ext}", p.image)
         store.write_text(f"{stem}.txt", p.text)
         store.write_text(f"{stem}.json", json.dumps(p.meta))
     store.write_text(join(out, "_SUCCESS"), json.dumps({"n_pairs": n_pairs, "seed": seed}))
-    return {"pool_rows": len(b.pool) + broken, "eval_images": len(b.eval), "shards": len(shards),
+    return {"pool_rows": written + broken, "eval_images": len(b.eval), "shards": shards,
             "broken_rows": broken}
 
 
-def _write_shard(store: Store, pool_dir: str, n: int, shard: list[Pair], rng: random.Random) -> int:
-    """One tar + parquet sidecar. Adds 2 failed downloads (sidecar only) and one member-less
-    caption (a real crawl artefact); returns how many such broken rows were added."""
+def _write_shard(store: Store, pool_dir: str, n: int, shard: Iterable[Pair],
+                 rng: random.Random) -> int:
+    """One tar + parquet sidecar, streamed pair by pair. Adds 2 failed downloads (sidecar only)
+    and one member-less caption (a real crawl artefact); returns how many pairs were written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -320,7 +350,7 @@ def _write_shard(store: Store, pool_dir: str, n: int, shard: list[Pair], rng: ra
                      "error_message": "HTTP Error 404: Not Found"})
     with store.open(join(pool_dir, f"{n:05d}.parquet"), "wb") as fh:
         pq.write_table(pa.Table.from_pylist(rows), fh)
-    return 3
+    return len(rows) - 2
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -2,11 +2,13 @@
 
 ``score_pairs`` is the DataFrame -> DataFrame step. ``score_table`` is the edge: for every
 configured model it streams the source Delta table in chunks of ``score.files_per_commit``
-files (Structured Streaming, ``availableNow``, checkpointed per target and model), scores only
-pairs with no row for that model yet, and inserts with an insert-only MERGE on
-(uid, model_id). A killed run therefore keeps the chunks it committed, and the next run
-resumes from the checkpoint; the anti-join plus the MERGE keep every pair scored exactly once
-even when a chunk is replayed or the checkpoint is reset.
+files (Structured Streaming, ``availableNow``, checkpointed per target and model) and appends
+each scored chunk with Delta's idempotent writes (``txnAppId`` = the checkpoint's id,
+``txnVersion`` = the batch id). A killed run keeps the chunks it committed; the next run
+resumes from the checkpoint, and a chunk replayed after a crash is skipped by Delta itself, so
+no commit reads silver and the cost of a commit does not grow with the table. Only a stream
+that starts over (new or reset checkpoint) while silver already holds rows for the model
+anti-joins its chunks against silver, so every pair is still scored exactly once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import logging
 import re
 import shutil
+import uuid
 from typing import Any
 
 from pyspark.errors import StreamingQueryException
@@ -22,13 +25,13 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from etl.config import Config, ScoreConf
+from etl.fs import join
 from etl.tables import BRONZE, EVAL_EMBEDDINGS, EVAL_IMAGES, SILVER, Lakehouse
 from udfs.models import ModelSpec, resolve_conf
 from udfs.score import ScoreOptions, make_score_udf
 
 log = logging.getLogger(__name__)
 
-KEYS = ["uid", "model_id"]
 SILVER_COLUMNS = ["uid", "model_id", "score", "score_error", "image_embedding",
                   "text_embedding", "scored_at", "run_id"]
 
@@ -89,18 +92,20 @@ def _score_model(lake: Lakehouse, source: str, target: str, spec: ModelSpec, con
     before = pending_count(lake, source, target, mid)
     inserted = 0
     if before:
-        try:  # with no row for this model yet there is nothing to skip: no anti-join per chunk
+        try:
             inserted = _stream(lake, source, target, spec, conf, run_id,
-                               skip_done=before != source_rows)
+                               has_rows=before != source_rows)
         except StreamingQueryException as exc:
             if "DELTA_" not in str(exc):  # only source-side changes are recoverable here
                 raise
             log.warning("score: %s was rewritten since the last run (%s); resetting the %s "
                         "checkpoint and scoring what is missing", source, str(exc)[:200], mid)
-            inserted = _stream(lake, source, target, spec, conf, run_id, reset=True)
+            inserted = _stream(lake, source, target, spec, conf, run_id, reset=True,
+                               has_rows=True)
         if inserted < before and pending_count(lake, source, target, mid):
             # the checkpoint is ahead of the target table (rows deleted, table replaced)
-            inserted += _stream(lake, source, target, spec, conf, run_id, reset=True)
+            inserted += _stream(lake, source, target, spec, conf, run_id, reset=True,
+                                has_rows=True)
     errors = 0
     if lake.exists(target):
         errors = lake.read(target).filter(
@@ -126,27 +131,46 @@ def checkpoint_dir(lake: Lakehouse, target: str, model_id: str) -> str:
 
 
 def _stream(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: ScoreConf,
-            run_id: str, reset: bool = False, skip_done: bool = True) -> int:
-    """Score ``source`` -> ``target`` in chunks, one Delta commit per chunk; rows inserted.
+            run_id: str, reset: bool = False, has_rows: bool = True) -> int:
+    """Score ``source`` -> ``target`` in chunks, one idempotent Delta append per chunk; rows added.
 
-    ``skip_done`` anti-joins each chunk against the target first, so replayed or reset chunks
-    are not scored again; the MERGE alone already keeps them from being inserted twice.
+    A stream that starts from a new checkpoint while ``target`` already has rows for the model
+    (``has_rows``) anti-joins each chunk against ``target`` first; a resumed one needs no
+    anti-join, since Delta skips a chunk whose batch id it has committed already.
     """
     checkpoint = checkpoint_dir(lake, target, spec.model_id)
     if reset:
         delete_dir(lake.spark, checkpoint)
+    app_id, fresh = stream_app_id(lake, checkpoint)
+    skip_done = has_rows and fresh
     inserted = [0]
 
     def write_chunk(batch: DataFrame, batch_id: int) -> None:
-        silver = lake.read(target) if skip_done and lake.exists(target) else None
-        todo = pending(batch.select("uid", "image", "text"), silver, spec.model_id)
-        inserted[0] += lake.insert_new(score_pairs(todo, spec, conf, run_id), target, KEYS)
+        todo = batch.select("uid", "image", "text")
+        if skip_done and lake.exists(target):
+            todo = pending(todo, lake.read(target), spec.model_id)
+        inserted[0] += lake.append_once(score_pairs(todo, spec, conf, run_id), target, app_id,
+                                        batch_id)
 
     query = (_read_stream(lake, source, conf).writeStream.foreachBatch(write_chunk)
              .option("checkpointLocation", checkpoint).trigger(availableNow=True)
              .queryName(f"score-{target}-{spec.model_id}"[:100]).start())
     query.awaitTermination()
     return inserted[0]
+
+
+def stream_app_id(lake: Lakehouse, checkpoint: str) -> tuple[str, bool]:
+    """(the Delta ``txnAppId`` of the stream checkpointed at ``checkpoint``, whether it is new).
+
+    Kept in a file beside the checkpoint and replaced whenever the checkpoint is, because batch
+    ids restart at 0 with a new checkpoint and must not be mistaken for committed ones.
+    """
+    marker = checkpoint.rstrip("/") + ".appid"
+    if lake.store.exists(marker) and lake.store.exists(join(checkpoint, "metadata")):
+        return lake.store.read_bytes(marker).decode(), False
+    app_id = f"dfn-score-{uuid.uuid4().hex}"
+    lake.store.write_text(marker, app_id)
+    return app_id, True
 
 
 def delete_dir(spark: SparkSession, path: str) -> None:

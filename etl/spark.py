@@ -39,19 +39,22 @@ S3A_DEFAULTS = {
     "spark.hadoop.fs.s3a.attempts.maximum": "3",
     "spark.hadoop.fs.s3a.retry.limit": "3",
     "spark.hadoop.fs.s3a.retry.interval": "500ms",
-    "spark.hadoop.fs.s3a.connection.establish.timeout": "5s",
+    "spark.hadoop.fs.s3a.connection.establish.timeout": "15s",  # hadoop-aws 3.4 floor
     "spark.hadoop.fs.s3a.connection.timeout": "60s",
 }
 
 
-def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = ()) -> SparkSession:
+def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
+              preload_models: bool = True) -> SparkSession:
     """Return the active SparkSession untouched, or build a local one with Delta configured.
 
     On Databricks or under spark-submit a session already exists and is used as is. Otherwise
     a session is built from ``conf``: Delta jars come from Maven (``configure_spark_with_delta_pip``)
     unless ``conf.jars`` lists local jar files (air-gapped clusters). When any of ``urls`` is
     ``s3a://``, ``hadoop-aws`` matching pyspark's bundled Hadoop is resolved the same way, and
-    fail-fast s3a retry settings are added (each overridable).
+    fail-fast s3a retry settings are added (each overridable). ``preload_models`` forks local
+    Python workers from ``udfs.daemon`` (torch + open_clip imported once); commands that run
+    no model leave it off and skip that import (~7 s).
     """
     active = SparkSession.getActiveSession()
     if active is not None:
@@ -64,7 +67,7 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = ()) -> SparkS
     submitted = _launched_by_spark_submit()
     if not submitted:
         builder = builder.master(conf.master)
-        if conf.master.startswith("local"):
+        if conf.master.startswith("local") and preload_models:
             # workers fork from a daemon that has torch + open_clip imported already
             builder = builder.config("spark.python.daemon.module", "udfs.daemon")
     s3a = any(scheme(u) == "s3a" for u in urls)

@@ -123,17 +123,36 @@ class Lakehouse:
     def insert_new(self, df: DataFrame, table: str, keys: list[str]) -> int:
         """Insert-only MERGE of ``df`` on ``keys``; returns the number of rows inserted.
 
-        Creates the table on first use. Rows whose keys already exist are left untouched, so
-        re-running a step never duplicates rows.
+        Rows whose keys already exist are left untouched, so re-running a step never duplicates
+        rows. The first write creates the table with a plain append (nothing to match against:
+        no MERGE, which on a small input costs more than the data).
         """
         if not self.exists(table):
-            self.overwrite(df.limit(0), table)
+            self.append(df, table)
+            metrics = self.delta(table).history(1).select("operationMetrics").first()[0]
+            return int(metrics.get("numOutputRows", "0"))
         before = self.version(table)
         cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
         (self.delta(table).alias("t").merge(df.alias("s"), cond)
             .whenNotMatchedInsertAll().execute())
         # a MERGE that changes nothing commits no new version
         return _last_merge_inserted(self.delta(table), before)
+
+    def append_once(self, df: DataFrame, table: str, app_id: str, version: int) -> int:
+        """Append ``df`` unless ``(app_id, version)`` was committed to ``table`` before; rows added.
+
+        Delta's idempotent writes (``txnAppId``/``txnVersion``) skip a replayed write, so a
+        streaming chunk re-run after a crash is not added twice, and no commit reads the table
+        (its cost does not grow with the table, unlike a MERGE).
+        """
+        before = self.version(table)
+        writer = (df.write.format("delta").mode("append").option("mergeSchema", "true")
+                  .option("txnAppId", app_id).option("txnVersion", version))
+        self._save(writer, table)
+        last = self.delta(table).history(1).select("version", "operationMetrics").first()
+        if last is None or last[0] == before:
+            return 0
+        return int(last[1].get("numOutputRows", "0"))
 
     def record_stats(self, run_id: str, step: str, counts: dict[str, int]) -> None:
         """Append one row per metric to the run-stats table."""

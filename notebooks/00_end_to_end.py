@@ -32,5 +32,5 @@ show(ctx.lake.read(SELECTION).groupBy("kept", "drop_reason").count().orderBy(F.d
 # COMMAND ----------
 
 page = report.main([*argv, *(["--out", out] if out else [])])
-if not show_html(page.read_text(encoding="utf-8")):
-    print(f"open {page.resolve().as_uri()} in a browser")
+if not show_html(ctx.lake.store.read_bytes(page).decode("utf-8")):
+    print(f"open {page} in a browser")

@@ -13,6 +13,7 @@ from PIL import Image
 from etl.config import Config, ConfigError, DedupConf, LakehouseConf, SelectConf
 from etl.dedup import (
     EVAL_EMBEDDINGS,
+    bounded_groups,
     dedup_pairs,
     exact_duplicates,
     near_duplicates,
@@ -95,6 +96,32 @@ def test_near_duplicates_with_kmeans_clusters(spark):
     assert set(flagged) == set(expected)
     assert all(flagged[u].split("r")[0] == u.split("r")[0] for u in flagged)  # same group
     assert {r.dup_reason for r in got.collect()} == {"near_model"}
+
+
+def test_a_big_cluster_is_compared_in_bounded_parts(spark):
+    from pyspark.sql import functions as F
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for g in range(30):  # 30 originals, each with a near copy that ranks below it
+        v = rng.normal(size=8)
+        rows.append((f"o{g:02d}", 0.9, unit(*v)))
+        rows.append((f"c{g:02d}", 0.1, unit(*(v + rng.normal(0, 0.01, 8)))))
+    rows += [(f"same{i:02d}", 0.5, unit(*[1.0] * 8)) for i in range(40)]  # one giant tie
+    emb = df(spark, rows, VECS, 3)
+    groups = bounded_groups(emb.withColumn("cluster", F.lit(0)), max_rows=16)
+    sizes = {(r["part"], r["sub"]): r["count"]
+             for r in groups.groupBy("part", "sub").count().collect()}
+    assert max(sizes.values()) <= 16 and sum(sizes.values()) == 100 and len(sizes) >= 7
+    got = near_duplicates(emb, 0.95, n_clusters=1, iters=2, min_cluster_rows=1,
+                          max_group_rows=16)
+    flagged = {r.uid: r.dup_of for r in got.collect()}
+    copies = [u for u in flagged if u.startswith("c")]
+    assert len(copies) >= 27 and all(flagged[u] == "o" + u[1:] for u in copies)
+    assert not any(u.startswith("o") for u in flagged)
+    same_pieces = groups.where(F.col("uid").startswith("same")).select("part", "sub").distinct()
+    # every piece of the tie keeps exactly one copy; without the cap, one copy in all
+    assert 40 - len([u for u in flagged if u.startswith("same")]) == same_pieces.count() > 1
 
 
 def test_decontamination_by_hash_and_vector(spark):

@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from etl.evaluate import FILTER_QUALITY, filter_quality, format_table, labelled_scores, roc_auc
+from etl.evaluate import (
+    FILTER_QUALITY,
+    capped,
+    filter_quality,
+    format_table,
+    labelled_scores,
+    roc_auc,
+)
 from etl.sample import SampleBuilder
 from etl.tables import BRONZE, EVAL_IMAGES, EVALUATION, SELECTION, SILVER
 
@@ -23,6 +30,19 @@ def test_roc_auc_matches_pair_counting_with_ties():
     assert roc_auc(pos, neg) == pytest.approx(brute)
     assert roc_auc([1.0], [1.0]) == 0.5
     assert roc_auc([], [0.3]) is None
+
+
+def test_capped_takes_a_seeded_uniform_sample_on_the_executors(spark, capsys):
+    pairs = spark.createDataFrame([(f"{i:04d}", ["none"] + (["dfn"] if i % 2 else []))
+                                   for i in range(60)], "uid string, selections array<string>")
+    pairs = pairs.repartition(3)
+    first = [r["uid"] for r in capped(pairs, 10, seed=0)]
+    assert len(first) == 10 and first == sorted(first)
+    assert "seeded sample of 10 (evaluate.max_pairs)" in capsys.readouterr().out
+    assert [r["uid"] for r in capped(pairs.repartition(2), 10, seed=0)] == first
+    assert [r["uid"] for r in capped(pairs, 10, seed=1)] != first
+    capsys.readouterr()
+    assert len(capped(pairs, 60, seed=0)) == 60 and "sample" not in capsys.readouterr().out
 
 
 def test_filter_quality_on_literal_rows(spark):

@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 
 from etl.config import SourceConf
 from etl.ingest import ingest_frame
-from etl.readers import InputError, read_source
+from etl.readers import IMG2DATASET_JSON, InputError, json_schema, read_source
 from etl.tables import BRONZE, QUARANTINE
 from tests.conftest import assert_same_rows
 
@@ -165,6 +165,16 @@ def test_webdataset_reader(spark, lake, shards):
     assert "missing image member (.jpg/.png/.webp) for key 001" in reasons
     assert any(r.startswith("002.txt is not UTF-8") for r in reasons)
     assert any(r.startswith("101.json is not valid JSON") for r in reasons)
+
+
+def test_json_schema_is_img2dataset_plus_the_keys_of_a_bounded_sample(spark):
+    records = spark.createDataFrame(
+        [(json.dumps({"url": "u0", "extra_a": 1}),), (None,),
+         (json.dumps({"url": "u1", "original_width": 7, "late": "x"}),)], "json string").coalesce(1)
+    first = json_schema(spark, records, 1)
+    assert first.fieldNames() == [*IMG2DATASET_JSON.fieldNames(), "extra_a"]
+    assert first["original_width"].dataType.simpleString() == "bigint"
+    assert json_schema(spark, records, 10).fieldNames()[-2:] == ["extra_a", "late"]
 
 
 def test_image_folder_reader(spark, lake, tmp_path):

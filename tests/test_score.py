@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -112,13 +113,21 @@ def test_decode_converts_to_rgb(kind):
     assert np.abs(np.array(img.getpixel((0, 0))) - expected).max() <= 3
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("kind", sorted(BROKEN))
 def test_decode_bad_images_give_errors(kind):
     data, prefix = BROKEN[kind]
     img, err = decode_rgb(data, MAX_PIXELS)
     assert img is None
     assert err.startswith(prefix), err
+
+
+def test_a_low_limit_does_not_leak_into_later_decodes():
+    big = jpeg(size=(800, 600))  # 480k px: over the 250k limit, far under the default
+    assert decode_rgb(big, MAX_PIXELS)[1].startswith("too_large")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail the decode
+        img, err = decode_rgb(big)
+    assert err is None and img.size == (800, 600)
 
 
 # ---------------------------------------------------------------- the UDF vs open_clip
@@ -297,6 +306,16 @@ def test_pending_is_the_per_model_anti_join(spark):
     assert pending(bronze, None, "a").count() == 5
 
 
+def test_append_once_skips_a_replayed_chunk(spark, lake):
+    df = spark.createDataFrame([(f"u{i}", "m") for i in range(5)], "uid string, model_id string")
+    assert lake.append_once(df.repartition(2), SILVER, "app-1", 0) == 5
+    assert lake.append_once(df, SILVER, "app-1", 0) == 0  # the replay: Delta skips it
+    assert lake.read(SILVER).count() == 5 and lake.version(SILVER) == 0
+    assert lake.append_once(df.limit(2), SILVER, "app-1", 1) == 2
+    assert lake.append_once(df.limit(3), SILVER, "app-2", 0) == 3  # another stream's batch 0
+    assert lake.read(SILVER).count() == 10
+
+
 def test_score_all_models_side_by_side_and_resume(lake, weights):
     rows = pool_rows(9) + [("u-bad", b"\x00\x01broken", "caption bad")]
     write_pairs(lake, BRONZE, rows, files=2)
@@ -346,7 +365,7 @@ def test_killed_run_resumes_and_scores_each_pair_once(lake, weights, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "etl.jobs.score", "--conf", str(conf_file)],
                             cwd=PROJECT_ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_chunk = Path(lake.path(SILVER)) / "_delta_log" / f"{1:020d}.json"
+    first_chunk = Path(lake.path(SILVER)) / "_delta_log" / f"{0:020d}.json"
     try:
         deadline = time.time() + 600
         while not first_chunk.exists() and proc.poll() is None and time.time() < deadline:

@@ -8,7 +8,6 @@ converted to 8-bit RGB (alpha composited on white, the first frame of an animati
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -16,7 +15,10 @@ from PIL import Image, ImageOps
 DEFAULT_MAX_PIXELS = 64_000_000
 WHITE = (255, 255, 255)
 
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# The pixel limit is each call's own ``max_pixels``, checked from the header before any pixel is
+# decoded. PIL's process-wide ``MAX_IMAGE_PIXELS`` would make one caller's limit leak into every
+# later decode in the worker (and warn or raise there), so it is switched off once, here.
+Image.MAX_IMAGE_PIXELS = None
 
 
 def decode_rgb(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -24,7 +26,6 @@ def decode_rgb(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
     """Decode ``data`` to an RGB image; returns ``(image, None)`` or ``(None, error)``."""
     if data is None or len(data) == 0:
         return None, "empty: no image bytes"
-    _guard_pixels(max_pixels)
     try:
         img = Image.open(io.BytesIO(bytes(data)))
         w, h = img.size
@@ -40,14 +41,6 @@ def decode_rgb(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
         return None, "undecodable: not a recognised image format"
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-row error
         return None, f"decode_error: {type(exc).__name__}: {exc}"[:500]
-
-
-def _guard_pixels(max_pixels: int) -> None:
-    # PIL raises DecompressionBombError above 2x this limit while reading the header; sizes
-    # between 1x and 2x are rejected by the explicit check (its warning is silenced globally
-    # because catch_warnings is not thread-safe and decoding runs in threads).
-    if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > max_pixels:
-        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -31,8 +31,11 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def start(p: argparse.ArgumentParser, argv: list[str] | None) -> JobContext:
-    """Parse ``argv``, load and validate config (failing fast), then get Spark."""
+def start(p: argparse.ArgumentParser, argv: list[str] | None, models: bool = True) -> JobContext:
+    """Parse ``argv``, load and validate config (failing fast), then get Spark.
+
+    ``models=False`` (steps that run no model) keeps torch/open_clip out of the Python workers.
+    """
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.conf, args.overrides)
@@ -41,7 +44,7 @@ def start(p: argparse.ArgumentParser, argv: list[str] | None) -> JobContext:
     from etl.spark import check_connectors, get_spark
 
     urls = config_urls(cfg)
-    spark = get_spark(cfg.spark, urls.values())
+    spark = get_spark(cfg.spark, urls.values(), preload_models=models)
     check_connectors(spark, urls)
     return JobContext(cfg, spark, Lakehouse(spark, cfg.lakehouse), args.run_id or new_run_id(), args)
 

@@ -9,7 +9,7 @@ from etl.jobs.common import parser, run_job, start
 def main(argv: list[str] | None = None) -> None:
     """Rewrite silver_dedup from bronze_pairs, silver_scores and the evaluation images."""
     p = parser("dfn-curate dedup", "Flag duplicate, near-duplicate and eval-leaking pairs.")
-    ctx = start(p, argv)
+    ctx = start(p, argv, models=False)
     run_dedup(ctx.lake, ctx.cfg, ctx.run_id)
 
 

@@ -9,7 +9,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     """Ingest ``ingest.sources`` into bronze_pairs and ``ingest.eval_sources`` into the eval table."""
     from etl.ingest import ingest
 
-    ctx = start(parser("dfn-curate ingest", main.__doc__), argv)
+    ctx = start(parser("dfn-curate ingest", main.__doc__), argv, models=False)
     return ingest(ctx.spark, ctx.cfg, ctx.lake, ctx.run_id)
 
 

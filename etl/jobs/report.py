@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> str:
                    help="output folder or URL (default: <lakehouse.root>/report)")
     p.add_argument("--examples", type=int, default=8,
                    help="thumbnails per grid (near the threshold, per drop reason)")
-    ctx = start(p, argv)
+    ctx = start(p, argv, models=False)
     out = ctx.lake.resolve(ctx.args.out or "report")
     page = write_report(ctx.lake, ctx.cfg, out, ctx.args.examples)
     print(f"report: {page if is_url(page) else 'file://' + page}")

@@ -10,7 +10,7 @@ from etl.select import run_select
 def main(argv: list[str] | None = None) -> None:
     """Rewrite gold_selection; print the funnel (and precision/recall when labelled)."""
     p = parser("dfn-curate select", "Apply dedup flags, basic filters and the score threshold.")
-    ctx = start(p, argv)
+    ctx = start(p, argv, models=False)
     run_select(ctx.lake, ctx.cfg, ctx.run_id)
     run_quality(ctx.lake, ctx.run_id)
 
