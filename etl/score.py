@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import shutil
 import uuid
 from typing import Any
 
@@ -140,7 +139,7 @@ def _stream(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: Sc
     """
     checkpoint = checkpoint_dir(lake, target, spec.model_id)
     if reset:
-        delete_dir(lake.spark, checkpoint)
+        lake.store.rm(checkpoint)
     app_id, fresh = stream_app_id(lake, checkpoint)
     skip_done = has_rows and fresh
     inserted = [0]
@@ -171,16 +170,6 @@ def stream_app_id(lake: Lakehouse, checkpoint: str) -> tuple[str, bool]:
     app_id = f"dfn-score-{uuid.uuid4().hex}"
     lake.store.write_text(marker, app_id)
     return app_id, True
-
-
-def delete_dir(spark: SparkSession, path: str) -> None:
-    """Remove a checkpoint folder on any Hadoop filesystem (local, DBFS/volumes, s3a, abfss)."""
-    try:
-        jvm = spark.sparkContext._jvm
-        hpath = jvm.org.apache.hadoop.fs.Path(path)
-        hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hpath, True)
-    except Exception:  # noqa: BLE001 - no JVM access (Spark Connect): local paths only
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _read_stream(lake: Lakehouse, source: str, conf: ScoreConf) -> DataFrame:

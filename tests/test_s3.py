@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +74,45 @@ def delta_commits(server, table: str) -> list[str]:
     return [k for k in server.keys("lake", f"lh/{table}/_delta_log/") if k.endswith(".json")]
 
 
+@dataclass
+class S3Run:
+    local_lake: Lakehouse  # the same config run on local paths
+    args: list[str]
+    out: str  # the s3 run's output
+    commits: dict[str, list[str]]  # Delta commit files per table after the run
+    rerun_out: str  # a second run (--steps ingest,score) in a job that then counts every table
+    counts: dict[str, int]
+    tmp: Path
+
+
+RERUN = """
+import json, sys
+from etl.jobs import run
+from etl.jobs.common import parser, start
+args, out = sys.argv[1:-1], sys.argv[-1]
+run.main([*args, "--steps", "ingest,score", "--run-id", "s3-rerun"])
+ctx = start(parser("count", "count"), args)
+json.dump({t: ctx.lake.read(t).count() for t in TABLES}, open(out, "w"))
+"""
+
+
 @pytest.fixture(scope="module")
 def s3_run(s3, spark, tmp_path_factory):
-    """The local tiny run, then the same config on S3: (local lake, conf file, args, output)."""
+    """The local tiny run, then the same config on S3, then a re-run that counts the tables."""
     local = notebook_run(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("s3-run")
     conf = write_conf(tmp / "s3.yaml", s3, SMALL_SPARK)
     args = ["--conf", str(conf), *set_args(s3_overrides(local.overrides))]
     out, seconds = cli(["run", *args, "--run-id", "s3"], tmp / "run.log")
     print(f"dfn-curate run on s3a:// (60 pairs): {seconds:.1f} s")
-    return Lakehouse(spark, local_conf(local.root)), args, out, tmp
+    commits = {t: delta_commits(s3, t) for t in TABLES}
+    counts_json = tmp / "counts.json"
+    proc = subprocess.run([sys.executable, "-c", f"TABLES = {TABLES!r}\n{RERUN}", *args,
+                           str(counts_json)], env=cli_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return S3Run(Lakehouse(spark, local_conf(local.root)), args, out, commits, proc.stdout,
+                 json.loads(counts_json.read_text()), tmp)
 
 
 def local_conf(root: Path):
@@ -96,20 +126,12 @@ def store(server) -> Store:
 
 
 def test_s3_run_matches_local_run_and_exports_readable_shards(s3, s3_run):
-    local_lake, args, out, tmp = s3_run
-    assert "read=66 = new 60 + already present 0 + in-input duplicates 0 + quarantined 6" in out
+    assert "read=66 = new 60 + already present 0 + in-input duplicates 0 + quarantined 6" \
+        in s3_run.out
     # every table on S3 holds the rows the local run holds (counted by a separate job)
-    counts_json = tmp / "counts.json"
-    script = ("import json,sys; from etl.jobs.common import parser,start; "
-              f"ctx=start(parser('c','c'), sys.argv[1:]); t={TABLES!r}; "
-              "json.dump({n: ctx.lake.read(n).count() for n in t}, "
-              f"open({str(counts_json)!r}, 'w'))")
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=cli_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    s3_counts = json.loads(counts_json.read_text())
+    local_lake = s3_run.local_lake
     local_counts = {t: local_lake.read(t).count() for t in TABLES}
-    assert s3_counts == local_counts and s3_counts[BRONZE] == 60
+    assert s3_run.counts == local_counts and s3_run.counts[BRONZE] == 60
 
     # the published export: manifest last, same uids.npy as the local run, shards on S3
     st = store(s3)
@@ -144,18 +166,15 @@ def shard_uids(server, manifest) -> list[str]:
 
 
 def test_s3_rerun_inserts_nothing(s3, s3_run):
-    _, args, _, tmp = s3_run
     tables = [BRONZE, QUARANTINE, EVAL_IMAGES, SILVER, EVAL_EMBEDDINGS]
-    before = {t: delta_commits(s3, t) for t in tables}
-    assert all(before.values())
-    out, _ = cli(["run", *args, "--steps", "ingest,score", "--run-id", "s3-rerun"],
-                 tmp / "rerun.log")
-    assert "new 0 + already present 60" in out
-    assert {t: delta_commits(s3, t) for t in tables} == before  # no commit anywhere
+    assert all(s3_run.commits[t] for t in tables)
+    assert "new 0 + already present 60" in s3_run.rerun_out
+    # no commit anywhere: the re-run of ingest and score changed no table
+    assert {t: delta_commits(s3, t) for t in TABLES} == s3_run.commits
 
 
 def test_export_killed_midway_leaves_the_published_export_intact(s3, s3_run):
-    _, args, _, tmp = s3_run
+    args = s3_run.args
     st = store(s3)
     published = read_export("s3a://lake/lh/export", st)
     marker = "lh/export/runs/killed/_dfn_export"
