@@ -125,14 +125,15 @@ def run_steps(meter: Meter, args: list[str], steps: tuple[str, ...], rows: int, 
 
 
 def silver_commit_times(lake_root: str) -> tuple[float, float] | None:
-    """Wall seconds of the first and last scoring commit (from Delta's commit timestamps)."""
-    log = sorted((Path(lake_root) / "silver_scores" / "_delta_log").glob("*.json"))
-    stamps = []
-    for f in log:
-        for line in f.read_text().splitlines():
-            info = json.loads(line).get("commitInfo")
-            if info and info.get("operation") in ("WRITE", "STREAMING UPDATE", "MERGE"):
-                stamps.append(info["timestamp"] / 1000.0)
+    """Wall seconds of the first and last scoring commit (gaps between Delta commit times)."""
+    from pyspark.sql import SparkSession
+
+    from etl.config import LakehouseConf
+    from etl.tables import SILVER, Lakehouse
+
+    lake = Lakehouse(SparkSession.getActiveSession(), LakehouseConf(root=lake_root))
+    history = lake.delta(SILVER).history().select("version", "timestamp").orderBy("version")
+    stamps = [r["timestamp"].timestamp() for r in history.collect()]  # one row per commit
     if len(stamps) < 3:
         return None
     gaps = np.diff(stamps)
