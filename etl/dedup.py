@@ -126,9 +126,9 @@ def bounded_groups(clustered: DataFrame, max_rows: int, seed: int = 0) -> DataFr
     """
     spark = clustered.sparkSession
     out = clustered.withColumn("part", F.lit(0)).withColumn("sub", F.lit(0))
-    big = {r["cluster"]: r["count"] for r in
+    big = {r["cluster"]: r["count"] for r in  # at most n_clusters rows
            clustered.groupBy("cluster").count().where(F.col("count") > max_rows).collect()}
-    if not big:  # at most n_clusters rows came back
+    if not big:
         return out
     dim = len(clustered.where(F.col("embedding").isNotNull()).first()["embedding"])
     direction = np.random.default_rng(seed).standard_normal(dim)
@@ -136,10 +136,12 @@ def bounded_groups(clustered: DataFrame, max_rows: int, seed: int = 0) -> DataFr
     parts = spark.createDataFrame([(int(c), -(-2 * n // max_rows)) for c, n in big.items()],
                                   "cluster int, _parts int")
     out = out.withColumn("_proj", _projection(direction)("embedding"))
+    # percentile_approx's rank error is n / accuracy: 20 * grid keeps it near max_rows / 40,
+    # so the cuts, not the hash split below, bound the parts
     cuts = (out.join(F.broadcast(parts), "cluster")
             .groupBy("cluster", "_parts")
-            .agg(F.percentile_approx("_proj", [i / grid for i in range(1, grid)], 10_000)
-                 .alias("_cuts")))
+            .agg(F.percentile_approx("_proj", [i / grid for i in range(1, grid)],
+                                     max(10_000, 20 * grid)).alias("_cuts")))
     below = F.size(F.filter("_cuts", lambda c: c < F.col("_proj")))
     out = (out.join(F.broadcast(cuts), "cluster", "left")
            .withColumn("part", F.coalesce(F.floor(below * F.col("_parts") / grid), F.lit(0)))

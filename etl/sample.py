@@ -303,15 +303,11 @@ def write_sample(out_dir: str, n_pairs: int = 2000, eval_size: int = 120, seed: 
     store = store or Store()
     out = str(out_dir)
     b = SampleBuilder(n_pairs, eval_size, seed)
-    pairs = b.pairs()
-    broken = shards = written = 0
-    while written < n_pairs:
-        shard = islice(pairs, min(shard_size, n_pairs - written))
-        rows = _write_shard(store, join(out, "pool"), shards, shard,
-                            random.Random(seed * 1000 + shards))
-        written, broken, shards = written + rows, broken + 3, shards + 1
-        if rows == 0:
-            raise RuntimeError(f"sample generator ended after {written} of {n_pairs} pairs")
+    pairs = b.pairs()  # exactly n_pairs, consumed one shard at a time
+    shards = -(-n_pairs // shard_size)
+    written = sum(_write_shard(store, join(out, "pool"), n, islice(pairs, shard_size),
+                               random.Random(seed * 1000 + n)) for n in range(shards))
+    broken = 3 * shards
     for p in b.eval:
         stem = join(out, "eval", p.key)
         store.write_bytes(f"{stem}.{p.ext}", p.image)

@@ -129,14 +129,13 @@ class Lakehouse:
         """
         if not self.exists(table):
             self.append(df, table)
-            metrics = self.delta(table).history(1).select("operationMetrics").first()[0]
-            return int(metrics.get("numOutputRows", "0"))
+            return _rows_added(self.delta(table), None, "numOutputRows")
         before = self.version(table)
         cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
         (self.delta(table).alias("t").merge(df.alias("s"), cond)
             .whenNotMatchedInsertAll().execute())
         # a MERGE that changes nothing commits no new version
-        return _last_merge_inserted(self.delta(table), before)
+        return _rows_added(self.delta(table), before, "numTargetRowsInserted", "MERGE")
 
     def append_once(self, df: DataFrame, table: str, app_id: str, version: int) -> int:
         """Append ``df`` unless ``(app_id, version)`` was committed to ``table`` before; rows added.
@@ -149,10 +148,7 @@ class Lakehouse:
         writer = (df.write.format("delta").mode("append").option("mergeSchema", "true")
                   .option("txnAppId", app_id).option("txnVersion", version))
         self._save(writer, table)
-        last = self.delta(table).history(1).select("version", "operationMetrics").first()
-        if last is None or last[0] == before:
-            return 0
-        return int(last[1].get("numOutputRows", "0"))
+        return _rows_added(self.delta(table), before, "numOutputRows")
 
     def record_stats(self, run_id: str, step: str, counts: dict[str, int]) -> None:
         """Append one row per metric to the run-stats table."""
@@ -161,11 +157,14 @@ class Lakehouse:
         self.append(self.spark.createDataFrame(rows, RUN_STATS_SCHEMA), RUN_STATS)
 
 
-def _last_merge_inserted(table: DeltaTable, before: int | None) -> int:
+def _rows_added(table: DeltaTable, before: int | None, metric: str,
+                operation: str | None = None) -> int:
+    """``metric`` of the table's last commit; 0 when nothing was committed after ``before`` (or
+    the last commit is not ``operation``)."""
     last = table.history(1).select("version", "operation", "operationMetrics").first()
-    if last is None or last[0] == before or last[1] != "MERGE":
+    if last is None or last[0] == before or (operation and last[1] != operation):
         return 0
-    return int(last[2].get("numTargetRowsInserted", "0"))
+    return int(last[2].get(metric, "0"))
 
 
 def new_run_id() -> str:
