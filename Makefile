@@ -43,8 +43,11 @@ dist: $(STAMP)
 model: $(STAMP)
 	$(BIN)/dfn-curate train-dfn --conf conf/local.yaml $(ARGS)
 
+# Scoring pairs/s (both bundled-DFN and ViT-B-32, exact vs fast decode) and the fast_decode dial
+# (per-core decode rate and fidelity); README "Decode speed".
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_score.py $(ARGS)
+	$(BIN)/python benchmarks/bench_decode.py
 
 # Cost per stage vs pool size (README "Scale"); ARGS="--meta 100000,1000000 --images 2000" for less.
 bench-scale: $(STAMP)
@@ -52,3 +55,16 @@ bench-scale: $(STAMP)
 
 clean:
 	rm -rf lakehouse spark-warehouse metastore_db derby.log dist out
+
+# The dependency floors: a separate venv with every direct dependency at the lowest version
+# pyproject.toml allows (uv --resolution lowest-direct), then the fast tests. Run by .ci/run.
+# It lives inside .venv so that git, ruff and `make clean` leave it alone like .venv itself.
+FLOORS := $(VENV)/floors
+FLOOR_TESTS ?= tests/test_config.py tests/test_models.py tests/test_filters.py tests/test_sample.py
+.PHONY: test-floors
+test-floors: $(STAMP) sysdeps
+	rm -rf $(FLOORS)
+	$(BIN)/uv venv -q --python $(BIN)/python $(FLOORS)
+	$(BIN)/uv pip install -q --python $(FLOORS)/bin/python --resolution lowest-direct -e '.[dev]'
+	$(BIN)/uv pip freeze --python $(FLOORS)/bin/python > $(FLOORS)/freeze.txt
+	$(FLOORS)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS) $(ARGS)

@@ -1,15 +1,18 @@
-"""Scoring throughput, in pairs/s, measured in one run on one machine:
+"""Scoring throughput, in pairs/s, measured in one run on one machine, for each model (the
+bundled DFN and ViT-B-32 by default) with the exact decode and with ``fast_decode``:
 
 (a) the model alone on ready tensors (already on the device),
 (d) decode + preprocess alone on real JPEG bytes (the CPU ceiling; no model),
-(b) decode + preprocess + model on real JPEG bytes (PairScorer, as inside the UDF),
+(b) decode + preprocess + model on real JPEG bytes (PairScorer, as inside the UDF), with the
+    model's share of the wall time,
 (c) the same through the Spark pandas UDF (local mode, noop sink),
 
-then the ratios b/a, c/a and c/b. Random weights: no download needed. Examples:
+then the ratios b/a, c/a and c/b. "exact" is the previous engine (full decode, 2 decode threads,
+one batch ahead); "fast" is today's default (DCT-scaled JPEG decode, one decode thread per core,
+two batches ahead). ViT-B-32 uses random weights: no download needed. Examples:
 
-    python benchmarks/bench_score.py                       # ViT-B-32 on CPU, small n
-    python benchmarks/bench_score.py --device cuda --n 40000 --batch-size 256
-    python benchmarks/bench_score.py --arch conf/models/dfn-tiny.json
+    python benchmarks/bench_score.py                       # both models on CPU, small n
+    python benchmarks/bench_score.py --device cuda --n 40000 --batch-size 256 --archs ViT-B-32
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ from udfs.score import PairScorer, ScoreOptions, pick_device  # noqa: E402
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cpus = os.cpu_count() or 2
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arch", default="ViT-B-32", help="open_clip name or architecture JSON")
-    p.add_argument("--pretrained", default=None, help="tag or local weights (default: random)")
+    p.add_argument("--archs", default="conf/models/dfn-tiny.json,ViT-B-32",
+                   help="comma-separated open_clip names or architecture JSONs")
+    p.add_argument("--fast-decode", type=float, default=ScoreOptions.fast_decode,
+                   help="factor for the fast rows")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", help="auto (bf16 on GPU) | fp32 | bf16 | fp16")
-    p.add_argument("--n", type=int, default=None, help="pairs per measurement")
+    p.add_argument("--n", type=int, default=None,
+                   help="pairs per measurement (default: ~8 s of the model alone, 256..20000)")
     p.add_argument("--batch-size", type=int, default=None, help="model batch size")
     p.add_argument("--records-per-batch", type=int, default=None, help="Arrow batch rows")
-    p.add_argument("--decode-threads", type=int, default=cpus, help="decode threads (b)")
+    p.add_argument("--decode-threads", type=int, default=cpus, help="decode threads (fast rows)")
     p.add_argument("--spark-tasks", type=int, default=None, help="local[k] for (c)")
     p.add_argument("--min-side", type=int, default=256)
     p.add_argument("--max-side", type=int, default=512)
@@ -47,10 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-spark", action="store_true")
     args = p.parse_args(argv)
     gpu = pick_device(args.device).startswith("cuda")
-    args.n = args.n or (20_000 if gpu else 256)
+    args.max_n = args.n or 20_000
     args.batch_size = args.batch_size or (256 if gpu else 32)
     args.records_per_batch = args.records_per_batch or max(args.batch_size, 256)
-    args.spark_tasks = args.spark_tasks or (min(4, cpus) if gpu else 1)
+    args.spark_tasks = args.spark_tasks or min(4, cpus)
     return args
 
 
@@ -72,9 +78,9 @@ def photo_like_jpeg(rng: random.Random, min_side: int, max_side: int) -> bytes:
 def make_pairs(args: argparse.Namespace) -> tuple[list[bytes], list[str]]:
     rng = random.Random(0)
     distinct = [photo_like_jpeg(rng, args.min_side, args.max_side) for _ in range(args.distinct)]
-    images = [distinct[i % len(distinct)] for i in range(args.n)]
+    images = [distinct[i % len(distinct)] for i in range(args.max_n)]
     texts = [f"a photo of a {rng.choice(['red', 'blue', 'green'])} thing number {i}, "
-             f"taken on a sunny day" for i in range(args.n)]
+             f"taken on a sunny day" for i in range(args.max_n)]
     return images, texts
 
 
@@ -92,7 +98,7 @@ def bench_model(scorer: PairScorer, args: argparse.Namespace) -> float:
     lm, bs = scorer.loaded, args.batch_size
     x = torch.randn((bs,) + scorer.shape, device=lm.device)
     tok = lm.tokenizer([f"a photo of thing {i}" for i in range(bs)]).to(lm.device)
-    steps = max(2, args.n // bs)
+    steps = max(2, (args.n or 256) // bs)
 
     def step() -> None:
         with torch.inference_mode(), scorer._autocast():
@@ -110,6 +116,12 @@ def bench_model(scorer: PairScorer, args: argparse.Namespace) -> float:
     return steps * bs / (time.perf_counter() - t)
 
 
+def pretrained_for(arch: str) -> str | None:
+    """The bundled checkpoint next to a bundled architecture JSON, else random weights."""
+    weights = Path(arch).with_suffix(".safetensors")
+    return str(weights) if arch.endswith(".json") and weights.exists() else None
+
+
 def bench_decode(scorer: PairScorer, images: list[bytes]) -> float:
     """(d) decode + preprocess only, with the scorer's thread pool."""
     t = time.perf_counter()
@@ -118,16 +130,21 @@ def bench_decode(scorer: PairScorer, images: list[bytes]) -> float:
     return len(images) / (time.perf_counter() - t)
 
 
-def bench_pipeline(scorer: PairScorer, images: list[bytes], texts: list[str], rpb: int) -> float:
-    """(b) the UDF's engine: background decode of batch k+1 while the model runs batch k."""
+def bench_pipeline(scorer: PairScorer, images: list[bytes], texts: list[str],
+                   rpb: int) -> tuple[float, float]:
+    """(b) the UDF's engine: background decode of the next batches while the model runs one.
+    Returns pairs/s and the model's share of the wall time."""
     batches = [(images[i:i + rpb], texts[i:i + rpb]) for i in range(0, len(images), rpb)]
     list(scorer.score_iter(batches[:2]))  # warm-up
+    scorer.stats.update(wait_s=0.0, model_s=0.0, rows=0)
     t = time.perf_counter()
     rows = sum(len(out) for out in scorer.score_iter(batches))
-    return rows / (time.perf_counter() - t)
+    wall = time.perf_counter() - t
+    return rows / wall, scorer.stats["model_s"] / wall
 
 
-def bench_spark(args: argparse.Namespace, images: list[bytes], texts: list[str]) -> float:
+def bench_spark(args: argparse.Namespace, arch: str, opts: ScoreOptions, images: list[bytes],
+                texts: list[str]) -> float:
     """(c) through Spark: a cached DataFrame of the same bytes, the pandas UDF, a noop sink."""
     from etl.config import ModelConf, ScoreConf, SparkConf
     from etl.score import configure_arrow, score_pairs
@@ -138,14 +155,15 @@ def bench_spark(args: argparse.Namespace, images: list[bytes], texts: list[str])
     spark.sparkContext.setLogLevel("ERROR")
     conf = ScoreConf(models=[], batch_size=args.batch_size, device=args.device,
                      precision=args.precision, embeddings=True,
-                     decode_threads=max(1, args.decode_threads // args.spark_tasks),
+                     decode_threads=max(1, opts.decode_threads // args.spark_tasks),
+                     prefetch=opts.prefetch, fast_decode=opts.fast_decode,
                      max_records_per_batch=args.records_per_batch)
     configure_arrow(spark, conf)
     rows = [(f"{i:08d}", images[i], texts[i]) for i in range(len(images))]
     df = spark.createDataFrame(rows, "uid string, image binary, text string")
     df = df.repartition(args.spark_tasks * 4).cache()
     df.count()
-    model = ModelConf(name=args.arch, pretrained=args.pretrained, model_id="bench")
+    model = ModelConf(name=arch, pretrained=pretrained_for(arch), model_id="bench")
     warm = df.limit(args.spark_tasks * args.records_per_batch).repartition(args.spark_tasks)
     score_pairs(warm, model, conf).write.format("noop").mode("overwrite").save()
     t = time.perf_counter()
@@ -154,34 +172,44 @@ def bench_spark(args: argparse.Namespace, images: list[bytes], texts: list[str])
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run all measurements and print pairs/s and the ratios."""
+    """Run all measurements for every model, exact and fast, and print one table."""
     import torch
 
     args = parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     device = pick_device(args.device)
-    spec = models.resolve(args.arch, args.pretrained, "bench")
-    opts = ScoreOptions(args.batch_size, device, args.precision, True, args.decode_threads)
-    scorer = PairScorer(models.get_model(spec, device), opts)
     images, texts = make_pairs(args)
     kb = sum(len(b) for b in images[:args.distinct]) / min(args.distinct, len(images)) / 1024
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    print(f"arch={args.arch} weights={args.pretrained or 'random'} device={device} ({name}) "
-          f"precision={args.precision} torch_threads={torch.get_num_threads()} "
-          f"cpus={os.cpu_count()} n={args.n} batch={args.batch_size} "
-          f"arrow_batch={args.records_per_batch} decode_threads={args.decode_threads} "
-          f"jpeg={args.min_side}-{args.max_side}px mean {kb:.0f} KiB")
-    a = bench_model(scorer, args)
-    print(f"(a) model on ready tensors        {a:10.1f} pairs/s")
-    d = bench_decode(scorer, images)
-    print(f"(d) decode+preprocess only        {d:10.1f} pairs/s")
-    b = bench_pipeline(scorer, images, texts, args.records_per_batch)
-    print(f"(b) decode+preprocess+model       {b:10.1f} pairs/s   b/a = {b / a:.2f}")
-    if not args.skip_spark:
-        c = bench_spark(args, images, texts)
-        print(f"(c) Spark pandas UDF (local[{args.spark_tasks}])   {c:10.1f} pairs/s   "
-              f"c/a = {c / a:.2f}   c/b = {c / b:.2f}")
+    print(f"device={device} ({name}) precision={args.precision} "
+          f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} "
+          f"batch={args.batch_size} arrow_batch={args.records_per_batch} "
+          f"spark=local[{args.spark_tasks}] jpeg={args.min_side}-{args.max_side}px mean {kb:.0f} KiB")
+    modes = {
+        "exact": ScoreOptions(args.batch_size, device, args.precision, True, 2,
+                              fast_decode=None, prefetch=1),
+        f"fast {args.fast_decode:g}x": ScoreOptions(args.batch_size, device, args.precision, True,
+                                                  args.decode_threads,
+                                                  fast_decode=args.fast_decode, prefetch=2),
+    }
+    print("| model | decode | pairs | (a) model | (d) decode only | (b) decode+model | model share of (b) "
+          "| (c) Spark UDF | b/a | c/b |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for arch in args.archs.split(","):
+        spec = models.resolve(arch, pretrained_for(arch), "bench")
+        a = None
+        for mode, opts in modes.items():
+            scorer = PairScorer(models.get_model(spec, device), opts)
+            a = a or bench_model(scorer, args)
+            n = args.n or int(min(args.max_n, max(256, 8 * a)))
+            d = bench_decode(scorer, images[:n])
+            b, share = bench_pipeline(scorer, images[:n], texts[:n], args.records_per_batch)
+            c = None if args.skip_spark else bench_spark(args, arch, opts, images[:n], texts[:n])
+            cs = "-" if c is None else f"{c:.1f}"
+            cb = "-" if c is None else f"{c / b:.2f}"
+            print(f"| {Path(arch).stem} | {mode} | {n} | {a:.1f} | {d:.1f} | {b:.1f} | {share:.0%} "
+                  f"| {cs} | {b / a:.2f} | {cb} |", flush=True)
 
 
 if __name__ == "__main__":

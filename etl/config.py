@@ -55,6 +55,10 @@ class SourceConf:
     text_column: str = "caption"
     uid_column: str = "uid"
     json_sample_rows: int = 1000  # WebDataset .json members read to find extra columns
+    # tar shards (.tar/.tar.gz/.tgz): a bigger member is quarantined unread; a shard bigger than
+    # this (file size, or once decompressed) is quarantined as a whole / from that key on
+    max_member_bytes: int = 64 * 1024 * 1024
+    max_shard_bytes: int = 16 * 1024 * 1024 * 1024
 
     FORMATS = ("datacomp", "img2dataset", "webdataset", "csv", "tsv", "folder", "sample")
 
@@ -74,6 +78,8 @@ class SampleConf:
 class IngestConf:
     sources: list[SourceConf] = field(default_factory=lambda: [SourceConf()])
     eval_sources: list[SourceConf] = field(default_factory=list)
+    # a longer caption is quarantined (not truncated), so the tokenizer never sees megabytes
+    max_caption_chars: int = 10_000
 
 
 @dataclass
@@ -83,6 +89,7 @@ class ModelConf:
     name: str = "conf/models/dfn-tiny.json"
     pretrained: str | None = "conf/models/dfn-tiny.safetensors"
     model_id: str | None = None
+    revision: str | None = None  # pin an hf-hub: id to a hub revision (or write name@revision)
 
 
 @dataclass
@@ -92,11 +99,18 @@ class ScoreConf:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     embeddings: bool = True
-    decode_threads: int = 2
+    decode_threads: int = 0  # 0: one per core the Spark task may use (spark.task.cpus)
+    prefetch: int = 2  # Arrow batches decoded ahead of the one the model is running
+    # JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) keeping the short side >= this
+    # factor x the model's input size; off (null/false) = full decode. README "Decode speed".
+    fast_decode: float | None = 1.5
     max_records_per_batch: int = 256
     max_bytes_per_batch: int = 64 * 1024 * 1024
     max_image_pixels: int = 64_000_000
     files_per_commit: int = 16  # source files scored per silver commit (resume granularity)
+    # true: a model_id whose silver rows were scored with other weights (or unknown ones) has
+    # those rows dropped and rescored; false: such a run stops before scoring, saying so
+    replace: bool = False
 
 
 @dataclass
@@ -228,8 +242,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
+        if value is None or (value is False and bool not in args):
+            return None  # `off` / `false` switches an optional setting off
         return _coerce(args[0], value, where)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)
@@ -274,9 +288,19 @@ def validate(cfg: Config) -> None:
         _check(src.format == "sample" or bool(src.path),
                f"ingest source [{i}] ({src.format}): path is required")
         _check(src.json_sample_rows > 0, f"ingest source [{i}].json_sample_rows: must be > 0")
+        for key in ("max_member_bytes", "max_shard_bytes"):
+            _check(getattr(src, key) > 0, f"ingest source [{i}].{key}: must be > 0 (bytes), "
+                   f"got {getattr(src, key)}")
+    _check(cfg.ingest.max_caption_chars > 0,
+           f"ingest.max_caption_chars: must be > 0, got {cfg.ingest.max_caption_chars}")
     _check(cfg.sample.n_pairs >= 10, "sample.n_pairs: must be >= 10")
     _check(cfg.score.batch_size > 0, "score.batch_size: must be > 0")
     _check(cfg.score.files_per_commit > 0, "score.files_per_commit: must be > 0")
+    _check(cfg.score.decode_threads >= 0, "score.decode_threads: >= 1, or 0 for the task's cores")
+    _check(cfg.score.prefetch >= 1, "score.prefetch: must be >= 1 (batches decoded ahead)")
+    fast = cfg.score.fast_decode
+    _check(fast is None or fast >= 1.0, f"score.fast_decode: off, or a factor >= 1 over the "
+           f"model's input size (e.g. 2), got {fast}")
     _check(bool(cfg.score.models), "score.models: list at least one model")
     _check(cfg.score.precision in ("auto", "fp32", "bf16", "fp16"),
            "score.precision: one of auto, fp32, bf16, fp16")

@@ -28,7 +28,7 @@ image bytes; flat images have none.
 
 from __future__ import annotations
 
-import io
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -40,6 +40,7 @@ from pyspark.sql.functions import pandas_udf
 
 from etl.config import Config, ConfigError, DedupConf
 from etl.tables import BRONZE, DEDUP, EVAL_EMBEDDINGS, EVAL_IMAGES, Lakehouse
+from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
 EXACT_PASSES = [("exact_sha256", ["sha256"]), ("exact_url_text", ["url", "text"]),
                 ("exact_url", ["url"])]
@@ -214,16 +215,19 @@ def unit_rows(values: pd.Series) -> np.ndarray:
 # ---- thumbnails ----------------------------------------------------------------------------
 
 
-def thumbnail_vector(data: bytes | None) -> np.ndarray | None:
-    """Perceptual vector of an image (None when missing, undecodable or flat)."""
+def thumbnail_vector(data: bytes | None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """Perceptual vector of an image (None when missing, undecodable, over ``max_pixels``
+    (from the header, never decoded) or flat)."""
     if data is None:
         return None
     from PIL import Image, ImageFilter
 
+    img, _ = decode_rgb(data, max_pixels, min_side=THUMB_SIDE * 4)
+    if img is None:
+        return None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (THUMB_SIDE * 4, THUMB_SIDE * 4))
-            small = img.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+        small = img.resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
     except Exception:  # noqa: BLE001 - undecodable bytes simply have no thumbnail
         return None
     x = np.asarray(small.filter(ImageFilter.GaussianBlur(1)), dtype=np.float32)
@@ -232,9 +236,17 @@ def thumbnail_vector(data: bytes | None) -> np.ndarray | None:
     return x / norm if norm > FLAT_RMS * np.sqrt(x.size) else None
 
 
-@pandas_udf(T.ArrayType(T.FloatType()))
-def thumbnail_udf(images: pd.Series) -> pd.Series:
-    return images.map(thumbnail_vector)
+def thumbnails(max_pixels: int) -> Callable[[Column], Column]:
+    """The thumbnail-vector pandas UDF with decode cap ``max_pixels`` (images over it: null)."""
+
+    @pandas_udf(T.ArrayType(T.FloatType()))
+    def thumbnail_vectors(images: pd.Series) -> pd.Series:
+        return images.map(partial(thumbnail_vector, max_pixels=max_pixels))
+
+    return thumbnail_vectors
+
+
+thumbnail_udf = thumbnails(DEFAULT_MAX_PIXELS)  # the default cap (score.max_image_pixels's)
 
 
 # ---- decontamination -----------------------------------------------------------------------
@@ -342,7 +354,8 @@ def check_signals(conf: DedupConf) -> None:
 def pool_vectors(lake: Lakehouse, cfg: Config, signal: str) -> DataFrame:
     """(uid, embedding) of the pool for one signal."""
     if signal == "thumbnail":
-        return lake.read(BRONZE).select("uid", thumbnail_udf("image").alias("embedding"))
+        udf = thumbnails(cfg.score.max_image_pixels)
+        return lake.read(BRONZE).select("uid", udf("image").alias("embedding"))
     from etl.select import model_scores
 
     emb = model_scores(lake, cfg, embeddings=True)
@@ -354,7 +367,8 @@ def eval_vectors(lake: Lakehouse, cfg: Config, signal: str) -> tuple[list[str], 
     evals = lake.read(EVAL_IMAGES)
     key = F.col("key") if "key" in evals.columns else F.col("uid")
     if signal == "thumbnail":
-        rows = evals.select(key.alias("key"), thumbnail_udf("image").alias("v"))
+        rows = evals.select(key.alias("key"),
+                            thumbnails(cfg.score.max_image_pixels)("image").alias("v"))
     else:
         from etl.select import model_id_for
 
@@ -376,6 +390,7 @@ def run_dedup(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
 
     conf = cfg.dedup
     check_signals(conf)
+    version = lake.version(BRONZE)  # recorded once silver_dedup is written (lineage)
     pairs = scored_pool(lake, cfg).select("uid", "url", "text", "sha256", "score")
     need = conf.near_signals if (conf.near or conf.decontaminate) else []
     vectors = {s: pool_vectors(lake, cfg, s).persist() for s in need}
@@ -397,6 +412,7 @@ def run_dedup(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     for name, value in counts.items():
         print(f"dedup: {name:<28}{value:>10}")
     lake.record_stats(run_id, "dedup", counts)
+    lake.record_source(run_id, "dedup", BRONZE, version)
     return counts
 
 

@@ -2,8 +2,11 @@
 
 1. Filter quality on labelled data (``label_kind`` in bronze, e.g. the sample pool): ROC-AUC
    of the score for clean vs noisy pairs, overall and per noise kind, and precision / recall
-   of the drop decision at the selection's threshold (a drop of a noisy pair is a true
-   positive; an unscorable pair counts as dropped). Stored in ``gold_filter_quality``.
+   of the score's drop decision at the selection's threshold, by the definition
+   ``dfn-curate select`` and the report use (:func:`etl.metrics.precision_recall`): a pair
+   scoring below the threshold, or unscorable, is dropped; precision = noisy pairs dropped /
+   pairs dropped (every bronze pair is judged), recall = noisy pairs dropped / noisy pairs.
+   Stored in ``gold_filter_quality``.
 2. Induced-dataset quality, DataComp's protocol in miniature: a small CLIP is trained from
    the same initialisation, for the same steps and batch size, on each selection, then
    evaluated on ``bronze_eval_images`` (zero-shot shape / colour classification when the eval
@@ -32,7 +35,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from etl.config import Config, ConfigError, resolve_path
+from etl.metrics import precision_recall
 from etl.sample import NOISY_KINDS
+from etl.select import model_id_for
 from etl.tables import BRONZE, EVAL_IMAGES, EVALUATION, SELECTION, SILVER, Lakehouse
 
 FILTER_QUALITY = "gold_filter_quality"
@@ -63,14 +68,14 @@ EVAL_SCHEMA = T.StructType([
 
 
 def labelled_scores(scores: DataFrame, bronze: DataFrame) -> DataFrame:
-    """``uid, label_kind, score`` of the clean and noisy labelled pairs (score null if unscored)."""
+    """``uid, label_kind, score`` of every bronze pair (score null if unscored, label_kind null
+    if unlabelled): the pairs whose drops are judged."""
     if "label_kind" not in bronze.columns:
         raise ValueError("filter quality needs a label_kind column in bronze_pairs (the sample "
                          "pool has one); use the induced-dataset comparison on unlabelled pools")
-    kinds = ["clean", *NOISY_KINDS]
-    labels = bronze.select("uid", "label_kind").where(F.col("label_kind").isin(kinds))
     score = F.nanvl(F.col("score"), F.lit(None).cast("double"))
-    return labels.join(scores.select("uid", score.alias("score")), "uid", "left")
+    return bronze.select("uid", "label_kind").join(
+        scores.select("uid", score.alias("score")), "uid", "left")
 
 
 def roc_auc(positive: list[float], negative: list[float]) -> float | None:
@@ -82,19 +87,25 @@ def roc_auc(positive: list[float], negative: list[float]) -> float | None:
 
 def filter_quality(labelled: DataFrame, threshold: float | None) -> list[dict[str, Any]]:
     """One row per group (clean, all_noisy, each noise kind): n, AUC vs clean, drops at the
-    threshold, precision and recall of dropping that group rather than clean pairs.
+    threshold, recall of the group, and (``all_noisy``) the precision of the drop decision.
 
-    Labelled sets are small (thousands of rows), so ``(label_kind, score)`` is collected.
+    Precision is a property of the decision, judged against every pair of ``labelled``
+    (:func:`etl.metrics.precision_recall`), so only ``all_noisy`` (the kinds the score should
+    catch) has one. The clean and noisy ``(label_kind, score)`` rows are collected (labelled
+    sets are small, thousands of rows); the pool-wide drop count is counted on the executors.
     """
+    kinds = ["clean", *NOISY_KINDS]
     by: dict[str, list[float | None]] = {}
-    for row in labelled.select("label_kind", "score").collect():
+    for row in labelled.where(F.col("label_kind").isin(kinds)).select(
+            "label_kind", "score").collect():
         by.setdefault(row["label_kind"], []).append(row["score"])
     groups = {"clean": by.get("clean", [])}
     groups["all_noisy"] = [s for k in NOISY_KINDS for s in by.get(k, [])]
     groups.update({k: by.get(k, []) for k in NOISY_KINDS})
     clean = [s for s in groups["clean"] if s is not None]
-    clean_dropped = _dropped(groups["clean"], threshold)
-    return [_group_row(name, values, clean, clean_dropped, threshold)
+    predicted = None if threshold is None else labelled.where(
+        F.col("score").isNull() | (F.col("score") < F.lit(threshold))).count()
+    return [_group_row(name, values, clean, predicted, threshold)
             for name, values in groups.items()]
 
 
@@ -105,16 +116,16 @@ def _dropped(values: list[float | None], threshold: float | None) -> int | None:
 
 
 def _group_row(name: str, values: list[float | None], clean: list[float],
-               clean_dropped: int | None, threshold: float | None) -> dict[str, Any]:
+               predicted: int | None, threshold: float | None) -> dict[str, Any]:
     scored = [s for s in values if s is not None]
     dropped = _dropped(values, threshold)
     row = {"group": name, "n": len(values), "n_unscored": len(values) - len(scored),
            "mean_score": sum(scored) / len(scored) if scored else None,
            "auc_vs_clean": None if name == "clean" else roc_auc(clean, scored),
            "threshold": threshold, "dropped": dropped, "precision": None, "recall": None}
-    if dropped is not None and name != "clean":
-        row["recall"] = dropped / len(values) if values else None
-        row["precision"] = dropped / (dropped + clean_dropped) if dropped + clean_dropped else None
+    if dropped is not None and predicted is not None and name != "clean":
+        precision, row["recall"] = precision_recall(dropped, predicted, len(values))
+        row["precision"] = precision if name == "all_noisy" else None
     return row
 
 
@@ -128,19 +139,10 @@ def chosen_threshold(lake: Lakehouse, cfg: Config) -> float | None:
     return None
 
 
-def evaluation_model_id(lake: Lakehouse, cfg: Config) -> str:
-    """The model whose scores are judged (``select.model_id`` or the only scored model)."""
-    if cfg.select.model_id:
-        return cfg.select.model_id
-    ids = [r[0] for r in lake.read(SILVER).select("model_id").distinct().limit(2).collect()]
-    if len(ids) != 1:
-        raise ConfigError(f"select.model_id: set it to one of the scored models {ids}")
-    return ids[0]
-
-
 def run_filter_quality(lake: Lakehouse, cfg: Config, run_id: str) -> list[dict[str, Any]]:
-    """Edge: silver_scores x bronze labels -> ``gold_filter_quality`` rows (printed)."""
-    model_id = evaluation_model_id(lake, cfg)
+    """Edge: silver_scores x bronze labels -> ``gold_filter_quality`` rows (printed). The model
+    judged is the one select uses (:func:`etl.select.model_id_for`)."""
+    model_id = model_id_for(lake, cfg)
     scores = lake.read(SILVER).where(F.col("model_id") == model_id)
     rows = filter_quality(labelled_scores(scores, lake.read(BRONZE)), chosen_threshold(lake, cfg))
     now = _now()

@@ -20,6 +20,11 @@ folders other than the new one and (``export.keep_previous``) the one it replace
 so a reader still streaming the previous export finishes; only folders marked as this
 project's by a ``_dfn_export`` file (written first) are removed, nothing else under ``<out>``.
 Exports into one ``out_dir`` must not run concurrently.
+
+``<out>`` itself must be this project's (:func:`check_out_dir`, before any write): empty or
+absent (it is then claimed with an ``<out>/_dfn_export`` marker), or an earlier export (the
+marker, or a published ``manifest.json``). A folder holding other files, a Delta table, the
+lakehouse root, or one inside a Delta table is refused, naming the folder and the fix.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from etl.config import Config, ExportConf
-from etl.fs import Store, join
-from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
+from etl.config import Config, ConfigError, ExportConf
+from etl.fs import Store, ancestors, is_within, join
+from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse, StaleTableError
+from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
 UID_DTYPE = np.dtype("u8,u8")
 ROWS_PER_BUCKET = 200_000  # rows per window partition when numbering samples
@@ -45,6 +51,9 @@ SHARD_COLUMNS = ["shard", "uid", "url", "text", "image", "score", "width", "heig
 MANIFEST = "manifest.json"
 MARKER = "_dfn_export"
 FORMAT = "dfn-curate-export/2"
+DELTA_LOG = "_delta_log"
+FIX = ("set export.out_dir to a new or empty folder, or to an earlier export's folder (the "
+       "default 'export' is under the lakehouse root)")
 
 
 def gold_pairs(selection: DataFrame, bronze: DataFrame) -> DataFrame:
@@ -158,20 +167,30 @@ def image_ext(data: bytes) -> str | None:
     return None
 
 
-def as_supported(data: bytes) -> tuple[str, bytes] | None:
-    """(ext, bytes) open_clip can read: as is, or re-encoded to JPEG; None if undecodable."""
+def as_supported(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, bytes] | None:
+    """(ext, bytes) open_clip can read: as is, or re-encoded to JPEG; None (skipped, counted)
+    if undecodable or over ``max_pixels`` (read from the header: never decoded)."""
     ext = image_ext(data)
     if ext:
-        return ext, data
+        return None if over_cap(data, max_pixels) else (ext, data)
+    img, _ = decode_rgb(data, max_pixels)
+    if img is None:
+        return None
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return "jpg", buf.getvalue()
+
+
+def over_cap(data: bytes, max_pixels: int) -> bool:
+    """True when the image header claims more than ``max_pixels`` pixels (header only)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            buf = io.BytesIO()
-            img.convert("RGB").save(buf, format="JPEG", quality=95)
-            return "jpg", buf.getvalue()
-    except Exception:  # noqa: BLE001 - an undecodable image is skipped and counted
-        return None
+            w, h = img.size
+    except Exception:  # noqa: BLE001 - unreadable headers pass through as they always did
+        return False
+    return w * h > max_pixels
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -183,14 +202,15 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class _ShardFile:
     """One shard streamed straight to its final name in the (unpublished) run folder."""
 
-    def __init__(self, store: Store, out: str, shard: int, width: int):
-        self.shard, self.count, self.skipped = shard, 0, 0
+    def __init__(self, store: Store, out: str, shard: int, width: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.shard, self.count, self.skipped, self.max_pixels = shard, 0, 0, max_pixels
         self.name = f"{shard:0{width}d}.tar"
         self.fh = store.open(join(out, self.name), "wb")
         self.tar = tarfile.open(fileobj=self.fh, mode="w|")
 
     def add(self, row) -> None:
-        got = as_supported(row.image)
+        got = as_supported(row.image, self.max_pixels)
         if got is None:
             self.skipped += 1
             return
@@ -223,7 +243,8 @@ def _int(v):
     return None if v is None else int(v)
 
 
-def shard_writer(batches, out: str, width: int, store: Store):
+def shard_writer(batches, out: str, width: int, store: Store,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
     """mapInPandas body: rows sorted by (shard, uid) -> one tar per shard."""
     current, done = None, []
     for pdf in batches:
@@ -231,15 +252,19 @@ def shard_writer(batches, out: str, width: int, store: Store):
             if current is None or current.shard != row.shard:
                 if current is not None:
                     done.append(current.close())
-                current = _ShardFile(store, out, int(row.shard), width)
+                current = _ShardFile(store, out, int(row.shard), width, max_pixels)
             current.add(row)
     if current is not None:
         done.append(current.close())
         yield pd.DataFrame(done, columns=["shard", "count", "skipped", "bytes"])
 
 
-def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None = None) -> list[dict]:
+def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
     """Write ``df`` (uid, url, text, image, score, width, height) as WebDataset shards.
+
+    Images over ``max_pixels`` (or undecodable ones that need re-encoding) are skipped and
+    counted per shard (``skipped``).
 
     Samples are numbered on uids alone; image bytes then move once, to their shard's task.
     """
@@ -255,7 +280,8 @@ def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None =
         width = max(5, len(str(n_shards - 1)))
         parts = (with_image.join(ids, "uid").select(*SHARD_COLUMNS)
                  .repartition(n_shards, "shard").sortWithinPartitions("shard", "uid"))
-        stats = parts.mapInPandas(partial(shard_writer, out=out, width=width, store=store),
+        stats = parts.mapInPandas(partial(shard_writer, out=out, width=width, store=store,
+                                          max_pixels=max_pixels),
                                   "shard long, count long, skipped long, bytes long").collect()
     finally:
         ids.unpersist()
@@ -268,19 +294,74 @@ def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None =
     return stats
 
 
+# ---- the output folder ----------------------------------------------------------------------
+
+
+def check_out_dir(out: str, store: Store, lake_root: str | None = None) -> None:
+    """Refuse, before any write, an export folder that is not this project's to fill.
+
+    Allowed: an absent or empty folder, or an earlier export's (:func:`is_export_dir`) that
+    holds no Delta table. Refused: the lakehouse root or a folder holding it, a folder inside a
+    Delta table (VACUUM would delete the export), a non-empty folder that is not an export. Any
+    URL :class:`~etl.fs.Store` serves works the same way.
+    """
+    out = str(out)
+    if lake_root and is_within(lake_root, out):
+        what = "is" if is_within(out, lake_root) else "holds"
+        raise ConfigError(f"export.out_dir: {out!r} {what} the lakehouse root {lake_root!r}; "
+                          f"exporting there would mix export runs with the Delta tables. {FIX}")
+    chain = ancestors(out)
+    for folder in chain:
+        if store.exists(join(folder, DELTA_LOG)):
+            where = "is" if folder == chain[0] else f"is inside ({folder!r})"
+            raise ConfigError(f"export.out_dir: {out!r} {where} a Delta table folder "
+                              f"({DELTA_LOG}); VACUUM and overwrites there would delete the "
+                              f"export or the table. {FIX}")
+    names = store.listdir(out)
+    if not names:
+        return
+    if not is_export_dir(out, store, names):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(f"export.out_dir: {out!r} is not empty ({shown}) and is not a "
+                          f"dfn-curate export (no {MARKER} marker or {MANIFEST}); refusing to "
+                          f"export into it. {FIX}")
+    tables = [n for n in names if store.exists(join(out, n, DELTA_LOG))]
+    if tables:
+        raise ConfigError(f"export.out_dir: {out!r} holds Delta table(s) {tables}; refusing to "
+                          f"export into it. {FIX}")
+
+
+def is_export_dir(out: str, store: Store, names: list[str] | None = None) -> bool:
+    """True when ``out`` carries the export marker or a published export manifest."""
+    names = store.listdir(out) if names is None else names
+    if MARKER in names:
+        return True
+    if MANIFEST not in names:
+        return False
+    try:
+        return read_export(out, store) is not None
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 # ---- the step ------------------------------------------------------------------------------
 
 
 def export_files(gold: DataFrame, out: str, conf: ExportConf, run_id: str,
-                 extra: dict | None = None, store: Store | None = None) -> dict:
+                 extra: dict | None = None, store: Store | None = None,
+                 lake_root: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Write all export files of ``gold`` under ``out/runs/<run_id>/`` and publish them by
-    writing ``out/manifest.json`` last; returns the manifest."""
+    writing ``out/manifest.json`` last; returns the manifest. ``out`` is checked first
+    (:func:`check_out_dir`; ``lake_root``: the lakehouse root it must not be or hold)."""
     store, out = store or Store(), str(out)
+    check_out_dir(out, store, lake_root)
     run_dir = join(out, "runs", run_id)
     if store.exists(join(run_dir, MANIFEST)):
         raise ValueError(f"export run {run_dir} already exists; use a new run id")
+    if not store.exists(join(out, MARKER)):
+        store.write_text(join(out, MARKER), FORMAT)  # claims the folder as an export's
     store.write_text(join(run_dir, MARKER), run_id)
-    manifest = _write_all(gold, run_dir, conf, run_id, extra or {}, store)
+    manifest = _write_all(gold, run_dir, conf, run_id, extra or {}, store, max_pixels)
     previous = read_export(out, store)
     write_manifest(store, run_dir, manifest)
     write_manifest(store, out, manifest)  # the publish: one object, written last
@@ -290,7 +371,7 @@ def export_files(gold: DataFrame, out: str, conf: ExportConf, run_id: str,
 
 
 def _write_all(gold: DataFrame, run_dir: str, conf: ExportConf, run_id: str, extra: dict,
-               store: Store) -> dict:
+               store: Store, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     manifest = {"format": FORMAT, "run_id": run_id,
                 "created_at": datetime.now(timezone.utc).isoformat(), "run_dir": run_dir,
                 "kept": gold.count(), **extra}
@@ -304,7 +385,8 @@ def _write_all(gold: DataFrame, run_dir: str, conf: ExportConf, run_id: str, ext
     if conf.webdataset:
         shards = join(run_dir, "shards")
         manifest["webdataset"] = webdataset_manifest(
-            write_shards(gold, shards, conf.shard_size, store), shards, conf.shard_size)
+            write_shards(gold, shards, conf.shard_size, store, max_pixels), shards,
+            conf.shard_size)
     return manifest
 
 
@@ -356,13 +438,26 @@ def prune_runs(store: Store, out: str, keep: set[str]) -> list[str]:
     return removed
 
 
+def stale_inputs(lake: Lakehouse) -> list[StaleTableError]:
+    """``gold_selection`` when it no longer covers bronze (export would miss new rows)."""
+    if not lake.exists(SELECTION):
+        return []
+    stale = lake.stale(SELECTION, "select", "export")
+    return [stale] if stale else []
+
+
 def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
-    """Edge: ``gold_selection`` + bronze -> ``gold_pairs`` and the export files."""
-    lake.overwrite(gold_pairs(lake.read(SELECTION), lake.read(BRONZE)), GOLD)
+    """Edge: ``gold_selection`` + bronze -> ``gold_pairs`` and the export files; a stale
+    selection (:func:`stale_inputs`) and the export folder are checked before any write."""
     out = output_dir(lake, cfg.export)
+    stale = stale_inputs(lake)
+    if stale:
+        raise stale[0]
+    check_out_dir(out, lake.store, lake.root)
+    lake.overwrite(gold_pairs(lake.read(SELECTION), lake.read(BRONZE)), GOLD)
     manifest = export_files(lake.read(GOLD), out, cfg.export, run_id,
                             {"gold_table": lake.name(GOLD), "gold_version": lake.version(GOLD)},
-                            lake.store)
+                            lake.store, lake.root, cfg.score.max_image_pixels)
     wds = manifest.get("webdataset") or {}
     counts = {"gold_pairs": manifest["kept"], "uids_npy": manifest.get("uids_npy", {}).get("count", 0),
               "shards": len(wds.get("shards", [])), "shard_samples": wds.get("samples", 0),

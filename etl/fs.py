@@ -58,6 +58,38 @@ def basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def location_key(path: str) -> str:
+    """A comparable form of a location: local paths (``file:``, ``dbfs:`` on a node, relative)
+    absolute and normalised; URLs with ``.``/``..`` and trailing slashes removed, ``s3a`` as
+    ``s3``. Two spellings of one folder get one key."""
+    local = local_path(path)
+    if local is not None:
+        return os.path.normpath(local)
+    head, rest = path.split("://", 1) if "://" in path else path.split(":", 1)
+    head = "s3" if head.lower() == "s3a" else head.lower()
+    return f"{head}://" + posixpath.normpath("/" + rest).lstrip("/")
+
+
+def is_within(path: str, folder: str) -> bool:
+    """True when ``path`` is ``folder`` or lies below it (compared by :func:`location_key`)."""
+    p, f = location_key(path), location_key(folder)
+    return p == f or p.startswith(f.rstrip("/") + "/")
+
+
+def ancestors(path: str) -> list[str]:
+    """``path`` and every folder above it, nearest first (a URL's stop at its bucket)."""
+    local = local_path(path)
+    if local is not None:
+        out = [os.path.normpath(local)]
+        while os.path.dirname(out[-1]) != out[-1]:
+            out.append(os.path.dirname(out[-1]))
+        return out
+    head, sep, rest = path.partition("://") if "://" in path else path.partition(":")
+    sep = sep if sep == "://" else ":/"
+    parts = [p for p in posixpath.normpath("/" + rest).split("/") if p]
+    return [head + sep + "/".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
 def local_path(path: str) -> str | None:
     """``path`` as a local filesystem path, or None when it is a remote URL.
 

@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from etl.config import Config, SourceConf
+from etl.config import Config, IngestConf, SourceConf
 from etl.fs import join
 from etl.readers import read_source
 from etl.sample import write_sample
@@ -23,6 +23,7 @@ from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
 
 UID_RE = r"^[0-9a-f]{32}$"
 METADATA_FORMATS = ("datacomp", "csv", "tsv")  # url + caption rows, no image bytes
+MAX_CAPTION_CHARS = IngestConf().max_caption_chars
 QUARANTINE_COLS = ["source", "source_file", "source_pos", "kind", "reason", "uid", "url", "text",
                    "raw", "ingest_time", "run_id"]
 
@@ -51,13 +52,19 @@ def ensure_sample(cfg: Config, lake: Lakehouse) -> str:
     return root
 
 
-def normalize(raw: DataFrame, source: str, run_id: str, images: bool = True) -> DataFrame:
+def normalize(raw: DataFrame, source: str, run_id: str, images: bool = True,
+              max_caption_chars: int = MAX_CAPTION_CHARS) -> DataFrame:
     """Raw frame -> bronze columns plus ``_reason`` (null for good rows). ``images=False``
-    (metadata-only sources) skips reading image headers, so no Python worker is started."""
+    (metadata-only sources) skips reading image headers, so no Python worker is started.
+    A caption longer than ``max_caption_chars`` is quarantined."""
     text = F.regexp_replace("text", r"^\s+|\s+$", "")
     given_uid = F.lower(F.trim(F.col("uid")))
     reason = (F.when(F.col("error").isNotNull(), F.col("error"))
               .when(text.isNull() | (text == ""), F.lit("text: empty or missing caption"))
+              .when(F.length(text) > max_caption_chars,
+                    F.concat(F.lit("text: caption is "), F.length(text).cast("string"),
+                             F.lit(f" characters, over ingest.max_caption_chars "
+                                   f"{max_caption_chars}; raise it to keep such captions")))
               .when(F.col("url").isNull() | (F.trim("url") == ""), F.lit("url: empty or missing"))
               .when(given_uid.isNotNull() & ~given_uid.rlike(UID_RE),
                     F.concat(F.lit("uid: "), F.col("uid"), F.lit(" is not 32 hex characters"))))
@@ -106,33 +113,53 @@ def to_quarantine(df: DataFrame, kind: str) -> DataFrame:
     """Quarantine rows: where the row came from, and why."""
     return df.select(
         "source", "source_file", "source_pos", F.lit(kind).alias("kind"),
-        F.col("_reason").alias("reason"), "uid", "url", F.substring("text", 1, 1000).alias("text"),
-        F.substring("raw", 1, 1000).alias("raw"), "ingest_time", "run_id")
+        F.col("_reason").alias("reason"), "uid", F.make_valid_utf8("url").alias("url"),
+        F.make_valid_utf8(F.substring("text", 1, 1000)).alias("text"),
+        F.make_valid_utf8(F.substring("raw", 1, 1000)).alias("raw"), "ingest_time", "run_id")
 
 
 def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
-                 table: str = BRONZE, images: bool = True) -> dict[str, int]:
+                 table: str = BRONZE, images: bool = True,
+                 max_caption_chars: int = MAX_CAPTION_CHARS) -> dict[str, int]:
     """Normalize ``raw`` and merge it into ``table`` (insert-only on uid); returns the counts."""
-    df = normalize(raw, source, run_id, images).persist(StorageLevel.MEMORY_AND_DISK)
+    df = normalize(raw, source, run_id, images, max_caption_chars)
+    df = df.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         unique, dups, errors = split(df)
         counts = {"read": df.count(), "quarantined": errors.count(),
-                  "in_input_duplicates": dups.count()}
+                  "in_input_duplicates": dups.count(),
+                  "already_present": lake.count_present(unique, table, ["uid"])}
         counts["new"] = lake.insert_new(unique, table, ["uid"])
-        counts["already_present"] = unique.count() - counts["new"]
         bad = to_quarantine(errors, "error").unionByName(to_quarantine(dups, "duplicate"))
-        lake.insert_new(bad, QUARANTINE, ["source_file", "source_pos"])
+        keys = ["source_file", "source_pos"]
+        filed = lake.count_present(bad, QUARANTINE, keys) + lake.insert_new(bad, QUARANTINE, keys)
     finally:
         df.unpersist()
     assert_identity(counts)
+    assert_quarantined(counts, filed)
     return counts
 
 
 def assert_identity(c: dict[str, int]) -> None:
-    """read = new + already present + in-input duplicates + quarantined, or fail loudly."""
+    """read = new + already present + in-input duplicates + quarantined, or fail loudly.
+
+    Each term is counted on its own (``new`` from the insert's Delta commit, ``already_present``
+    by a semi-join against the table before it), so a row the insert lost or doubled, or a row
+    the split dropped, breaks the sum.
+    """
     total = c["new"] + c["already_present"] + c["in_input_duplicates"] + c["quarantined"]
     if total != c["read"]:
-        raise RuntimeError(f"ingest counts do not add up: {c} (sum {total} != read {c['read']})")
+        raise RuntimeError(f"ingest counts do not add up: {c} (sum {total} != read {c['read']}); "
+                           "rows were lost or written twice: check the bronze table's last "
+                           "commit (DESCRIBE HISTORY) before re-running")
+
+
+def assert_quarantined(c: dict[str, int], filed: int) -> None:
+    """Every error and in-input duplicate is in the quarantine table (new or already there)."""
+    expected = c["quarantined"] + c["in_input_duplicates"]
+    if filed != expected:
+        raise RuntimeError(f"quarantine holds {filed} of this input's {expected} quarantined "
+                           f"and duplicate rows (counts {c}); rows were lost or written twice")
 
 
 def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> dict[str, int]:
@@ -146,7 +173,8 @@ def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> di
         for src, raw in frames:
             name = src.name or src.format
             counts = ingest_frame(lake, raw, name, run_id, table,
-                                  images=src.format not in METADATA_FORMATS)
+                                  images=src.format not in METADATA_FORMATS,
+                                  max_caption_chars=cfg.ingest.max_caption_chars)
             lake.record_stats(run_id, f"ingest:{table}:{name}", counts)
             print_counts(f"{table} <- {name} ({src.path})", counts)
             for k, v in counts.items():

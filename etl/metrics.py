@@ -11,6 +11,10 @@ Each reason is matched to the ``label_kind`` values it should catch (:data:`REAS
 
 precision = true_pos / predicted (rows dropped with the reason), recall = true_pos / expected;
 ``recall_any`` counts expected drops caught by any reason (an order-independent view).
+
+:func:`precision_recall` is the project's one definition of label quality: ``dfn-curate select``
+and ``run`` print it, the report shows it, and ``dfn-curate evaluate`` judges the score's drop
+decision with it (``etl.evaluate.filter_quality``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from etl.config import Config
+from etl.sample import NOISY_KINDS
 from etl.tables import SELECTION, Lakehouse
 
 REASON_LABELS = {
@@ -28,7 +32,7 @@ REASON_LABELS = {
     "english": ["non_english"],
     "min_side": ["too_small"],
     "aspect": ["bad_aspect"],
-    "below-threshold": ["mismatched", "unrelated", "blank", "noise"],
+    "below-threshold": list(NOISY_KINDS),
 }
 GROUPED = ("duplicate", "near-duplicate")
 SCHEMA = ("reason string, label_kinds string, predicted long, expected long, true_pos long, "
@@ -77,9 +81,21 @@ def _grouped(sel: DataFrame, reason: str, kinds: list[str]) -> tuple[int, int, i
     return predicted, int(r["e"] or 0), int(r["t"] or 0), int(r["a"] or 0)
 
 
+def precision_recall(true_pos: int, predicted: int,
+                     expected: int) -> tuple[float | None, float | None]:
+    """(precision, recall) of a drop decision against labels, the one definition used everywhere.
+
+    ``predicted``: rows the decision drops (labelled as anything, or not at all); ``expected``:
+    rows labelled as what it should catch; ``true_pos``: rows both. precision = true_pos / predicted, recall =
+    true_pos / expected, None when the denominator is 0.
+    """
+    return (true_pos / predicted if predicted else None,
+            true_pos / expected if expected else None)
+
+
 def _row(reason: str, kinds: list[str], predicted: int, expected: int, tp: int, anyr: int):
-    return (reason, ",".join(kinds), predicted, expected, tp,
-            tp / predicted if predicted else None, tp / expected if expected else None,
+    precision, recall = precision_recall(tp, predicted, expected)
+    return (reason, ",".join(kinds), predicted, expected, tp, precision, recall,
             anyr / expected if expected else None)
 
 
@@ -110,9 +126,3 @@ def run_quality(lake: Lakehouse, run_id: str) -> DataFrame | None:
             stats[f"{r['reason']}:{key}"] = r[key]
     lake.record_stats(run_id, "quality", stats)
     return quality
-
-
-def label_metrics_for_lake(lake: Lakehouse, cfg: Config | None = None,
-                           run_id: str = "") -> DataFrame | None:
-    """What ``dfn-curate run`` calls: :func:`run_quality` (``cfg`` is accepted for symmetry)."""
-    return run_quality(lake, run_id)

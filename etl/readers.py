@@ -2,19 +2,16 @@
 
 ``uid, url, text, image, width, height, sha256, source_file, source_pos, error, raw`` plus the
 input's extra columns. ``error`` is set (and the row later quarantined) when a record is
-unusable; a structural problem (a missing required column) raises :class:`InputError` before
-anything is written.
+unusable; a structural problem (a missing required column, files of one source that disagree
+on a column's type or on the header: :mod:`etl.inputcheck`) raises :class:`InputError` before
+anything is written. Bytes that are not UTF-8 are quarantined by every reader, never replaced;
+tar shards are read under size caps (:mod:`etl.tarshards`).
 """
 
 from __future__ import annotations
 
-import json
-import posixpath
-import tarfile
-from collections.abc import Iterator
 from functools import partial
 
-import pandas as pd
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -22,24 +19,19 @@ from pyspark.sql import types as T
 
 from etl.config import SourceConf
 from etl.fs import Store
+from etl.inputcheck import SchemaConflict, check_csv_headers, check_parquet_files
+from etl.tarshards import IMAGE_EXTS, SHARD_GLOB, TAR_SCHEMA, TarCaps, read_shards, utf8_reason
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+LATIN1 = "ISO-8859-1"  # one character per byte: CSV bytes reach the UTF-8 check unchanged
 BASE = ["uid", "url", "text", "image", "width", "height", "sha256", "source_file", "source_pos",
         "error", "raw"]
 
-TAR_SCHEMA = T.StructType([
-    T.StructField("key", T.StringType()), T.StructField("text", T.StringType()),
-    T.StructField("image", T.BinaryType()), T.StructField("json", T.StringType()),
-    T.StructField("source_file", T.StringType()), T.StructField("source_pos", T.LongType()),
-    T.StructField("error", T.StringType()), T.StructField("raw", T.StringType()),
-])
 # the keys img2dataset writes into each sample's .json (always parsed, whatever the sample shows)
 IMG2DATASET_JSON = T.StructType([T.StructField(n, t) for n, t in (
     ("key", T.StringType()), ("uid", T.StringType()), ("url", T.StringType()),
     ("caption", T.StringType()), ("status", T.StringType()), ("error_message", T.StringType()),
     ("width", T.LongType()), ("height", T.LongType()), ("original_width", T.LongType()),
     ("original_height", T.LongType()), ("sha256", T.StringType()), ("exif", T.StringType()))])
-RECORDS_PER_BATCH = 256  # tar records per Arrow batch: a shard is streamed, never held whole
 
 
 class InputError(ValueError):
@@ -56,12 +48,15 @@ def read_source(spark: SparkSession, src: SourceConf, path: str | None = None) -
         if fmt in ("csv", "tsv"):
             return read_delimited(spark, path, src, "\t" if fmt == "tsv" else ",")
         if fmt in ("img2dataset", "webdataset"):
-            return read_webdataset(spark, path, src.json_sample_rows)
+            caps = TarCaps(src.max_member_bytes, src.max_shard_bytes)
+            return read_webdataset(spark, path, src.json_sample_rows, caps)
         if fmt == "folder":
             return read_image_folder(spark, path, src.json_sample_rows)
     except AnalysisException as exc:
         first = str(exc).strip().splitlines()[0][:300]
         raise InputError(f"{fmt} source {path}: {first}") from exc
+    except SchemaConflict as exc:
+        raise InputError(str(exc)) from exc
     raise InputError(f"unknown source format {fmt!r}")
 
 
@@ -92,8 +87,15 @@ def _finish(df: DataFrame, **cols: Column) -> DataFrame:
     return df.select(*base, *[c for c in df.columns if c not in BASE])
 
 
+def utf8_error(value: Column, field: str, where: str) -> Column:
+    """The UTF-8 quarantine reason when ``value`` (a string holding raw bytes) is not UTF-8."""
+    return F.when(value.isNotNull() & ~F.is_valid_utf8(value), F.lit(utf8_reason(field, where)))
+
+
 def read_datacomp(spark: SparkSession, path: str, src: SourceConf) -> DataFrame:
     """DataComp metadata parquet: uid, url, text (+ original_width/height, sha256, scores)."""
+    check_parquet_files(spark, list_files(spark, path, "*.parquet"), Store.from_spark(spark),
+                        f"DataComp metadata at {path}")
     df = spark.read.parquet(path)
     _require(df.columns, [src.uid_column, "url", "text"], f"DataComp metadata at {path}")
     for col in ("url", "text"):
@@ -107,22 +109,38 @@ def read_datacomp(spark: SparkSession, path: str, src: SourceConf) -> DataFrame:
     out = df.withColumnRenamed(src.uid_column, "_uid") if src.uid_column != "uid" else df
     return _finish(out, uid=F.col("_uid" if src.uid_column != "uid" else "uid"), url=F.col("url"),
                    text=F.col("text"), width=width, height=height, sha256=given,
+                   error=F.coalesce(utf8_error(F.col("text"), "text", "column text"),
+                                    utf8_error(F.col("url"), "url", "column url")),
                    raw=F.to_json(F.struct("url", "text"))).drop("_uid")
 
 
 def read_delimited(spark: SparkSession, path: str, src: SourceConf, sep: str) -> DataFrame:
-    """CSV/TSV with a header row holding url + caption columns."""
+    """CSV/TSV with a header row holding url + caption columns.
+
+    Quoted fields may span lines (Spark ``multiLine``; each file is then parsed by one task).
+    Files are parsed as Latin-1, one character per byte, and every field is turned back into
+    its bytes and checked as UTF-8, so bad bytes are quarantined rather than replaced. All
+    files of one source must share one header line (checked up front).
+    """
+    what = f"{'TSV' if sep == chr(9) else 'CSV'} {path}"
     header = spark.read.option("header", True).option("sep", sep).csv(path).columns
-    _require(header, [src.url_column, src.text_column], f"{'TSV' if sep == chr(9) else 'CSV'} {path}")
+    _require(header, [src.url_column, src.text_column], what)
+    check_csv_headers(spark, list_files(spark, path, "*"), Store.from_spark(spark), sep, what)
     schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
                           + [T.StructField("_corrupt", T.StringType())])
     df = (spark.read.schema(schema).option("header", True).option("sep", sep)
+          .option("multiLine", True).option("encoding", LATIN1)
           .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt")
           .option("escape", '"').csv(path))
     df = _position(df)
-    err = F.when(F.col("_corrupt").isNotNull(),
-                 F.concat(F.lit("malformed row (expected "), F.lit(len(header)),
-                          F.lit(" fields)")))
+    df = df.select("source_file", "source_pos", *[  # Latin-1 text -> the raw bytes, unchecked
+        F.encode(F.col(c), LATIN1).cast("string").alias(c) for c in [*header, "_corrupt"]])
+    field = {src.text_column: "text", src.url_column: "url"}
+    order = [src.text_column, src.url_column, *[c for c in header if c not in field]]
+    err = F.coalesce(
+        F.when(F.col("_corrupt").isNotNull(),
+               F.concat(F.lit("malformed row (expected "), F.lit(len(header)), F.lit(" fields)"))),
+        *[utf8_error(F.col(c), field.get(c, c), f"column {c}") for c in order])
     renamed = [c for c in header if c not in (src.url_column, src.text_column)]
     uid = F.col(src.uid_column) if src.uid_column in header else F.lit(None)
     out = _finish(df, uid=uid, url=F.col(src.url_column), text=F.col(src.text_column), error=err,
@@ -133,93 +151,37 @@ def read_delimited(spark: SparkSession, path: str, src: SourceConf, sep: str) ->
 
 def list_files(spark: SparkSession, path: str, pattern: str) -> DataFrame:
     """``path`` (one file, a folder searched recursively, or a glob) of files whose names match
-    ``pattern``, listed by Spark's own Hadoop filesystem (any URL); column ``path``.
+    ``pattern``, listed by Spark's own Hadoop filesystem (any URL); columns ``path``, ``length``.
 
     Only the listing is read (``binaryFile`` without its ``content`` column reads no bytes).
     Local files come back as plain paths, remote ones as URLs.
     """
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", pattern).load(path))
-    return files.select(F.regexp_replace("path", "^file:", "").alias("path"))
+    return files.select(F.regexp_replace("path", "^file:", "").alias("path"), "length")
 
 
-def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000) -> DataFrame:
-    """WebDataset / img2dataset shards (``.tar``) plus failed rows from img2dataset sidecars.
+def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000,
+                    caps: TarCaps | None = None) -> DataFrame:
+    """WebDataset / img2dataset shards (``.tar``, ``.tar.gz``, ``.tgz``) plus failed rows from
+    img2dataset sidecars.
 
-    Each shard is opened on an executor (fsspec) and streamed member by member, once: the
-    ``.json`` members are parsed with img2dataset's own fields plus the extra keys found in the
-    first ``json_sample_rows`` of them (a bounded read, not a schema pass over the pool).
+    Each shard is opened on an executor (fsspec) and streamed member by member, once, under the
+    size ``caps`` (see :mod:`etl.tarshards`): the ``.json`` members are parsed with
+    img2dataset's own fields plus the extra keys found in the first ``json_sample_rows`` of
+    them (a bounded read, not a schema pass over the pool).
     """
-    tars = list_files(spark, path, "*.tar")
+    defaults = SourceConf()
+    caps = caps or TarCaps(defaults.max_member_bytes, defaults.max_shard_bytes)
+    tars = list_files(spark, path, SHARD_GLOB)
     n = tars.count()
     if not n:
-        raise InputError(f"no .tar shards found under {path}")
-    reader = partial(_read_tars, store=Store.from_spark(spark))
+        raise InputError(f"no .tar/.tar.gz/.tgz shards found under {path}")
+    reader = partial(read_shards, store=Store.from_spark(spark), caps=caps)
     records = tars.repartition(n).mapInPandas(reader, TAR_SCHEMA)
     records = _expand_json(records, json_schema(spark, records, json_sample_rows))
     failed = _sidecar_failures(spark, path)
     return records if failed is None else records.unionByName(failed, allowMissingColumns=True)
-
-
-def _read_tars(batches: Iterator[pd.DataFrame], store: Store) -> Iterator[pd.DataFrame]:
-    for batch in batches:
-        for path in batch["path"]:
-            rows: list[dict] = []
-            for rec in _tar_records(path, store):
-                rows.append(rec)
-                if len(rows) == RECORDS_PER_BATCH:
-                    yield pd.DataFrame(rows, columns=TAR_SCHEMA.fieldNames())
-                    rows = []
-            if rows:
-                yield pd.DataFrame(rows, columns=TAR_SCHEMA.fieldNames())
-
-
-def _tar_records(path: str, store: Store) -> Iterator[dict]:
-    """Group consecutive members by key (WebDataset convention) and emit one record per key."""
-    group: dict[str, bytes] = {}
-    key, pos = None, 0
-    try:
-        with store.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = posixpath.basename(member.name)
-                k = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0])
-                ext = base.split(".", 1)[1].lower() if "." in base else ""
-                if k != key and key is not None:
-                    yield _tar_record(path, key, pos, group)
-                    group, pos = {}, pos + 1
-                key = k
-                group[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        yield {"key": key, "source_file": path, "source_pos": pos + 1,
-               "error": f"corrupt tar after key {key!r}: {exc}", "raw": None}
-    if key is not None:
-        yield _tar_record(path, key, pos, group)
-
-
-def _tar_record(path: str, key: str, pos: int, group: dict[str, bytes]) -> dict:
-    rec = {"key": key, "source_file": path, "source_pos": pos, "error": None,
-           "raw": ", ".join(sorted(group)), "json": None, "text": None, "image": None}
-    ext = next((e for e in IMAGE_EXTS if e in group), None)
-    errors = []
-    if ext is None:
-        errors.append(f"missing image member (.jpg/.png/.webp) for key {key}")
-    else:
-        rec["image"] = group[ext]
-    if "txt" in group:
-        try:
-            rec["text"] = group["txt"].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            errors.append(f"{key}.txt is not UTF-8: {exc}")
-    if "json" in group:
-        try:
-            json.loads(group["json"])
-            rec["json"] = group["json"].decode("utf-8")
-        except ValueError as exc:
-            errors.append(f"{key}.json is not valid JSON: {exc}")
-    rec["error"] = "; ".join(errors) or None
-    return rec
 
 
 def json_schema(spark: SparkSession, records: DataFrame, sample_rows: int,
@@ -257,6 +219,8 @@ def _sidecar_failures(spark: SparkSession, path: str) -> DataFrame | None:
     files = [r.path for r in listed.collect()]  # one row per sidecar file, not per pair
     if not files:
         return None
+    check_parquet_files(spark, listed, Store.from_spark(spark), f"img2dataset sidecars at {path}",
+                        ["status", "error_message", "url", "caption", "key"])
     df = spark.read.parquet(*files)
     if "status" not in df.columns:
         return None
@@ -284,12 +248,14 @@ def read_image_folder(spark: SparkSession, path: str, json_sample_rows: int = 10
     metas = files.where(F.col("ext") == "json").select(
         "stem", F.col("content").cast("string").alias("json"))
     df = images.join(texts, "stem", "full").join(metas, "stem", "left")
+    caption = F.col("text_bytes").cast("string")  # the raw bytes: checked, not replaced
     err = (F.when(F.col("image").isNull(), F.lit("caption file without an image"))
-           .when(F.col("text_bytes").isNull(), F.lit("no caption file (expected stem.txt)")))
+           .when(F.col("text_bytes").isNull(), F.lit("no caption file (expected stem.txt)"))
+           .otherwise(utf8_error(caption, "text", "caption file")))
     df = df.select(
         F.regexp_extract("stem", r"([^/]+)$", 1).alias("key"),
         F.coalesce("image_path", "text_path").alias("source_file"), F.lit(0).cast("long").alias("source_pos"),
-        F.trim(F.col("text_bytes").cast("string")).alias("text"), "image", "json",
+        F.trim(caption).alias("text"), "image", "json",
         err.alias("error"), F.coalesce("image_path", "text_path").alias("raw"))
     out = _expand_json(df, json_schema(spark, df, json_sample_rows, T.StructType()))
     return out.withColumn("url", F.coalesce("url", "source_file"))

@@ -22,7 +22,7 @@ from etl.config import Config, to_dict
 from etl.filters import configured_filters
 from etl.fs import join
 from etl.metrics import drop_reason_quality
-from etl.select import reason_order
+from etl.select import funnel
 from etl.tables import (
     BRONZE,
     DEDUP,
@@ -36,6 +36,7 @@ from etl.tables import (
     SILVER,
     Lakehouse,
 )
+from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
 TABLES = [BRONZE, QUARANTINE, EVAL_IMAGES, SILVER, EVAL_EMBEDDINGS, DEDUP, SELECTION, GOLD,
           RUN_STATS, EVALUATION]
@@ -77,24 +78,10 @@ class ReportData:
     run_stats: list[tuple[str, str, str]] = field(default_factory=list)
     versions: list[tuple[str, int | None, str]] = field(default_factory=list)
     config: str = ""
+    max_pixels: int = DEFAULT_MAX_PIXELS  # thumbnails: the decode cap (score.max_image_pixels)
 
 
 # ---- gathering (Spark) ----------------------------------------------------------------------
-
-
-def funnel_rows(selection: DataFrame, filters: dict[str, str]) -> list[tuple[str, int, int]]:
-    """(step, rows dropped by it, rows left after it): ``pool``, each drop reason, ``kept``."""
-    got = {r["drop_reason"]: r["count"] for r in selection.groupBy("drop_reason").count().collect()}
-    total = sum(got.values())
-    order = reason_order(filters)
-    order += sorted(r for r in got if r is not None and r not in order)
-    rows, left = [("pool", 0, total)], total
-    for reason in order:
-        if got.get(reason):
-            left -= got[reason]
-            rows.append((reason, got[reason], left))
-    rows.append(("kept", 0, got.get(None, 0)))
-    return rows
 
 
 def threshold_of(selection: DataFrame) -> float | None:
@@ -187,8 +174,8 @@ def gather(lake: Lakehouse, cfg: Config, k: int = 8) -> ReportData:
 
 
 def _gather(lake: Lakehouse, cfg: Config, sel: DataFrame, k: int) -> ReportData:
-    funnel = funnel_rows(sel, configured_filters(cfg.select))
-    reasons = [name for name, dropped, _ in funnel[1:-1] if name != "below-threshold"]
+    steps = funnel(sel, configured_filters(cfg.select))
+    reasons = [name for name, dropped, _ in steps[1:-1] if name != "below-threshold"]
     above, below = near_threshold(sel, k)
     examples = reason_examples(sel, reasons, k)
     quality = drop_reason_quality(sel) if sel.where("label_kind IS NOT NULL").limit(1).count() \
@@ -199,7 +186,7 @@ def _gather(lake: Lakehouse, cfg: Config, sel: DataFrame, k: int) -> ReportData:
     keys = [r["eval_match"] for r in examples.get("eval-leak", [])]
     evals = images(lake, EVAL_IMAGES, "key", keys) or images(lake, EVAL_IMAGES, "uid", keys)
     return ReportData(
-        funnel=funnel, histogram=score_histogram(sel),
+        funnel=steps, histogram=score_histogram(sel),
         above=[tile(r, pool) for r in above], below=[tile(r, pool) for r in below],
         examples={r: [tile(x, pool) for x in rs] for r, rs in examples.items()
                   if r not in PAIR_REASONS},
@@ -207,7 +194,8 @@ def _gather(lake: Lakehouse, cfg: Config, sel: DataFrame, k: int) -> ReportData:
                for r, rs in examples.items() if r in PAIR_REASONS},
         quality=[q.asDict() for q in quality.collect()] if quality is not None else None,
         run_stats=latest_run_stats(lake), versions=table_versions(lake),
-        config=yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        config=yaml.safe_dump(to_dict(cfg), sort_keys=False),
+        max_pixels=cfg.score.max_image_pixels)
 
 
 def tile(row, pool: dict[str, tuple]) -> Tile:
@@ -233,19 +221,23 @@ def original(row, column: str, pool: dict, evals: dict) -> Tile:
 # ---- rendering (driver only) ----------------------------------------------------------------
 
 
-def thumbnail(data: bytes | None, side: int = THUMB) -> bytes:
-    """A PNG thumbnail of ``data``; a grey placeholder naming the problem when undecodable."""
+def thumbnail(data: bytes | None, side: int = THUMB,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """A PNG thumbnail of ``data``; a grey placeholder naming the problem when undecodable or
+    over ``max_pixels`` (checked from the header, before any pixel is decoded)."""
     from PIL import Image, ImageDraw
 
-    try:
-        if data is None:
-            raise ValueError("no image bytes")
-        img = Image.open(io.BytesIO(data))
-        img.thumbnail((side, side))
-        img = img.convert("RGB")
-    except Exception as exc:  # any decode failure becomes a visible placeholder
+    img, error = decode_rgb(data, max_pixels, min_side=side) if data is not None \
+        else (None, "no image bytes")
+    if img is not None:
+        try:
+            img.thumbnail((side, side))
+        except Exception as exc:  # noqa: BLE001 - any failure becomes a visible placeholder
+            img, error = None, f"{type(exc).__name__}: {exc}"
+    if img is None:
         img = Image.new("RGB", (side, side), (200, 200, 200))
-        ImageDraw.Draw(img).text((6, side // 2 - 6), str(exc)[:20] or "unreadable", fill=(60, 0, 0))
+        ImageDraw.Draw(img).text((6, side // 2 - 6), (error or "unreadable")[:20],
+                                 fill=(60, 0, 0))
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
@@ -323,21 +315,23 @@ def _e(value) -> str:
     return html.escape(str(value))
 
 
-def figure_html(t: Tile) -> str:
-    return (f'<figure><img src="{data_uri(thumbnail(t.image))}" alt="{_e(t.uid)}">'
+def figure_html(t: Tile, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    png = thumbnail(t.image, max_pixels=max_pixels)
+    return (f'<figure><img src="{data_uri(png)}" alt="{_e(t.uid)}">'
             f'<figcaption><span class="caption">{_e(t.caption[:120])}</span><br>'
             f'<span class="note">{_e(t.note)}</span></figcaption></figure>')
 
 
-def grid_html(tiles: list[Tile]) -> str:
+def grid_html(tiles: list[Tile], max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     if not tiles:
         return "<p>(none)</p>"
-    return '<div class="grid">' + "".join(figure_html(t) for t in tiles) + "</div>"
+    return '<div class="grid">' + "".join(figure_html(t, max_pixels) for t in tiles) + "</div>"
 
 
-def pairs_html(pairs: list[tuple[Tile, Tile]]) -> str:
+def pairs_html(pairs: list[tuple[Tile, Tile]], max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     return '<div class="grid">' + "".join(
-        f'<div class="pair">{figure_html(a)}{figure_html(b)}</div>' for a, b in pairs) + "</div>"
+        f'<div class="pair">{figure_html(a, max_pixels)}{figure_html(b, max_pixels)}</div>'
+        for a, b in pairs) + "</div>"
 
 
 def table_html(header: list[str], rows: list[list]) -> str:
@@ -354,7 +348,7 @@ def _pct(v) -> str:
 
 def render(data: ReportData, charts: dict[str, bytes], title: str) -> str:
     """The whole page as one HTML string (images inline)."""
-    pool = data.funnel[0][2] or 1
+    pool, cap = data.funnel[0][2] or 1, data.max_pixels
     funnel = [[n, d or "", left, f"{100 * left / pool:.1f}%"] for n, d, left in data.funnel]
     parts = [f"<h1>{_e(title)}</h1>",
              f"<p>generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; kept "
@@ -362,13 +356,13 @@ def render(data: ReportData, charts: dict[str, bytes], title: str) -> str:
              "<h2>Funnel</h2>", _chart(charts, "funnel"),
              table_html(["step", "dropped", "left", "of pool"], funnel),
              "<h2>Scores</h2>", _chart(charts, "scores"),
-             "<h2>Just above the threshold (kept)</h2>", grid_html(data.above),
-             "<h2>Just below the threshold (dropped)</h2>", grid_html(data.below)]
+             "<h2>Just above the threshold (kept)</h2>", grid_html(data.above, cap),
+             "<h2>Just below the threshold (dropped)</h2>", grid_html(data.below, cap)]
     for reason, pairs in data.pairs.items():
         what = "eval leaks" if reason == "eval-leak" else f"{reason}s"
-        parts += [f"<h2>Detected {_e(what)} (dropped | matched)</h2>", pairs_html(pairs)]
+        parts += [f"<h2>Detected {_e(what)} (dropped | matched)</h2>", pairs_html(pairs, cap)]
     for reason, tiles in data.examples.items():
-        parts += [f"<h2>Dropped: {_e(reason)}</h2>", grid_html(tiles)]
+        parts += [f"<h2>Dropped: {_e(reason)}</h2>", grid_html(tiles, cap)]
     if data.quality is not None:
         rows = [[q["reason"], q["label_kinds"], q["predicted"], q["expected"], q["true_pos"],
                  _pct(q["precision"]), _pct(q["recall"]), _pct(q["recall_any"])]

@@ -9,6 +9,16 @@ resumes from the checkpoint, and a chunk replayed after a crash is skipped by De
 no commit reads silver and the cost of a commit does not grow with the table. Only a stream
 that starts over (new or reset checkpoint) while silver already holds rows for the model
 anti-joins its chunks against silver, so every pair is still scored exactly once.
+
+Weights: every silver row records ``weights_sha256``, the digest of the weights that scored it
+(:func:`udfs.models.weights_digest`: a checkpoint's sha256, ``revision:<rev>`` for a pinned hub
+id, else the loaded state_dict's sha256, computed on a worker). Before a model scores,
+:func:`check_weights` refuses to add rows under a ``model_id`` whose rows were scored with other
+weights (a new ``model_id``, or ``score.replace=true`` to drop and rescore them). Rows written
+before the column existed have it null: unknown weights, reported and not checked.
+
+Lineage: once a model's rows cover the source, the source version read at the start is recorded
+(``source_version[<model_id>]`` under step ``score:<target>``) for ``select`` to check.
 """
 
 from __future__ import annotations
@@ -23,30 +33,95 @@ from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from etl.config import Config, ScoreConf
+from etl.config import Config, ConfigError, ScoreConf
 from etl.fs import join
 from etl.tables import BRONZE, EVAL_EMBEDDINGS, EVAL_IMAGES, SILVER, Lakehouse
-from udfs.models import ModelSpec, resolve_conf
+from udfs.models import ModelSpec, declared_digest, resolve_conf, weights_digest
 from udfs.score import ScoreOptions, make_score_udf
 
 log = logging.getLogger(__name__)
 
 SILVER_COLUMNS = ["uid", "model_id", "score", "score_error", "image_embedding",
-                  "text_embedding", "scored_at", "run_id"]
+                  "text_embedding", "scored_at", "run_id", "weights_sha256"]
+DIGEST = "weights_sha256"
 
 
-def score_pairs(df: DataFrame, model: Any, conf: ScoreConf, run_id: str | None = None) -> DataFrame:
+def score_pairs(df: DataFrame, model: Any, conf: ScoreConf, run_id: str | None = None,
+                digest: str | None = None) -> DataFrame:
     """Score ``df`` (uid, image, text) with one model; returns the silver columns.
 
-    ``model`` is an ``etl.config.ModelConf`` or a resolved ``udfs.models.ModelSpec``.
+    ``model`` is an ``etl.config.ModelConf`` or a resolved ``udfs.models.ModelSpec``;
+    ``digest`` its weights digest (default: :func:`udfs.models.declared_digest`, null when only
+    loading the model can tell; :func:`model_digest` computes that one).
     """
     spec = model if isinstance(model, ModelSpec) else resolve_conf(model)
+    digest = digest or declared_digest(spec)
     udf = make_score_udf(spec, ScoreOptions.from_conf(conf))
     scored = df.select("uid", udf(F.col("image"), F.col("text")).alias("r"))
     return scored.select(
         "uid", F.lit(spec.model_id).alias("model_id"), "r.score", "r.score_error",
         "r.image_embedding", "r.text_embedding",
-        F.current_timestamp().alias("scored_at"), F.lit(run_id).cast("string").alias("run_id"))
+        F.current_timestamp().alias("scored_at"), F.lit(run_id).cast("string").alias("run_id"),
+        F.lit(digest).cast("string").alias(DIGEST))
+
+
+def model_digest(spark: SparkSession, spec: ModelSpec) -> str:
+    """The weights digest of ``spec``: declared (file hash, revision) on the driver, else the
+    loaded state_dict's, computed by a one-row job on a worker (no torch on the driver)."""
+    known = declared_digest(spec)
+    if known:
+        return known
+
+    def digest(batches):
+        import pandas as pd
+
+        for _ in batches:
+            yield pd.DataFrame({"d": [weights_digest(spec)]})
+
+    return spark.range(1, numPartitions=1).mapInPandas(digest, "d string").first()["d"]
+
+
+def check_weights(lake: Lakehouse, target: str, spec: ModelSpec, digest: str,
+                  conf: ScoreConf) -> int:
+    """Refuse to add rows for ``spec.model_id`` to ``target`` when its rows there were scored
+    with other weights; with ``score.replace`` drop those rows instead. Returns rows dropped.
+
+    Rows without a recorded digest (written before ``weights_sha256`` existed) are reported as
+    unknown and kept, unless ``score.replace`` drops them too.
+    """
+    if not lake.exists(target):
+        return 0
+    mid = spec.model_id
+    rows = lake.read(target).filter(F.col("model_id") == mid)
+    has_col = DIGEST in rows.columns
+    found = {r[0]: r[1] for r in (rows.groupBy(DIGEST).count() if has_col
+                                  else rows.groupBy(F.lit(None).cast("string")).count()).collect()}
+    other = {d: n for d, n in found.items() if d is not None and d != digest}
+    unknown = found.get(None, 0)
+    if not other and not (unknown and conf.replace):
+        if unknown:
+            print(f"score: {unknown} {target} rows of model_id {mid!r} have no {DIGEST} "
+                  f"(scored before it was recorded): their weights are unknown and not checked; "
+                  f"--set score.replace=true rescores them")
+        return 0
+    if not conf.replace:
+        shown = ", ".join(f"{d[:16]} ({n} rows)" for d, n in sorted(other.items())[:3])
+        raise ConfigError(
+            f"score: {target} already has rows for model_id {mid!r} scored with other weights "
+            f"({DIGEST} {shown}); the configured weights are {digest[:16]}. Mixing them would "
+            f"make scores incomparable. Give these weights a new model_id (score.models[].model_id)"
+            f", or rescore with --set score.replace=true (drops this model_id's rows scored with "
+            f"other weights, then scores them again)")
+    cond = F.col("model_id") == mid
+    if has_col:
+        cond = cond & ~F.col(DIGEST).eqNullSafe(F.lit(digest))
+    dropped = sum(other.values()) + unknown
+    lake.delta(target).delete(cond)
+    checkpoint = checkpoint_dir(lake, target, mid)
+    lake.store.rm(checkpoint)
+    print(f"score: score.replace: dropped {dropped} {target} rows of model_id {mid!r} scored with "
+          f"other or unknown weights; rescoring them")
+    return dropped
 
 
 def pending(bronze: DataFrame, silver: DataFrame | None, model_id: str) -> DataFrame:
@@ -76,35 +151,44 @@ def score_table(lake: Lakehouse, source_table: str, target_table: str, cfg: Conf
     (rows inserted by this run) and ``errors[m]`` (of those, rows with a null score).
     """
     configure_arrow(lake.spark, cfg.score)
+    specs = [resolve_conf(m) for m in cfg.score.models]
+    digests = {s.model_id: model_digest(lake.spark, s) for s in specs}
+    dropped = {s.model_id: check_weights(lake, target_table, s, digests[s.model_id], cfg.score)
+               for s in specs}  # every model is checked before any is scored
+    version = lake.version(source_table)
     counts = {"source_rows": lake.read(source_table).count()}
-    for model_conf in cfg.score.models:
-        spec = resolve_conf(model_conf)
+    for spec in specs:
+        mid = spec.model_id
         counts.update(_score_model(lake, source_table, target_table, spec, cfg.score, run_id,
-                                   counts["source_rows"]))
+                                   counts["source_rows"], digests[mid]))
+        if dropped[mid]:
+            counts[f"replaced[{mid}]"] = dropped[mid]
+        lake.record_source(run_id, f"score:{target_table}", source_table, version,
+                           metric=f"source_version[{mid}]")
     lake.record_stats(run_id, f"score:{target_table}", counts)
     return counts
 
 
 def _score_model(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: ScoreConf,
-                 run_id: str, source_rows: int) -> dict[str, int]:
+                 run_id: str, source_rows: int, digest: str | None = None) -> dict[str, int]:
     mid = spec.model_id
     before = pending_count(lake, source, target, mid)
     inserted = 0
     if before:
         try:
             inserted = _stream(lake, source, target, spec, conf, run_id,
-                               has_rows=before != source_rows)
+                               has_rows=before != source_rows, digest=digest)
         except StreamingQueryException as exc:
             if "DELTA_" not in str(exc):  # only source-side changes are recoverable here
                 raise
             log.warning("score: %s was rewritten since the last run (%s); resetting the %s "
                         "checkpoint and scoring what is missing", source, str(exc)[:200], mid)
             inserted = _stream(lake, source, target, spec, conf, run_id, reset=True,
-                               has_rows=True)
+                               has_rows=True, digest=digest)
         if inserted < before and pending_count(lake, source, target, mid):
             # the checkpoint is ahead of the target table (rows deleted, table replaced)
             inserted += _stream(lake, source, target, spec, conf, run_id, reset=True,
-                                has_rows=True)
+                                has_rows=True, digest=digest)
     errors = 0
     if lake.exists(target):
         errors = lake.read(target).filter(
@@ -130,7 +214,8 @@ def checkpoint_dir(lake: Lakehouse, target: str, model_id: str) -> str:
 
 
 def _stream(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: ScoreConf,
-            run_id: str, reset: bool = False, has_rows: bool = True) -> int:
+            run_id: str, reset: bool = False, has_rows: bool = True,
+            digest: str | None = None) -> int:
     """Score ``source`` -> ``target`` in chunks, one idempotent Delta append per chunk; rows added.
 
     A stream that starts from a new checkpoint while ``target`` already has rows for the model
@@ -148,8 +233,8 @@ def _stream(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: Sc
         todo = batch.select("uid", "image", "text")
         if skip_done and lake.exists(target):
             todo = pending(todo, lake.read(target), spec.model_id)
-        inserted[0] += lake.append_once(score_pairs(todo, spec, conf, run_id), target, app_id,
-                                        batch_id)
+        inserted[0] += lake.append_once(score_pairs(todo, spec, conf, run_id, digest), target,
+                                        app_id, batch_id)
 
     query = (_read_stream(lake, source, conf).writeStream.foreachBatch(write_chunk)
              .option("checkpointLocation", checkpoint).trigger(availableNow=True)

@@ -19,6 +19,10 @@ row. N counts non-null scores of the rows left after steps 1-4 (``fraction_of: r
 or of the whole pool (``fraction_of: pool``, DataComp's own setting). ``min_score`` keeps
 score >= min_score. The threshold is found exactly without collecting the pool
 (:func:`kth_largest`).
+
+Freshness: ``run_select`` refuses (:class:`etl.tables.StaleTableError`, before any write) a
+``silver_dedup`` or selection-model scores built from an older bronze version than the current
+one (:func:`stale_inputs`), and records the bronze version ``gold_selection`` was built from.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pyspark.sql import functions as F
 
 from etl.config import Config, ConfigError, SelectConf
 from etl.filters import add_derived, check_filters, configured_filters, failed_filter
-from etl.tables import BRONZE, DEDUP, SELECTION, SILVER, Lakehouse
+from etl.tables import BRONZE, DEDUP, SELECTION, SILVER, Lakehouse, StaleTableError
 
 DEDUP_COLUMNS = ["dup_of", "dup_reason", "dup_similarity", "eval_match", "eval_similarity"]
 SMALL = 200_000  # below this many values the exact top-k is taken directly
@@ -206,34 +210,71 @@ def scored_pool(lake: Lakehouse, cfg: Config) -> DataFrame:
     return bronze.withColumn("score", F.nanvl(value, F.lit(None).cast("double")))
 
 
-def funnel(selection: DataFrame, filters: dict[str, str]) -> dict[str, int]:
-    """Counts per step: ``pool``, ``dropped:<reason>`` in reason order, ``kept``."""
-    got = {r["drop_reason"]: r["count"]
-           for r in selection.groupBy("drop_reason").count().collect()}
-    counts = {"pool": sum(got.values())}
-    for reason in reason_order(filters):
-        counts[f"dropped:{reason}"] = int(got.get(reason, 0))
-    counts["kept"] = int(got.get(None, 0))
+def funnel(selection: DataFrame, filters: dict[str, str]) -> list[tuple[str, int, int]]:
+    """(step, rows dropped by it, rows left after it): ``pool``, each drop reason that dropped
+    rows (reason order, then any other reason found, sorted), ``kept``.
+
+    The one funnel: select prints and records it (:func:`funnel_counts`), the report draws it.
+    Every drop reason in ``selection`` is counted, so the steps always add up to the pool.
+    """
+    got = {r["drop_reason"]: r["count"] for r in selection.groupBy("drop_reason").count().collect()}
+    total = sum(got.values())
+    order = reason_order(filters)
+    order += sorted(r for r in got if r is not None and r not in order)
+    rows, left = [("pool", 0, total)], total
+    for reason in order:
+        if got.get(reason):
+            left -= got[reason]
+            rows.append((reason, got[reason], left))
+    rows.append(("kept", 0, got.get(None, 0)))
+    return rows
+
+
+def funnel_counts(rows: list[tuple[str, int, int]]) -> dict[str, int]:
+    """The funnel as run-stats metrics: ``pool``, ``dropped:<reason>``, ``kept``."""
+    counts = {"pool": rows[0][2]}
+    counts.update({f"dropped:{name}": dropped for name, dropped, _ in rows[1:-1]})
+    counts["kept"] = rows[-1][2]
     return counts
 
 
-def print_funnel(counts: dict[str, int], thr: Threshold | None = None) -> None:
+def print_funnel(rows: list[tuple[str, int, int]], thr: Threshold | None = None) -> None:
     """Print the funnel: pool, each drop reason with what is left after it, kept."""
-    left = counts["pool"]
-    print(f"{'pool':<28}{left:>10}")
-    for key, value in counts.items():
-        if key.startswith("dropped:") and value:
-            left -= value
-            print(f"  - {key[8:]:<24}{value:>10}   -> {left}")
-    print(f"{'kept':<28}{counts['kept']:>10}")
+    print(f"{'pool':<28}{rows[0][2]:>10}")
+    for name, dropped, left in rows[1:-1]:
+        print(f"  - {name:<24}{dropped:>10}   -> {left}")
+    print(f"{'kept':<28}{rows[-1][2]:>10}")
     if thr is not None and thr.active:
         where = f" (N={thr.n_scored}, n={thr.position})" if thr.rule == "keep_fraction" else ""
         print(f"threshold: {thr.rule} -> score >= {thr.value}{where}")
 
 
+def stale_scores(lake: Lakehouse, cfg: Config, needed_by: str) -> StaleTableError | None:
+    """The selection model's scores, when select uses them and they no longer cover bronze."""
+    if cfg.select.score_column != "score" or not lake.exists(SILVER):
+        return None
+    return lake.stale(SILVER, f"score:{SILVER}", needed_by, command="score",
+                      metric=f"source_version[{model_id_for(lake, cfg)}]")
+
+
+def stale_inputs(lake: Lakehouse, cfg: Config, needed_by: str = "select") -> list[StaleTableError]:
+    """Inputs of select that no longer cover bronze: the selection model's scores (when
+    ``score_column`` is ``score``), then ``silver_dedup`` (when it exists), in step order."""
+    out = [stale_scores(lake, cfg, needed_by)]
+    if lake.exists(DEDUP):
+        out.append(lake.stale(DEDUP, "dedup", needed_by))
+    return [e for e in out if e is not None]
+
+
 def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
-    """Edge: bronze + silver scores + silver_dedup -> ``gold_selection``; prints the funnel."""
+    """Edge: bronze + silver scores + silver_dedup -> ``gold_selection``; prints the funnel.
+
+    Refuses stale inputs first (:func:`stale_inputs`); records the bronze version it read."""
     filters = configured_filters(cfg.select)
+    stale = stale_inputs(lake, cfg)
+    if stale:
+        raise stale[0]
+    version = lake.version(BRONZE)
     dedup = lake.read(DEDUP) if lake.exists(DEDUP) else None
     if dedup is None:
         print("select: no silver_dedup table; run `dfn-curate dedup` to drop duplicates")
@@ -243,10 +284,12 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
         lake.overwrite(apply_threshold(pre, thr), SELECTION)
     finally:
         pre.unpersist()
-    counts = funnel(lake.read(SELECTION), filters)
-    print_funnel(counts, thr)
+    rows = funnel(lake.read(SELECTION), filters)
+    print_funnel(rows, thr)
+    counts = funnel_counts(rows)
     stats = dict(counts)
     if thr.n_scored is not None:
         stats.update({"threshold_N": thr.n_scored, "threshold_n": thr.position})
     lake.record_stats(run_id, "select", stats)
+    lake.record_source(run_id, "select", BRONZE, version)
     return counts

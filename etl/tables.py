@@ -2,6 +2,12 @@
 
 Tables live either under a folder (``lakehouse.root``, addressed as ``delta.`/path```) or in a
 metastore (``catalog.schema.table``), chosen by config. Steps never build paths themselves.
+
+Lineage: a step that derives a table from bronze records the bronze version it read in
+``run_stats`` (metric ``source_version[...]``, :meth:`Lakehouse.record_source`), once its
+output is complete. :meth:`Lakehouse.stale` compares that with bronze now (commits that change
+no data, e.g. OPTIMIZE, do not count) so later steps can refuse a derived table that no longer
+covers bronze (:class:`StaleTableError`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from etl.config import LakehouseConf
+from etl.config import ConfigError, LakehouseConf
 from etl.fs import Store, is_url
 
 BRONZE = "bronze_pairs"
@@ -28,6 +34,11 @@ SELECTION = "gold_selection"
 GOLD = "gold_pairs"
 RUN_STATS = "run_stats"
 EVALUATION = "gold_evaluation"
+
+# Delta operations that rewrite files without changing the rows a reader sees
+NO_DATA_CHANGE = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES",
+                            "UNSET TBLPROPERTIES", "ADD CONSTRAINT", "DROP CONSTRAINT",
+                            "UPGRADE PROTOCOL", "CHANGE COLUMN", "ADD COLUMNS", "FSCK"})
 
 RUN_STATS_SCHEMA = T.StructType([
     T.StructField("run_id", T.StringType(), False),
@@ -120,6 +131,18 @@ class Lakehouse:
         else:
             writer.save(self.path(table))
 
+    def count_present(self, df: DataFrame, table: str, keys: list[str]) -> int:
+        """Rows of ``df`` whose ``keys`` already exist in ``table`` (0 when it does not exist).
+
+        Counted on the executors with a semi-join on the condition :meth:`insert_new` merges on,
+        before the insert: an independent count, not one derived from the insert's result.
+        """
+        if not self.exists(table):
+            return 0
+        target = self.read(table).select(*keys).distinct()
+        cond = [df[k].eqNullSafe(target[k]) for k in keys]
+        return df.join(target, cond, "left_semi").count()
+
     def insert_new(self, df: DataFrame, table: str, keys: list[str]) -> int:
         """Insert-only MERGE of ``df`` on ``keys``; returns the number of rows inserted.
 
@@ -155,6 +178,68 @@ class Lakehouse:
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         rows = [(run_id, step, k, int(v), now) for k, v in counts.items()]
         self.append(self.spark.createDataFrame(rows, RUN_STATS_SCHEMA), RUN_STATS)
+
+    # ---- lineage ------------------------------------------------------------------------
+
+    def record_source(self, run_id: str, step: str, source: str, version: int | None,
+                      metric: str | None = None) -> None:
+        """Record that ``step``'s output now covers ``source`` at ``version`` (read before the
+        step read it: a commit landing meanwhile makes the output look stale, never fresh)."""
+        if version is not None:
+            self.record_stats(run_id, step, {metric or source_metric(source): version})
+
+    def built_from(self, step: str, metric: str) -> int | None:
+        """The source version ``step`` last recorded under ``metric`` (None: never recorded)."""
+        if not self.exists(RUN_STATS):
+            return None
+        row = (self.read(RUN_STATS).where((F.col("step") == step) & (F.col("metric") == metric))
+               .orderBy(F.col("recorded_at").desc(), F.col("value").desc()).limit(1).first())
+        return None if row is None else int(row["value"])
+
+    def data_changed_since(self, table: str, version: int) -> bool:
+        """True when ``table`` has a commit after ``version`` that changes its rows."""
+        current = self.version(table)
+        if current is None or current <= version:
+            return False
+        history = self.delta(table).history(current - version).select("version", "operation")
+        return any(r[0] > version and r[1] not in NO_DATA_CHANGE for r in history.collect())
+
+    def stale(self, table: str, step: str, needed_by: str, source: str = "bronze_pairs",
+              metric: str | None = None, command: str | None = None) -> StaleTableError | None:
+        """The error to raise when ``table`` (recorded by run-stats ``step``; rebuilt by
+        ``dfn-curate <command>``, default ``step``) no longer covers ``source``; None when it
+        does, or when no version was recorded (said on stdout: it cannot be checked)."""
+        command = command or step
+        built = self.built_from(step, metric or source_metric(source))
+        if built is None:
+            print(f"{needed_by}: {table} has no recorded {source} version (built before "
+                  f"versions were recorded); cannot tell whether it covers {source}. Run "
+                  f"`dfn-curate {command}` to record it")
+            return None
+        if not self.data_changed_since(source, built):
+            return None
+        return StaleTableError(table, source, built, self.version(source), command, needed_by)
+
+
+class StaleTableError(ConfigError):
+    """A derived table was built from an older version of its source than the current one.
+
+    ``step`` is the pipeline step that rebuilds it (``dfn-curate run`` runs it itself)."""
+
+    def __init__(self, table: str, source: str, built: int, current: int, step: str,
+                 needed_by: str):
+        self.table, self.source, self.built, self.current = table, source, built, current
+        self.step = step
+        super().__init__(
+            f"{needed_by}: {table} is stale: it was built from {source} version {built}, but "
+            f"{source} is now at version {current} (rows were added or changed since). Run "
+            f"`dfn-curate {step}` first (then `dfn-curate {needed_by}`), or `dfn-curate run "
+            f"--steps {needed_by}`, which re-runs stale steps itself")
+
+
+def source_metric(source: str) -> str:
+    """The run-stats metric holding the version of ``source`` a table was built from."""
+    return f"source_version[{source}]"
 
 
 def _rows_added(table: DeltaTable, before: int | None, metric: str,

@@ -207,7 +207,8 @@ def test_run_dedup_edge_writes_every_uid(spark, lake):
         f"g{g}r{i}" for g in range(3) for i in (1, 2)}
     assert counts["exact_sha256"] == 1 and counts["near_model"] == 6
     assert counts["eval_leaks"] == 2 and counts["rows"] == len(bronze)
-    assert lake.read(RUN_STATS).where("step = 'dedup'").count() == len(counts)
+    stats = {r.metric: r.value for r in lake.read(RUN_STATS).where("step = 'dedup'").collect()}
+    assert stats == {**counts, "source_version[bronze_pairs]": lake.version(BRONZE)}
 
 
 def test_unknown_signal_is_a_config_error(lake):

@@ -16,7 +16,7 @@ from etl.evaluate import (
     labelled_scores,
     roc_auc,
 )
-from etl.sample import SampleBuilder
+from etl.sample import NOISY_KINDS, SampleBuilder
 from etl.tables import BRONZE, EVAL_IMAGES, EVALUATION, SELECTION, SILVER
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,28 +49,78 @@ def test_filter_quality_on_literal_rows(spark):
     bronze = spark.createDataFrame([
         ("c1", "clean"), ("c2", "clean"), ("c3", "clean"), ("c4", "clean"),
         ("m1", "mismatched"), ("m2", "mismatched"), ("b1", "blank"), ("n1", "noise"),
-        ("d1", "exact_dup"),  # not an alignment label: left out
+        ("d1", "exact_dup"),  # not a noise label: a drop of it is a false positive
     ], "uid string, label_kind string").repartition(2)
     scores = spark.createDataFrame([
         ("c1", 0.9), ("c2", 0.8), ("c3", 0.7), ("c4", None),  # c4 unscorable
         ("m1", 0.1), ("m2", 0.75), ("b1", float("nan")), ("d1", 0.0),  # n1 never scored
     ], "uid string, score double").repartition(2)
     labelled = labelled_scores(scores, bronze)
-    assert labelled.count() == 8
+    assert labelled.count() == 9
     rows = {r["group"]: r for r in filter_quality(labelled, threshold=0.72)}
     assert rows["mismatched"]["auc_vs_clean"] == pytest.approx(5 / 6)
     assert rows["mismatched"]["n"] == 2 and rows["mismatched"]["dropped"] == 1
-    # drops at 0.72: clean c3 + unscored c4; noisy m1, b1 (NaN = unscored), n1 (unscored)
+    # drops at 0.72: clean c3 + unscored c4; noisy m1, b1 (NaN = unscored), n1 (unscored); d1
     assert rows["clean"]["dropped"] == 2 and rows["clean"]["n_unscored"] == 1
     assert rows["all_noisy"]["dropped"] == 3 and rows["all_noisy"]["n"] == 4
     assert rows["all_noisy"]["recall"] == pytest.approx(3 / 4)
-    assert rows["all_noisy"]["precision"] == pytest.approx(3 / 5)
+    assert rows["all_noisy"]["precision"] == pytest.approx(3 / 6)
+    assert rows["mismatched"]["recall"] == 0.5 and rows["mismatched"]["precision"] is None
     assert rows["all_noisy"]["auc_vs_clean"] == pytest.approx(5 / 6)  # only m1, m2 scored
     assert rows["blank"]["auc_vs_clean"] is None and rows["blank"]["recall"] == 1.0
     assert rows["unrelated"]["n"] == 0 and rows["unrelated"]["recall"] is None
     no_threshold = {r["group"]: r for r in filter_quality(labelled, None)}
     assert no_threshold["all_noisy"]["precision"] is None
     assert no_threshold["all_noisy"]["auc_vs_clean"] == pytest.approx(5 / 6)
+
+
+def test_evaluate_and_select_define_precision_alike(spark):
+    """The score's drop decision judged by evaluate and by select's drop-reason metrics, on the
+    same labelled pool with nothing dropped before the threshold: the same precision/recall."""
+    from etl.metrics import drop_reason_quality
+    from etl.select import Threshold, apply_threshold
+
+    rows = [("c1", "clean", 0.9), ("c2", "clean", 0.4), ("m1", "mismatched", 0.2),
+            ("u1", "unrelated", 0.8), ("n1", "noise", 0.1), ("d1", "exact_dup", 0.3),
+            ("s1", "too_small", 0.95)]
+    pool = spark.createDataFrame(rows, "uid string, label_kind string, score double")
+    pre = pool.selectExpr("*", "concat('https://x/', uid) as url", "cast(null as string) as label_of",
+                          "cast(null as string) as pre_reason")
+    sel = apply_threshold(pre, Threshold("min_score", 0.5))
+    by_reason = {r["reason"]: r for r in drop_reason_quality(sel).collect()}
+    judged = {r["group"]: r for r in filter_quality(
+        labelled_scores(pool.select("uid", "score"), pool.select("uid", "label_kind")), 0.5)}
+    # dropped: c2, m1, n1, d1 -> 2 of 4 drops are noise; 2 of 3 noisy pairs dropped
+    assert by_reason["below-threshold"]["precision"] == pytest.approx(2 / 4)
+    assert judged["all_noisy"]["precision"] == by_reason["below-threshold"]["precision"]
+    assert judged["all_noisy"]["recall"] == by_reason["below-threshold"]["recall"] == \
+        pytest.approx(2 / 3)
+
+
+def test_evaluate_judges_the_model_select_uses(spark, lake):
+    """No select.model_id, two models in silver: select takes the first configured scoring
+    model, and evaluate must judge that same model (it used to refuse to choose)."""
+    from etl.config import Config, LakehouseConf, ModelConf, ScoreConf
+    from etl.evaluate import run_filter_quality
+    from etl.select import model_id_for, model_scores
+
+    bronze = spark.createDataFrame([("a", "clean"), ("b", "mismatched")],
+                                   "uid string, label_kind string")
+    lake.overwrite(bronze, BRONZE)
+    silver = spark.createDataFrame(
+        [("a", "ViT-B-32/openai", 0.9), ("b", "ViT-B-32/openai", 0.1),
+         ("a", "other/model", 0.1), ("b", "other/model", 0.9)],
+        "uid string, model_id string, score double")
+    lake.overwrite(silver, SILVER)
+    cfg = Config(lakehouse=LakehouseConf(root=str(lake.root)),
+                 score=ScoreConf(models=[ModelConf(name="ViT-B-32", pretrained="openai")]))
+    cfg.select.min_score = 0.5
+    assert model_id_for(lake, cfg) == "ViT-B-32/openai"
+    assert {r.uid: r.score for r in model_scores(lake, cfg).collect()} == {"a": 0.9, "b": 0.1}
+    rows = {r["group"]: r for r in run_filter_quality(lake, cfg, "run-q")}
+    assert rows["all_noisy"]["model_id"] == "ViT-B-32/openai"
+    assert rows["all_noisy"]["auc_vs_clean"] == 1.0  # the model select uses ranks clean first
+    assert rows["all_noisy"]["precision"] == 1.0 and rows["all_noisy"]["recall"] == 1.0
 
 
 def test_retrieval_counts_repeated_captions_and_zero_shot():
@@ -157,6 +207,9 @@ def test_evaluate_job_on_a_tiny_pool(spark, lake, tmp_path):
     assert quality["all_noisy"]["threshold"] == 0.6
     assert quality["mismatched"]["auc_vs_clean"] == 1.0
     assert quality["all_noisy"]["model_id"] == "m1"
-    assert quality["all_noisy"]["precision"] == 1.0  # no clean pair scores below 0.6
+    # every non-clean pair scores below 0.6 (other kinds 0.5+): those not noisy are false drops
+    noisy = sum(k in NOISY_KINDS for k in kinds.values())
+    assert quality["all_noisy"]["precision"] == pytest.approx(
+        noisy / sum(k != "clean" for k in kinds.values()))
     assert quality["all_noisy"]["recall"] == 1.0
     assert {r["group"] for r in out["filter"]} == set(quality)

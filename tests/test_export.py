@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import etl.export as export
-from etl.config import Config, ExportConf, LakehouseConf
+from etl.config import Config, ConfigError, ExportConf, LakehouseConf
 from etl.export import (
     UID_DTYPE,
     export_files,
@@ -136,6 +136,7 @@ def test_export_publishes_by_manifest_and_survives_a_crash(spark, tmp_path, monk
     assert uid_strings(np.load(run_a / "uids.npy")) == sorted(r[0] for r in gold_rows(12))
     urls = spark.read.parquet(str(run_a / "urls.parquet"))
     assert urls.columns == ["url", "caption", "uid"] and urls.count() == 13
+    tree_a = tree(run_a)
 
     def boom(*args):
         raise RuntimeError("killed before publishing")
@@ -145,6 +146,19 @@ def test_export_publishes_by_manifest_and_survives_a_crash(spark, tmp_path, monk
         export_files(gold_df(spark, gold_rows(3)), out, conf, "run-b")
     monkeypatch.undo()
     assert read_export(str(out)) == first  # the previous export is still the published one
+    real = export.write_manifest
+
+    def publish_boom(store, folder, manifest):
+        if folder == str(out):
+            raise RuntimeError("killed while publishing")
+        real(store, folder, manifest)
+
+    monkeypatch.setattr(export, "write_manifest", publish_boom)
+    with pytest.raises(RuntimeError, match="while publishing"):
+        export_files(gold_df(spark, gold_rows(3)), out, conf, "run-b2")
+    monkeypatch.undo()
+    assert (out / "runs" / "run-b2" / "manifest.json").exists()  # written, never published
+    assert read_export(str(out)) == first and tree(run_a) == tree_a
     assert len(list((run_a / "shards").glob("*.tar"))) == 3  # and every file it names is there
     assert not (out / "runs" / "run-b" / "manifest.json").exists()  # the crashed run: unpublished
 
@@ -152,7 +166,7 @@ def test_export_publishes_by_manifest_and_survives_a_crash(spark, tmp_path, monk
     second = export_files(gold_df(spark, gold_rows(3, null_image=0)), out, conf, "run-c")
     assert read_manifest(out)["run_id"] == "run-c" and second["webdataset"]["samples"] == 3
     assert second["webdataset"]["pattern"] == "00000.tar"
-    # published run + the one before it are kept; the crashed run-b is pruned
+    # published run + the one before it are kept; the crashed run-b and run-b2 are pruned
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["notes", "run-a", "run-c"]
     export_files(gold_df(spark, gold_rows(2, null_image=0)), out, conf, "run-d")
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["notes", "run-c", "run-d"]
@@ -160,15 +174,75 @@ def test_export_publishes_by_manifest_and_survives_a_crash(spark, tmp_path, monk
         export_files(gold_df(spark, gold_rows(2)), out, conf, "run-d")
 
 
-def test_export_into_the_lakehouse_root_touches_nothing_else(spark, lake):
-    lake.overwrite(gold_df(spark, gold_rows(4)), GOLD)
-    before = sorted(p.name for p in Path(lake.root).iterdir())
-    export_files(lake.read(GOLD), lake.resolve("."), ExportConf(out_dir="."), "run-x")
-    export_files(lake.read(GOLD), lake.resolve("."), ExportConf(out_dir=".", keep_previous=False), "run-y")
-    assert sorted(p.name for p in Path(lake.root).iterdir()) == sorted(
-        [*before, "manifest.json", "runs"])
-    assert lake.read(GOLD).count() == 5 and [p.name for p in Path(lake.root, "runs").iterdir()] == [
-        "run-y"]
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root``: relative path -> (size, mtime_ns)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def test_run_export_refuses_folders_that_are_not_exports_before_any_write(spark, lake, tmp_path):
+    rows = gold_rows(4)
+    lake.overwrite(gold_df(spark, rows).drop("score"), BRONZE)
+    lake.overwrite(spark.createDataFrame([(r[0], True, None, r[6]) for r in rows],
+                                         "uid string, kept boolean, drop_reason string, "
+                                         "score double"), SELECTION)
+    (Path(lake.root) / "raw").mkdir()
+    (Path(lake.root) / "raw" / "notes.txt").write_text("not an export")
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "cv.txt").write_text("keep me")
+    with_table = tmp_path / "old-export"
+    with_table.mkdir()
+    (with_table / "_dfn_export").write_text(export.FORMAT)
+    (with_table / "t" / "_delta_log").mkdir(parents=True)
+    cases = {".": "is the lakehouse root", "": "is the lakehouse root",
+             "..": "holds the lakehouse root", str(tmp_path): "holds the lakehouse root",
+             BRONZE: "is a Delta table folder", f"{BRONZE}/export": "is inside .* Delta table",
+             "raw": "is not empty \\(notes.txt\\) and is not a dfn-curate export",
+             str(home): "is not empty \\(docs\\)", str(with_table): "holds Delta table"}
+    before = tree(tmp_path)
+    for out_dir, message in cases.items():
+        cfg = Config(lakehouse=LakehouseConf(root=str(lake.root)),
+                     export=ExportConf(out_dir=out_dir, shard_size=2))
+        with pytest.raises(ConfigError, match=message) as err:
+            run_export(lake, cfg, "run-x")
+        assert "export.out_dir" in str(err.value) and "set export.out_dir" in str(err.value)
+        assert tree(tmp_path) == before, out_dir  # nothing written, nothing removed
+    assert not lake.exists(GOLD)
+    # an empty folder is claimed; an earlier export (marker or published manifest) is reused
+    (tmp_path / "empty").mkdir()
+    for i, out_dir in enumerate([str(tmp_path / "empty"), str(tmp_path / "empty"), "export",
+                                 "export"]):
+        cfg = Config(lakehouse=LakehouseConf(root=str(lake.root)),
+                     export=ExportConf(out_dir=out_dir, shard_size=2))
+        assert run_export(lake, cfg, f"run-{i}")["run_id"] == f"run-{i}"
+    assert (tmp_path / "empty" / "_dfn_export").exists() and read_export(str(tmp_path / "empty"))
+    (Path(lake.resolve("export")) / "_dfn_export").unlink()  # published by an older version
+    assert export.is_export_dir(lake.resolve("export"), lake.store)
+
+
+def test_out_dir_checks_work_for_any_url():
+    """The same refusals through :class:`etl.fs.Store` on a non-local URL (fsspec memory://)."""
+    import uuid
+
+    from etl.export import check_out_dir
+    from etl.fs import Store, is_within
+
+    store, base = Store(), f"memory://dfn-{uuid.uuid4().hex[:8]}"
+    store.write_text(f"{base}/home/notes.txt", "keep me")
+    store.write_text(f"{base}/lh/{BRONZE}/_delta_log/00000000000000000000.json", "{}")
+    lake_root = f"{base}/lh"
+    for out, message in [(f"{base}/home", "not empty"), (f"{base}/lh/", "is the lakehouse"),
+                         (f"{base}/lh/./", "is the lakehouse"), (base, "holds the lakehouse"),
+                         (f"{base}/lh/{BRONZE}", "is a Delta table"),
+                         (f"{base}/lh/{BRONZE}/x", "inside")]:
+        with pytest.raises(ConfigError, match=message):
+            check_out_dir(out, store, lake_root)
+    check_out_dir(f"{base}/lh/export", store, lake_root)  # absent: fine
+    store.write_text(f"{base}/lh/export/_dfn_export", export.FORMAT)
+    check_out_dir(f"{base}/lh/export", store, lake_root)  # an export: fine
+    assert is_within("s3a://bucket/lh", "s3://bucket/lh/") and not is_within(
+        "s3a://bucket/lh2", "s3a://bucket/lh")
 
 
 def test_run_export_edge(spark, lake):

@@ -79,6 +79,30 @@ def test_reingest_adds_nothing(spark, lake, datacomp_dir):
     assert lake.read(QUARANTINE).count() == 3
 
 
+@pytest.mark.parametrize("table,fault,message", [
+    (BRONZE, "lost", "ingest counts do not add up"),
+    (BRONZE, "doubled", "ingest counts do not add up"),
+    (QUARANTINE, "lost", "quarantine holds 2 of this input's 3"),
+])
+def test_count_identity_catches_a_lost_or_doubled_row(spark, lake, datacomp_dir, monkeypatch,
+                                                      table, fault, message):
+    """Each term is counted on its own, so an insert that loses or doubles a row is caught."""
+    from etl.tables import Lakehouse
+
+    real = Lakehouse.insert_new
+
+    def faulty(self, df, into, keys):
+        if into == table and fault == "lost":
+            df = df.orderBy(*keys).offset(1)
+        elif into == table:
+            df = df.unionByName(df.orderBy(*keys).limit(1))
+        return real(self, df, into, keys)
+
+    monkeypatch.setattr(Lakehouse, "insert_new", faulty)
+    with pytest.raises(RuntimeError, match=message):
+        ingest_source(spark, lake, SourceConf(format="datacomp", path=str(datacomp_dir)))
+
+
 def test_missing_required_column_fails_before_any_write(spark, lake, tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
@@ -163,7 +187,7 @@ def test_webdataset_reader(spark, lake, shards):
     reasons = quarantine_reasons(lake)
     assert "img2dataset status=failed_to_download: timeout" in reasons
     assert "missing image member (.jpg/.png/.webp) for key 001" in reasons
-    assert any(r.startswith("002.txt is not UTF-8") for r in reasons)
+    assert any(r.startswith("text: not valid UTF-8 (member 002.txt") for r in reasons)
     assert any(r.startswith("101.json is not valid JSON") for r in reasons)
 
 

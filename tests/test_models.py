@@ -136,3 +136,42 @@ def test_get_model_is_cached_per_process(fp16_file):
     assert models.get_model(spec, "cpu") is first
     models.clear_cache()
     assert models.get_model(spec, "cpu") is not first
+
+
+def test_transposed_tensor_is_refused_naming_it_and_both_shapes(tmp_path, state):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "transposed.safetensors"
+    proj = state["visual.proj"]  # (128, 64): same element count as its transpose
+    save_file({**state, "visual.proj": proj.t().contiguous()}, str(path))
+    with pytest.raises(ValueError, match=r"'visual.proj' has shape \[64, 128\] but the model "
+                                         r"expects \[128, 64\]"):
+        models.load(models.resolve(TINY_JSON, str(path)), "cpu")
+
+
+def test_only_size_one_dimensions_may_differ(tmp_path, state):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "squeezed.safetensors"
+    save_file({**state, "logit_scale": state["logit_scale"].reshape(1, 1),
+               "visual.class_embedding": state["visual.class_embedding"][None]}, str(path))
+    got = models.load(models.resolve(TINY_JSON, str(path)), "cpu").model.state_dict()
+    assert got["logit_scale"].shape == () and torch.equal(got["logit_scale"], state["logit_scale"])
+    assert torch.equal(got["visual.class_embedding"], state["visual.class_embedding"])
+
+
+def test_training_loads_checkpoints_as_strictly_as_scoring(tmp_path, state):
+    """One loader: a checkpoint scoring refuses (an unexpected key) is refused by training too."""
+    from safetensors.torch import save_file
+
+    from udfs.train import create
+
+    path = tmp_path / "extra.safetensors"
+    save_file({**state, "head.extra": state["logit_scale"].clone()}, str(path))
+    with pytest.raises(RuntimeError, match="Unexpected key.*head.extra"):
+        models.load(models.resolve(TINY_JSON, str(path)), "cpu")
+    with pytest.raises(RuntimeError, match="Unexpected key.*head.extra"):
+        create(TINY_JSON, str(path))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        create(TINY_JSON, str(tmp_path / "missing.safetensors"))

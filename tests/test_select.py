@@ -216,6 +216,26 @@ def test_run_select_drop_reasons_funnel_and_stats(spark, lake, pool, dedup):
     assert {r.metric: r.value for r in stats}["kept"] == 4
 
 
+def test_select_and_report_share_one_funnel_that_adds_up(spark, capsys):
+    """A reason outside the configured order (a hand-edited or older selection) is counted by
+    the funnel select records, as the report counts it: the steps add up to the pool."""
+    import etl.report
+    import etl.select
+
+    sel = spark.createDataFrame([("a", False, "eval-leak"), ("b", False, "custom-rule"),
+                                 ("c", True, None), ("d", False, "below-threshold")],
+                                "uid string, kept boolean, drop_reason string")
+    rows = etl.select.funnel(sel, {})
+    assert rows == [("pool", 0, 4), ("eval-leak", 1, 3), ("below-threshold", 1, 2),
+                    ("custom-rule", 1, 1), ("kept", 0, 1)]
+    assert etl.report.funnel is etl.select.funnel
+    assert etl.select.funnel_counts(rows) == {
+        "pool": 4, "dropped:eval-leak": 1, "dropped:below-threshold": 1,
+        "dropped:custom-rule": 1, "kept": 1}
+    etl.select.print_funnel(rows)
+    assert "custom-rule" in capsys.readouterr().out
+
+
 def test_pre_threshold_without_dedup_has_null_flags(pool):
     pre = pre_threshold(pool, None, {})
     assert pre.where("dup_reason is not null or eval_match is not null").count() == 0

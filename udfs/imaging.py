@@ -22,8 +22,17 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 def decode_rgb(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               exif_transpose: bool = False) -> tuple[Image.Image | None, str | None]:
-    """Decode ``data`` to an RGB image; returns ``(image, None)`` or ``(None, error)``."""
+               exif_transpose: bool = False,
+               min_side: int = 0) -> tuple[Image.Image | None, str | None]:
+    """Decode ``data`` to an RGB image; returns ``(image, None)`` or ``(None, error)``.
+
+    ``min_side > 0`` lets a JPEG decode at the smallest libjpeg DCT scale (1/2, 1/4, 1/8) whose
+    result keeps both sides >= ``min_side`` (PIL's ``draft``): most of the decode work is skipped
+    and the caller's own resize then starts from a smaller image. Other formats, and JPEGs
+    already near ``min_side``, decode at full size. The pixel limit applies to the full size.
+    A reduced image carries its full ``(width, height)`` in ``info["full_size"]``, so a resize
+    can reproduce the geometry of the full decode exactly (see ``udfs.score``).
+    """
     if data is None or len(data) == 0:
         return None, "empty: no image bytes"
     try:
@@ -31,10 +40,15 @@ def decode_rgb(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
         w, h = img.size
         if w * h > max_pixels:
             return None, f"too_large: {w}x{h} exceeds max_image_pixels={max_pixels}"
+        if min_side > 0 and img.format == "JPEG" and not exif_transpose:
+            img.draft(None, (min_side, min_side))
         img.load()
         if exif_transpose:
             img = ImageOps.exif_transpose(img)
-        return to_rgb(img), None
+        rgb = to_rgb(img)
+        if rgb.size != (w, h) and not exif_transpose:
+            rgb.info["full_size"] = (w, h)
+        return rgb, None
     except Image.DecompressionBombError as exc:
         return None, f"too_large: {exc}"
     except Image.UnidentifiedImageError:

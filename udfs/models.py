@@ -3,13 +3,21 @@
 A model is named the way open_clip users name it:
 
 * an architecture + pretrained tag: ``ViT-B-32`` / ``openai``, ``ViT-H-14-quickgelu`` / ``dfn5b``;
-* an ``hf-hub:org/repo`` id (or an open_clip ``local-dir:`` folder);
+* an ``hf-hub:org/repo`` id, optionally pinned to a revision (``hf-hub:org/repo@<revision>``
+  or ``revision:`` in the model config; a pinned id is downloaded with
+  ``huggingface_hub.snapshot_download`` and loaded as an open_clip ``local-dir:``), or an
+  open_clip ``local-dir:`` folder;
 * an architecture (built in, or a custom config JSON such as ``conf/models/dfn-tiny.json``)
   + a local checkpoint (``.safetensors`` preferred; ``.pt``/``.pth``/``.bin`` are read with
   ``torch.load(weights_only=True)`` only).
 
 :class:`ModelSpec` is resolved on the driver without importing torch; :func:`get_model` loads
 it lazily on a worker and caches it there, so a model is never shipped from the driver.
+
+Every model also has a *weights digest* that changes whenever its weights do, even when its
+name does not: the sha256 of a local checkpoint file, ``revision:<rev>`` for a pinned hub id,
+``random-init`` for random weights, and otherwise the sha256 of the loaded state_dict
+(:func:`weights_digest`, computed where the model is loaded: on a worker).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class ModelSpec:
     pretrained: str | None = None  # tag, absolute weights path, or None (random init)
     config_path: str | None = None  # custom architecture JSON to register first
     model_id: str = ""
+    revision: str | None = None  # hub revision (commit, tag or branch) an hf-hub: id is pinned to
 
     @property
     def weights_file(self) -> str | None:
@@ -60,9 +69,15 @@ class LoadedModel:
     embed_dim: int
 
 
-def resolve(name: str, pretrained: str | None = None, model_id: str | None = None) -> ModelSpec:
-    """Resolve config-style names and paths into a :class:`ModelSpec` (no torch import)."""
+def resolve(name: str, pretrained: str | None = None, model_id: str | None = None,
+            revision: str | None = None) -> ModelSpec:
+    """Resolve config-style names and paths into a :class:`ModelSpec` (no torch import).
+
+    ``hf-hub:org/repo@rev`` and ``revision=rev`` pin a hub id to a revision (not both, unless
+    equal); a revision for anything but a hub id is an error.
+    """
     config_path = None
+    name, revision = split_revision(name, revision)
     if name.startswith(SCHEMAS):
         arch, pretrained = name, None
     elif name.endswith(".json"):
@@ -77,19 +92,38 @@ def resolve(name: str, pretrained: str | None = None, model_id: str | None = Non
         arch = name
     if pretrained and (pretrained.endswith(WEIGHT_SUFFIXES) or _looks_like_path(pretrained)):
         pretrained = str(_local_path(pretrained, "checkpoint"))
-    spec = ModelSpec(arch, pretrained, config_path)
-    return ModelSpec(arch, pretrained, config_path, model_id or default_model_id(spec))
+    spec = ModelSpec(arch, pretrained, config_path, revision=revision)
+    return ModelSpec(arch, pretrained, config_path, model_id or default_model_id(spec), revision)
+
+
+def split_revision(name: str, revision: str | None) -> tuple[str, str | None]:
+    """(name without ``@rev``, the revision) for ``hf-hub:org/repo@rev`` and/or ``revision``."""
+    pinned = None
+    if name.startswith("hf-hub:") and "@" in name:
+        name, pinned = name.rsplit("@", 1)
+        if not pinned:
+            raise ValueError(f"model name {name + '@'!r}: empty revision after '@'; write "
+                             f"hf-hub:org/repo@<commit, tag or branch>")
+    if pinned and revision and pinned != revision:
+        raise ValueError(f"model {name}: pinned to {pinned!r} in the name but revision is "
+                         f"{revision!r}; keep one of them")
+    revision = pinned or revision
+    if revision and not name.startswith("hf-hub:"):
+        raise ValueError(f"model {name}: revision {revision!r} applies to hf-hub: ids only; "
+                         f"drop it, or name the model as hf-hub:org/repo")
+    return name, revision
 
 
 def resolve_conf(conf: Any) -> ModelSpec:
-    """Resolve an ``etl.config.ModelConf`` (name, pretrained, model_id)."""
-    return resolve(conf.name, conf.pretrained, conf.model_id)
+    """Resolve an ``etl.config.ModelConf`` (name, pretrained, model_id, revision)."""
+    return resolve(conf.name, conf.pretrained, conf.model_id, getattr(conf, "revision", None))
 
 
 def default_model_id(spec: ModelSpec) -> str:
-    """A deterministic id: ``arch/tag``, ``arch/<file stem>-<sha256[:8]>`` or ``arch/random``."""
+    """A deterministic id: ``arch/tag``, ``arch/<file stem>-<sha256[:8]>``, ``arch/random``, or
+    the hub id (with ``@revision`` when pinned)."""
     if spec.arch.startswith(SCHEMAS):
-        return spec.arch
+        return f"{spec.arch}@{spec.revision}" if spec.revision else spec.arch
     if spec.weights_file:
         path = Path(spec.weights_file)
         return f"{spec.arch}/{path.stem}-{file_digest(path)[:8]}"
@@ -107,6 +141,40 @@ def file_digest(path: Path) -> str:
                 h.update(block)
         _HASHES[key] = h.hexdigest()
     return _HASHES[key]
+
+
+RANDOM_INIT = "random-init"
+
+
+def declared_digest(spec: ModelSpec) -> str | None:
+    """The weights digest knowable without loading the model (cheap, driver-safe): a local
+    checkpoint's sha256, ``revision:<rev>``, ``random-init``; None for tags, unpinned hub ids
+    and ``local-dir:`` folders (only their loaded state_dict tells, see :func:`weights_digest`)."""
+    if spec.weights_file:
+        return file_digest(Path(spec.weights_file))
+    if spec.revision:
+        return f"revision:{spec.revision}"
+    if spec.pretrained is None and not spec.arch.startswith(SCHEMAS):
+        return RANDOM_INIT
+    return None
+
+
+def weights_digest(spec: ModelSpec) -> str:
+    """:func:`declared_digest`, else load the model on CPU here (a worker) and hash its
+    state_dict (:func:`state_digest`); the model is not cached."""
+    return declared_digest(spec) or state_digest(load(spec, "cpu").model)
+
+
+def state_digest(model: Any) -> str:
+    """sha256 over a model's state_dict: every tensor's name, dtype, shape and bytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{list(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _looks_like_path(value: str) -> bool:
@@ -144,13 +212,14 @@ def load(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
 
     if spec.config_path:
         register_config(spec.config_path)
+    name = open_clip_name(spec)
     with _quiet(bool(spec.weights_file)):  # open_clip warns "initialized randomly" otherwise
         model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.arch, pretrained=_tag(spec), weights_only=True)
+            name, pretrained=_tag(spec), weights_only=True)
     if spec.weights_file:
         load_weights(model, spec.weights_file)
     model = model.to(device).eval()
-    tokenizer = open_clip.get_tokenizer(spec.arch)
+    tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(spec, model, preprocess, tokenizer, device, _probe_dim(model, tokenizer, device))
 
 
@@ -163,6 +232,22 @@ def _quiet(on: bool) -> Iterator[None]:
         yield
     finally:
         logging.disable(previous)
+
+
+def open_clip_name(spec: ModelSpec, download: Any = None) -> str:
+    """The name open_clip loads: ``spec.arch``, or for a pinned hub id the ``local-dir:`` of
+    that revision's snapshot (``download``: ``huggingface_hub.snapshot_download`` by default)."""
+    if not spec.revision:
+        return spec.arch
+    if download is None:
+        from huggingface_hub import snapshot_download as download
+    folder = download(repo_id=spec.arch.removeprefix("hf-hub:"), revision=spec.revision,
+                      allow_patterns=HUB_FILES)
+    return f"local-dir:{folder}"
+
+
+HUB_FILES = ["*.json", "*.txt", "*.model", "open_clip_model.safetensors",
+             "open_clip_pytorch_model.bin"]
 
 
 def _tag(spec: ModelSpec) -> str | None:
@@ -195,14 +280,37 @@ def read_state_dict(path: str) -> dict:
 
 
 def load_weights(model: Any, path: str) -> None:
-    """Load a plain open_clip state_dict (any float dtype) into ``model``, strictly."""
+    """Load a plain open_clip state_dict (any float dtype) into ``model``, strictly.
+
+    The one checkpoint loader (scoring, training and evaluation all use it): every key must
+    match, floats are cast to the model's dtypes, and a tensor may differ in shape only by
+    size-1 dimensions (``[]`` vs ``[1]``); anything else is an error naming the tensor.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
     own = model.state_dict()
     state = read_state_dict(path)
     for k, v in state.items():
-        if k in own and v.is_floating_point():
-            state[k] = v.to(own[k].dtype).reshape(own[k].shape) if v.numel() == own[k].numel() \
-                else v
+        if k in own:
+            v = fit_shape(k, v, tuple(own[k].shape), path)
+            state[k] = v.to(own[k].dtype) if v.is_floating_point() else v
     model.load_state_dict(state, strict=True)
+
+
+def fit_shape(name: str, tensor: Any, shape: tuple[int, ...], path: str = "checkpoint") -> Any:
+    """``tensor`` viewed as ``shape`` when the two differ only by size-1 dimensions.
+
+    A transposed or otherwise rearranged tensor with the same element count is refused: a
+    reshape would load it silently with its values scrambled.
+    """
+    got = tuple(tensor.shape)
+    if got == shape:
+        return tensor
+    if [d for d in got if d != 1] != [d for d in shape if d != 1]:
+        raise ValueError(f"{path}: tensor {name!r} has shape {list(got)} but the model expects "
+                         f"{list(shape)}; only size-1 dimensions may differ (is the checkpoint "
+                         f"for another architecture, or saved transposed?)")
+    return tensor.reshape(shape)
 
 
 def _probe_dim(model: Any, tokenizer: Any, device: str) -> int:

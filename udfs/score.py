@@ -2,14 +2,20 @@
 
 Score = cosine similarity of the L2-normalised image and text embeddings (not multiplied by the
 logit scale), so thresholds are on the familiar 0.28-style scale. Decoding + preprocessing run
-in a thread pool one Arrow batch ahead of the model, so the accelerator does not wait on JPEG
-decode; tokenisation runs there too. Bad images give a null score and an error string.
+in a thread pool (one thread per core the task may use) ``prefetch`` Arrow batches ahead of the
+model, so the accelerator does not wait on JPEG decode; tokenisation runs there too. JPEGs decode
+at a reduced DCT scale when ``fast_decode`` is set (see ``udfs.imaging.decode_rgb``). Bad images
+give a null score and an error string.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import threading
+import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,14 +43,25 @@ class ScoreOptions:
     device: str = "auto"
     precision: str = "auto"
     embeddings: bool = True
-    decode_threads: int = 2
+    decode_threads: int = 0  # 0: the cores the Spark task may use (all cores outside Spark)
     max_image_pixels: int = 64_000_000
+    fast_decode: float | None = 1.5  # JPEG DCT-scale target = factor x model input; None: exact
+    prefetch: int = 2  # Arrow batches decoded ahead of the one the model runs
 
     @classmethod
     def from_conf(cls, conf: Any) -> ScoreOptions:
         """Build from an ``etl.config.ScoreConf``."""
         return cls(conf.batch_size, conf.device, conf.precision, conf.embeddings,
-                   max(1, conf.decode_threads), conf.max_image_pixels)
+                   conf.decode_threads, conf.max_image_pixels, conf.fast_decode or None,
+                   conf.prefetch)
+
+
+def task_cpus() -> int:
+    """The cores the running Spark task may use (``spark.task.cpus``), else this host's."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return max(1, ctx.cpus()) if ctx is not None else (os.cpu_count() or 1)
 
 
 def task_gpu() -> str | None:
@@ -92,10 +109,14 @@ class PairScorer:
 
         self.loaded, self.opts = loaded, opts
         self.device = torch.device(loaded.device)
-        self.pool = ThreadPoolExecutor(opts.decode_threads, thread_name_prefix="decode")
+        self.threads = opts.decode_threads or task_cpus()
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
         self.shape = tuple(loaded.preprocess(Image.new("RGB", (8, 8))).shape)
-        self.buffers: list[Any] = [None, None]
+        self.min_side = math.ceil(opts.fast_decode * min(self.shape[-2:])) if opts.fast_decode else 0
+        self.resize = first_resize(loaded.preprocess)
+        self.buffers: list[Any] = [None] * (max(1, opts.prefetch) + 1)
         self.turn = 0
+        self.stats = {"wait_s": 0.0, "model_s": 0.0, "rows": 0}
         precision = opts.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -106,7 +127,7 @@ class PairScorer:
     def _buffer(self, n: int) -> Any:
         import torch
 
-        self.turn ^= 1
+        self.turn = (self.turn + 1) % len(self.buffers)
         buf = self.buffers[self.turn]
         if buf is None or buf.shape[0] < n:
             buf = torch.zeros((max(n, self.opts.batch_size),) + self.shape,
@@ -118,18 +139,21 @@ class PairScorer:
         """Start decoding and tokenising one batch in the background."""
         n = len(images)
         pixels = self._buffer(n)
-        futures = [self.pool.submit(self._prep_image, pixels, i, data)
+        futures = [self.pool.submit(self.prep_image, pixels, i, data)
                    for i, data in enumerate(images)]
         text_list = [t if isinstance(t, str) else None for t in texts]
         tokens = self.pool.submit(self.loaded.tokenizer, [t or "" for t in text_list])
         return Prepared(n, pixels, futures, tokens, np.array([t is not None for t in text_list]))
 
-    def _prep_image(self, pixels: Any, i: int, data: bytes | None) -> str | None:
-        img, err = decode_rgb(data, self.opts.max_image_pixels)
+    def prep_image(self, pixels: Any, i: int, data: bytes | None) -> str | None:
+        """Decode ``data`` and write its model input into ``pixels[i]``; returns an error or None."""
+        img, err = decode_rgb(data, self.opts.max_image_pixels, min_side=self.min_side)
         if img is None:
             pixels[i].zero_()
             return err
         try:
+            if "full_size" in img.info and self.resize is not None:
+                img = resize_as_full(img, img.info["full_size"], self.resize)
             pixels[i].copy_(self.loaded.preprocess(img))
         except Exception as exc:  # noqa: BLE001 - a per-row failure, never the task's
             pixels[i].zero_()
@@ -138,9 +162,15 @@ class PairScorer:
 
     def run(self, prep: Prepared) -> pd.DataFrame:
         """Wait for ``prep``'s decoding, run the model, and build the result rows."""
+        start = time.perf_counter()
         errors = [f.result() for f in prep.image_errors]
+        tokens = prep.tokens.result()
+        ready = time.perf_counter()
         image_ok = np.array([e is None for e in errors], dtype=bool)
-        img, txt = self._embed(prep.pixels, prep.tokens.result(), image_ok, prep.text_ok)
+        img, txt = self._embed(prep.pixels, tokens, image_ok, prep.text_ok)
+        self.stats["wait_s"] += ready - start
+        self.stats["model_s"] += time.perf_counter() - ready
+        self.stats["rows"] += prep.n
         score = (img * txt).sum(axis=1, dtype=np.float64)
         ok = image_ok & prep.text_ok & np.isfinite(score)
         return pd.DataFrame({
@@ -191,15 +221,43 @@ class PairScorer:
         return self.run(self.submit(list(images), list(texts)))
 
     def score_iter(self, batches: Iterable[tuple[Sequence, Sequence]]) -> Iterator[pd.DataFrame]:
-        """Score a stream of (images, texts) batches, decoding batch k+1 while the model runs k."""
-        in_flight: Prepared | None = None
+        """Score a stream of (images, texts) batches; batches k+1..k+prefetch decode while the
+        model runs batch k (each in-flight batch holds its own pixel buffer)."""
+        in_flight: deque[Prepared] = deque()
         for images, texts in batches:
-            nxt = self.submit(list(images), list(texts))
-            if in_flight is not None:
-                yield self.run(in_flight)
-            in_flight = nxt
-        if in_flight is not None:
-            yield self.run(in_flight)
+            in_flight.append(self.submit(list(images), list(texts)))
+            if len(in_flight) > self.opts.prefetch:
+                yield self.run(in_flight.popleft())
+        while in_flight:
+            yield self.run(in_flight.popleft())
+
+
+def first_resize(preprocess: Any) -> Any:
+    """The transform's leading torchvision ``Resize`` to a shorter side (open_clip's default),
+    or None when it starts otherwise (then a reduced decode goes through it as it is)."""
+    from torchvision import transforms
+
+    steps = getattr(preprocess, "transforms", [])
+    first = steps[0] if steps else None
+    if isinstance(first, transforms.Resize) and (isinstance(first.size, int) or len(first.size) == 1):
+        return first
+    return None
+
+
+def resize_as_full(img: Any, full_size: tuple[int, int], resize: Any) -> Any:
+    """Resize a DCT-reduced image to the size ``resize`` gives the *full* image, with the same
+    interpolation, so the rest of the transform sees the same geometry (the reduced image's
+    rounded-up sides would otherwise shift the centre crop by a pixel on some aspect ratios)."""
+    from torchvision.transforms import functional
+
+    target = resize.size if isinstance(resize.size, int) else resize.size[0]
+    w, h = full_size
+    short, long = min(w, h), max(w, h)
+    new_long = int(target * long / short)
+    if resize.max_size is not None and new_long > resize.max_size:
+        target, new_long = int(resize.max_size * target / new_long), resize.max_size
+    ow, oh = (target, new_long) if w <= h else (new_long, target)
+    return functional.resize(img, [oh, ow], resize.interpolation)
 
 
 def _error(image_error: str | None, text_ok: bool, score: float) -> str | None:

@@ -78,28 +78,17 @@ def register_config(config_path: str) -> str:
 
 
 def create(config_path: str, checkpoint: str | None = None, device: str = "cpu"):
-    """Build ``(model, preprocess, tokenizer)``, optionally loading safetensors weights."""
+    """Build ``(model, preprocess, tokenizer)``, optionally loading a checkpoint (strictly, with
+    :func:`udfs.models.load_weights`, the loader scoring uses)."""
     import open_clip
+
+    from udfs.models import load_weights
 
     name = register_config(config_path)
     model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     if checkpoint:
         load_weights(model, checkpoint)
     return model, preprocess, open_clip.get_tokenizer(name)
-
-
-def load_weights(model, path: str) -> None:
-    """Load a (possibly float16) safetensors checkpoint into ``model``, cast to its dtypes."""
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    state = load_file(path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:3]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own})
 
 
 def card_path(checkpoint: str | Path) -> Path:

@@ -19,14 +19,51 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         p.exit(2, f"dfn-curate run: unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}\n")
-    results = {}
+    results: dict[str, dict] = {}
     for step in STEPS:
         if step in steps:
-            t0 = time.perf_counter()
-            results[step] = run_step(ctx, step)
-            print(f"[{step}] done in {time.perf_counter() - t0:.1f}s")
+            bring_up_to_date(ctx, step, results)
+            timed_step(ctx, step, results)
     report_labels(ctx)
     return results
+
+
+def timed_step(ctx: JobContext, step: str, results: dict[str, dict]) -> None:
+    t0 = time.perf_counter()
+    results[step] = run_step(ctx, step)
+    print(f"[{step}] done in {time.perf_counter() - t0:.1f}s")
+
+
+def stale_for(ctx: JobContext, step: str) -> list:
+    """The inputs of ``step`` that no longer cover bronze (``StaleTableError`` each)."""
+    if step == "dedup":
+        from etl.select import stale_scores
+
+        found = stale_scores(ctx.lake, ctx.cfg, "dedup")
+        return [found] if found else []
+    if step == "select":
+        from etl.select import stale_inputs
+
+        return stale_inputs(ctx.lake, ctx.cfg)
+    if step == "export":
+        from etl.export import stale_inputs as stale_selection
+
+        return stale_selection(ctx.lake)
+    return []
+
+
+def bring_up_to_date(ctx: JobContext, step: str, results: dict[str, dict]) -> None:
+    """Re-run, in order, the upstream steps whose tables no longer cover bronze (and theirs)."""
+    for _ in range(len(STEPS) + 1):  # each pass rebuilds one stale input
+        stale = stale_for(ctx, step)
+        if not stale:
+            return
+        missing = stale[0].step
+        print(f"[{step}] {stale[0].table} was built from {stale[0].source} version "
+              f"{stale[0].built}, now {stale[0].current}: running {missing} first")
+        bring_up_to_date(ctx, missing, results)
+        timed_step(ctx, missing, results)
+    raise RuntimeError(f"run: inputs of {step} still stale after re-running them")
 
 
 def run_step(ctx: JobContext, step: str) -> dict:
@@ -54,9 +91,9 @@ def run_step(ctx: JobContext, step: str) -> dict:
 
 def report_labels(ctx: JobContext) -> None:
     """Precision/recall of each drop reason against the sample's labels, when present."""
-    from etl.metrics import label_metrics_for_lake
+    from etl.metrics import run_quality
 
-    label_metrics_for_lake(ctx.lake, ctx.cfg, ctx.run_id)
+    run_quality(ctx.lake, ctx.run_id)
 
 
 if __name__ == "__main__":
