@@ -14,6 +14,7 @@ DistributedDataParallel and returns the checkpoint bytes to the driver.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -389,9 +390,15 @@ def distributed_main(spec: dict[str, Any], blobs: list[bytes], texts: list[str])
         dist.init_process_group("nccl" if run.device.startswith("cuda") else "gloo")
     try:
         result = train(run, blobs, texts, rank, world)
+        weights = checkpoint_bytes(result.model)
+        digests = [hashlib.sha256(weights).hexdigest()] * world
+        if world > 1:
+            dist.all_gather_object(digests, digests[0])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     # DDP keeps every rank's weights identical, and TorchDistributor keeps whichever rank's
-    # output is written last, so every rank returns the same result.
-    return {"card": result.card, "weights": checkpoint_bytes(result.model)}
+    # output is written last, so every rank returns the same result; the card records every
+    # rank's checkpoint digest so that can be checked.
+    result.card["training"]["rank_weights_sha256"] = digests
+    return {"card": result.card, "weights": weights}
