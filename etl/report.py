@@ -119,12 +119,18 @@ def near_threshold(selection: DataFrame, k: int) -> tuple[list, list]:
     return above, below
 
 
-def reason_examples(selection: DataFrame, reasons: list[str], k: int) -> dict[str, list]:
-    """Up to ``k`` rows per drop reason (lowest uids, so reports are reproducible)."""
+def reason_sample(selection: DataFrame, reasons: list[str], k: int) -> DataFrame:
+    """Up to ``k`` rows per drop reason, lowest uids first (reproducible). ``row_number() <= k``
+    lets Spark keep only the first ``k`` rows of each reason in every task before the shuffle
+    (its WindowGroupLimit), so at most tasks x reasons x k rows move, whatever the pool size."""
     w = Window.partitionBy("drop_reason").orderBy("uid")
-    rows = (selection.where(F.col("drop_reason").isin(reasons))
-            .withColumn("_n", F.row_number().over(w)).where(F.col("_n") <= k).drop("_n")
-            .orderBy("drop_reason", "uid").collect())
+    return (selection.where(F.col("drop_reason").isin(reasons))
+            .withColumn("_n", F.row_number().over(w)).where(F.col("_n") <= k).drop("_n"))
+
+
+def reason_examples(selection: DataFrame, reasons: list[str], k: int) -> dict[str, list]:
+    """:func:`reason_sample` on the driver, grouped by reason."""
+    rows = reason_sample(selection, reasons, k).orderBy("drop_reason", "uid").collect()
     out: dict[str, list] = {}
     for r in rows:
         out.setdefault(r["drop_reason"], []).append(r)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from etl.config import LakehouseConf
 from etl.jobs import report
-from etl.report import near_threshold, score_histogram, thumbnail
+from etl.report import near_threshold, reason_examples, reason_sample, score_histogram, thumbnail
 from etl.select import funnel
 from etl.tables import SELECTION, Lakehouse
 from tests.tiny_pipeline import notebook_run
@@ -57,6 +57,20 @@ def test_near_threshold_takes_the_closest_rows(spark):
     above, below = near_threshold(selection_rows(spark), 2)
     assert [r["uid"] for r in above] == ["g", "i"]
     assert [r["uid"] for r in below] == ["e", "f"]  # "d" (0.7) was dropped earlier
+
+
+def test_reason_examples_move_at_most_k_rows_per_reason_and_task(spark):
+    """The examples are the k lowest uids of each reason, and the plan limits each task to k
+    rows per reason before the shuffle (so a report costs the same at any pool size)."""
+    rows = [(f"u{i:03d}", False, ("english", "duplicate", "aspect")[i % 3], 0.1, 0.5)
+            for i in range(90)]
+    sel = spark.createDataFrame(rows, SEL_SCHEMA).repartition(4)
+    got = reason_examples(sel, ["english", "aspect"], 2)
+    assert {r: [x["uid"] for x in v] for r, v in got.items()} == {
+        "english": ["u000", "u003"], "aspect": ["u002", "u005"]}
+    plan = reason_sample(sel, ["english"], 2)._jdf.queryExecution().executedPlan().toString()
+    assert "WindowGroupLimit" in plan and "Partial" in plan, plan
+    assert plan.index("Exchange") < plan.rindex("Partial"), plan  # the partial limit is below it
 
 
 def test_thumbnail_keeps_aspect_and_replaces_unreadable_images():
