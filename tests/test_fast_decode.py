@@ -57,6 +57,14 @@ def pixel_mad(a: np.ndarray, b: np.ndarray) -> float:
     return float((np.abs(a - b) * std).mean())
 
 
+def assert_fast_matches_exact(exact: PairScorer, fast: PairScorer, data: bytes) -> None:
+    """The fast path decodes ``data`` and its model input is within 0.006 of the exact one."""
+    ref, _ = model_input(exact, data)
+    got, err = model_input(fast, data)
+    assert err is None
+    assert pixel_mad(got, ref) <= 0.006
+
+
 def test_decode_rgb_reduces_jpegs_only_and_keeps_the_full_size():
     data = photo((1000, 700))
     img, err = decode_rgb(data, min_side=150)
@@ -80,12 +88,7 @@ def test_scorer_target_is_the_factor_times_the_model_input(scorers):
 def test_fast_input_matches_the_exact_geometry(scorers, size):
     """1535x1024 decodes to 768x512 at 1/2 (rounded up): resized as that, the 64-px crop would
     be cut from a 96-px instead of a 95-px wide image, a visible shift."""
-    exact, fast = scorers
-    data = photo(size, seed=size[0])
-    ref, _ = model_input(exact, data)
-    got, err = model_input(fast, data)
-    assert err is None
-    assert pixel_mad(got, ref) <= 0.006
+    assert_fast_matches_exact(*scorers, photo(size, seed=size[0]))
 
 
 def test_fast_scores_stay_within_tolerance(scorers):
@@ -110,10 +113,7 @@ def test_odd_jpegs_take_the_fast_path_with_the_same_result(scorers, kind):
     }[kind]()
     reduced, _ = decode_rgb(data, min_side=fast.min_side)
     assert reduced.size[0] < size[0], "the fast path was not taken"
-    ref, _ = model_input(exact, data)
-    got, err = model_input(fast, data)
-    assert err is None
-    assert pixel_mad(got, ref) <= 0.006
+    assert_fast_matches_exact(exact, fast, data)
 
 
 def test_truncated_jpeg_gives_the_exact_paths_error(scorers):

@@ -52,16 +52,16 @@ class ScoreOptions:
     def from_conf(cls, conf: Any) -> ScoreOptions:
         """Build from an ``etl.config.ScoreConf``."""
         return cls(conf.batch_size, conf.device, conf.precision, conf.embeddings,
-                   conf.decode_threads, conf.max_image_pixels, conf.fast_decode or None,
+                   conf.decode_threads, conf.max_image_pixels, conf.fast_decode,
                    conf.prefetch)
 
 
-def task_cpus() -> int:
-    """The cores the running Spark task may use (``spark.task.cpus``), else this host's."""
+def task_cpus() -> int | None:
+    """The cores the running Spark task may use (``spark.task.cpus``); None outside a task."""
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
-    return max(1, ctx.cpus()) if ctx is not None else (os.cpu_count() or 1)
+    return max(1, ctx.cpus()) if ctx is not None else None
 
 
 def task_gpu() -> str | None:
@@ -109,7 +109,7 @@ class PairScorer:
 
         self.loaded, self.opts = loaded, opts
         self.device = torch.device(loaded.device)
-        self.threads = opts.decode_threads or task_cpus()
+        self.threads = opts.decode_threads or task_cpus() or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
         self.shape = tuple(loaded.preprocess(Image.new("RGB", (8, 8))).shape)
         self.min_side = math.ceil(opts.fast_decode * min(self.shape[-2:])) if opts.fast_decode else 0
@@ -297,11 +297,10 @@ def _fit_cpu_threads() -> None:
     """Inside a Spark task, let torch use the task's cores only (local mode sets no
     OMP_NUM_THREADS, and oversubscribed OpenMP threads slow CPU inference down badly)."""
     import torch
-    from pyspark import TaskContext
 
-    ctx = TaskContext.get()
-    if ctx is not None:
-        torch.set_num_threads(max(1, ctx.cpus()))
+    cpus = task_cpus()
+    if cpus is not None:
+        torch.set_num_threads(cpus)
 
 
 def _chain(first: Any, rest: Iterator) -> Iterator:
