@@ -100,13 +100,15 @@ def card_path(checkpoint: str | Path) -> Path:
 
 
 def checkpoint_bytes(model) -> bytes:
-    """The model's weights as float16 safetensors bytes."""
+    """The model's weights as float16 safetensors bytes, identical for identical weights in any
+    process: safetensors writes its metadata map in a per-process random order, so it holds
+    one key (each tensor's header already names its dtype)."""
     import torch
     from safetensors.torch import save
 
     state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
              .contiguous() for k, v in model.state_dict().items()}
-    return save(state, metadata={"format": "pt", "dtype": "float16"})
+    return save(state, metadata={"format": "pt"})
 
 
 def write_checkpoint(data: bytes, card: dict[str, Any], out: str | Path) -> Path:
