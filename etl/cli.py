@@ -11,6 +11,7 @@ COMMANDS = {
     "ingest": "ingest",
     "score": "score",
     "dedup": "dedup",
+    "targets": "targets",
     "select": "select_pairs",
     "export": "export",
     "run": "run",

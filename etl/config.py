@@ -136,6 +136,31 @@ class SelectConf:
     min_score: float | None = None
     keep_fraction: float | None = 0.3
     fraction_of: str = "remaining"  # remaining | pool
+    # A selection rule (etl/rules.py) in place of preset/filters/min_score/keep_fraction, e.g.
+    # "basic and dfn_fraction(0.7)", "clip_and_image", "text_based or image_based"
+    rule: str | None = None
+    # score aliases a rule names (<alias>_fraction(f)): a bronze column, target_similarity,
+    # or model:<model_id> (that model's silver score); "dfn" is always the selection model
+    scores: dict[str, str] = field(default_factory=lambda: {
+        "clip": "clip_l14_similarity_score", "clip_b32": "clip_b32_similarity_score",
+        "targeted": "target_similarity"})
+    seed: int = 0  # random(f)
+
+
+@dataclass
+class TargetsConf:
+    """Target set and signals for DataComp's image/text-based filters and targeted ranking."""
+
+    source: str = "eval"  # eval (silver_eval_embeddings) | table:<name> | folder:<url>
+    model_id: str | None = None  # embeddings of this model; default: select's model
+    n_clusters: int = 16  # K of the pool's image k-means (DataComp: 100k for 12.8M pairs)
+    fit_rows_per_cluster: int = 256  # k-means is fitted on K x this rows, sampled on executors
+    kmeans_iters: int = 20
+    top_k: int = 10  # target_similarity = mean of the top-k cosines to target images
+    nprobe: int = 4  # clusters searched per pool row (exact when >= n_clusters)
+    max_targets: int = 100_000  # target embeddings held by each task (k x dim floats)
+    vocabulary: str = "imagenet1k"  # imagenet1k (open_clip's class names) | a file, one term a line
+    seed: int = 0
 
 
 @dataclass
@@ -162,6 +187,8 @@ class TrainConf:
     seed: int = 0
     device: str = "auto"
     num_processes: int = 0  # > 0: distribute with TorchDistributor
+    val_fraction: float = 0.05  # held out by uid hash (tables of >= 200 rows), at most 2,000 used
+    shuffle_buffer: int = 4096  # rows each training process shuffles in (streamed, seeded)
 
 
 @dataclass
@@ -185,6 +212,7 @@ class Config:
     export: ExportConf = field(default_factory=ExportConf)
     train: TrainConf = field(default_factory=TrainConf)
     evaluate: EvaluateConf = field(default_factory=EvaluateConf)
+    targets: TargetsConf = field(default_factory=TargetsConf)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -320,8 +348,17 @@ def validate(cfg: Config) -> None:
            "select: set min_score or keep_fraction, not both (null the other)")
     _check(sel.fraction_of in ("remaining", "pool"), "select.fraction_of: one of remaining, pool")
     _check(cfg.export.shard_size > 0, "export.shard_size: must be > 0")
+    tg = cfg.targets
+    kind, _, rest = tg.source.partition(":")
+    _check(tg.source == "eval" or (kind in ("table", "folder") and bool(rest)),
+           f"targets.source: eval, table:<name> or folder:<url>, got {tg.source!r}")
+    for key in ("n_clusters", "fit_rows_per_cluster", "kmeans_iters", "top_k", "nprobe",
+                "max_targets"):
+        _check(getattr(tg, key) >= 1, f"targets.{key}: must be >= 1, got {getattr(tg, key)}")
     _check(cfg.train.steps > 0 and cfg.train.batch_size > 1,
            "train: steps must be > 0 and batch_size > 1")
+    _check(0.0 <= cfg.train.val_fraction < 1.0 and cfg.train.shuffle_buffer >= 1,
+           "train: val_fraction in [0, 1) and shuffle_buffer >= 1")
     _check(cfg.evaluate.max_pairs > 0, "evaluate.max_pairs: must be > 0")
 
 

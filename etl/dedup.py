@@ -40,6 +40,7 @@ from pyspark.sql.functions import pandas_udf
 
 from etl.config import Config, ConfigError, DedupConf
 from etl.tables import BRONZE, DEDUP, EVAL_EMBEDDINGS, EVAL_IMAGES, Lakehouse
+from etl.vectors import cluster_column, fit_centers, unit_rows
 from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
 EXACT_PASSES = [("exact_sha256", ["sha256"]), ("exact_url_text", ["url", "text"]),
@@ -47,7 +48,6 @@ EXACT_PASSES = [("exact_sha256", ["sha256"]), ("exact_url_text", ["url", "text"]
 SIGNALS = ("model", "thumbnail")
 THUMB_SIDE = 16
 FLAT_RMS = 1.0  # a thumbnail within 1/255 RMS of its mean colour is flat: no vector
-FIT_ROWS = 200_000  # k-means is fitted on a sample of at most this many rows
 MIN_CLUSTER_ROWS = 1_000  # fewer clusters than n_clusters on small pools (exact below 2000)
 MAX_GROUP_ROWS = 20_000  # rows compared in one task: memory ~ rows * (3 * dim + 1024) * 4 bytes
 FLAG_SCHEMA = "uid string, dup_of string, dup_reason string, dup_similarity double"
@@ -164,19 +164,13 @@ def _projection(direction: np.ndarray):
 
 def assign_clusters(emb: DataFrame, n_clusters: int, iters: int, seed: int = 0,
                     min_cluster_rows: int = 1) -> DataFrame:
-    """Add ``cluster`` by spherical k-means (pyspark.ml KMeans, cosine distance)."""
-    from pyspark.ml.clustering import KMeans
-    from pyspark.ml.functions import array_to_vector
-
+    """Add ``cluster``: the nearest centre of spherical k-means (:mod:`etl.vectors`)."""
     n = emb.count()
     k = max(1, min(n_clusters, n // max(1, min_cluster_rows)))
     if k == 1:
         return emb.withColumn("cluster", F.lit(0))
-    vec = emb.withColumn("_vec", array_to_vector("embedding"))
-    sample = vec if n <= FIT_ROWS else vec.sample(False, FIT_ROWS / n, seed)
-    model = KMeans(k=k, maxIter=iters, seed=seed, distanceMeasure="cosine", featuresCol="_vec",
-                   predictionCol="cluster").fit(sample)
-    return model.transform(vec).drop("_vec")
+    centers = fit_centers(emb, k, iters, seed, count=n)
+    return emb.withColumn("cluster", cluster_column(emb.sparkSession, centers)("embedding"))
 
 
 def semdedup_cluster(pdf: pd.DataFrame, threshold: float, block: int = 1024) -> pd.DataFrame:
@@ -203,13 +197,6 @@ def semdedup_cluster(pdf: pd.DataFrame, threshold: float, block: int = 1024) -> 
     i, j = np.concatenate(idx), np.concatenate(best)
     return pd.DataFrame({"uid": uids[i], "dup_of": uids[j],
                          "dup_similarity": np.concatenate(sim).astype("float64")})
-
-
-def unit_rows(values: pd.Series) -> np.ndarray:
-    """Stack a Series of vectors into a float32 matrix with L2-normalised rows."""
-    mat = np.stack([np.asarray(v, dtype=np.float32) for v in values])
-    norms = np.linalg.norm(mat, axis=1, keepdims=True)
-    return mat / np.maximum(norms, 1e-12)
 
 
 # ---- thumbnails ----------------------------------------------------------------------------

@@ -13,11 +13,13 @@
    set has those labels, and image-text retrieval). One row per selection in
    ``gold_evaluation``.
 
-Selections: ``none`` (every pool pair with image bytes), ``basic`` (``gold_selection`` before
-the score threshold: dedup + basic filters), ``dfn`` (``gold_selection`` kept), ``oracle``
+Selections: ``none`` (every pool pair with image bytes), ``basic`` (the rule: dedup + DataComp's
+basic filters), ``dfn`` (``gold_selection`` kept: what ``select`` last wrote), ``oracle``
 (``label_kind = 'clean'``, the sample's ground truth), ``table:<name>`` (a lakehouse or
-catalog table of uids, its ``kept`` rows when it has that column) and ``uids:<file>`` (one uid
-per line, or a parquet file with a ``uid`` column).
+catalog table of uids, its ``kept`` rows when it has that column), ``uids:<file>`` (one uid
+per line, or a parquet file with a ``uid`` column), and any selection rule (:mod:`etl.rules`:
+a DataComp preset such as ``clip_and_image`` or ``targeted_fraction(0.3)``, or a composition),
+applied after dedup to the pool exactly as ``select`` would with ``select.rule`` set.
 
 The selected pairs' bytes are gathered on the driver (a protocol in miniature: pools of
 thousands to tens of thousands of pairs); evaluate a sample of a larger pool.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -36,12 +39,12 @@ from pyspark.sql import types as T
 
 from etl.config import Config, ConfigError, resolve_path
 from etl.metrics import precision_recall
+from etl.rules import rule_parts
 from etl.sample import NOISY_KINDS
-from etl.select import model_id_for
-from etl.tables import BRONZE, EVAL_IMAGES, EVALUATION, SELECTION, SILVER, Lakehouse
+from etl.select import model_id_for, rule_context
+from etl.tables import BRONZE, DEDUP, EVAL_IMAGES, EVALUATION, SELECTION, SILVER, Lakehouse
 
 FILTER_QUALITY = "gold_filter_quality"
-SCORE_REASONS = ("below-threshold", "unscorable")
 ZS_TEMPLATES = ("a photo of a {color} {shape}", "a picture showing a {color} {shape}",
                 "a {color} {shape} on a background")
 
@@ -157,8 +160,9 @@ def run_filter_quality(lake: Lakehouse, cfg: Config, run_id: str) -> list[dict[s
 # ---- 2. induced-dataset quality -----------------------------------------------------------
 
 
-def selection_uids(lake: Lakehouse, name: str) -> DataFrame:
-    """The uids a named selection keeps (see the module docstring for the names)."""
+def selection_uids(lake: Lakehouse, name: str, cfg: Config | None = None) -> DataFrame:
+    """The uids a named selection keeps (see the module docstring for the names); any other
+    name is a selection rule (:mod:`etl.rules`) applied to the pool as ``select`` would."""
     if name == "none":
         return lake.read(BRONZE).select("uid")
     if name == "oracle":
@@ -166,17 +170,27 @@ def selection_uids(lake: Lakehouse, name: str) -> DataFrame:
         if "label_kind" not in bronze.columns:
             raise ConfigError("evaluate.selections: 'oracle' needs label_kind in bronze_pairs")
         return bronze.where(F.col("label_kind") == "clean").select("uid")
-    if name in ("basic", "dfn"):
-        sel = lake.read(SELECTION)
-        keep = F.col("kept") if name == "dfn" else \
-            F.col("kept") | F.col("drop_reason").isin(*SCORE_REASONS)
-        return sel.where(keep).select("uid")
+    if name == "dfn":
+        return lake.read(SELECTION).where(F.col("kept")).select("uid")
     if name.startswith("table:"):
         return _table_uids(lake, name[len("table:"):])
     if name.startswith("uids:"):
         return _file_uids(lake, name[len("uids:"):])
-    raise ConfigError(f"evaluate.selections: unknown selection {name!r}; use none, basic, dfn, "
-                      f"oracle, table:<name> or uids:<file>")
+    return rule_uids(lake, cfg or Config(), name)
+
+
+def rule_uids(lake: Lakehouse, cfg: Config, rule: str) -> DataFrame:
+    """The uids ``rule`` keeps after the dedup reasons, with ``select``'s pool and scores."""
+    from etl.select import rule_pool, select_pairs
+
+    run = replace(cfg, select=replace(cfg.select, rule=rule))
+    try:
+        rule_parts(rule, rule_context(run.select))
+    except ConfigError as exc:
+        raise ConfigError(f"evaluate.selections: {rule!r} is none of none, basic, dfn, oracle, "
+                          f"table:<name>, uids:<file>, and not a selection rule: {exc}") from exc
+    dedup = lake.read(DEDUP) if lake.exists(DEDUP) else None
+    return select_pairs(rule_pool(lake, run), dedup, run.select).where("kept").select("uid")
 
 
 def _table_uids(lake: Lakehouse, table: str) -> DataFrame:
@@ -195,11 +209,11 @@ def _file_uids(lake: Lakehouse, path: str) -> DataFrame:
     return lines.where(F.col("uid") != "")
 
 
-def selection_pairs(lake: Lakehouse, names: list[str]) -> DataFrame:
+def selection_pairs(lake: Lakehouse, names: list[str], cfg: Config | None = None) -> DataFrame:
     """``uid, image, text, selections`` (array of the selection names keeping each pair)."""
     tagged = None
     for name in names:
-        uids = selection_uids(lake, name).distinct().withColumn("selection", F.lit(name))
+        uids = selection_uids(lake, name, cfg).distinct().withColumn("selection", F.lit(name))
         tagged = uids if tagged is None else tagged.unionByName(uids)
     keep = tagged.groupBy("uid").agg(F.collect_set("selection").alias("selections"))
     bronze = lake.read(BRONZE).where(F.col("image").isNotNull() & F.col("text").isNotNull())
@@ -251,7 +265,7 @@ def induced_comparison(lake: Lakehouse, cfg: Config, run_id: str,
     names = cfg.evaluate.selections
     if not names:
         raise ConfigError("evaluate.selections: list at least one selection, e.g. [none, dfn]")
-    rows = capped(selection_pairs(lake, names), cfg.evaluate.max_pairs, cfg.evaluate.seed)
+    rows = capped(selection_pairs(lake, names, cfg), cfg.evaluate.max_pairs, cfg.evaluate.seed)
     pool = ([bytes(r["image"]) for r in rows], [r["text"] for r in rows],
             [set(r["selections"]) for r in rows])
     blobs, texts, labels = eval_set(lake)

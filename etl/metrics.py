@@ -19,6 +19,8 @@ decision with it (``etl.evaluate.filter_quality``).
 
 from __future__ import annotations
 
+import re
+
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -35,6 +37,20 @@ REASON_LABELS = {
     "below-threshold": list(NOISY_KINDS),
 }
 GROUPED = ("duplicate", "near-duplicate")
+SCORE_CUT = re.compile(r"^[A-Za-z0-9_]*(fraction|threshold)\(")  # a rule's score part
+
+
+def reason_labels(reasons: list[str]) -> dict[str, list[str]]:
+    """The label kinds each of a selection's drop reasons should catch, in reason order: the
+    fixed ones (:data:`REASON_LABELS`), and a rule's score cut (``dfn_fraction(0.7)``) the
+    noisy kinds, as ``below-threshold``."""
+    out = {}
+    for reason in reasons:
+        if reason in REASON_LABELS:
+            out[reason] = REASON_LABELS[reason]
+        elif SCORE_CUT.match(reason):
+            out[reason] = list(NOISY_KINDS)
+    return out
 SCHEMA = ("reason string, label_kinds string, predicted long, expected long, true_pos long, "
           "precision double, recall double, recall_any double")
 
@@ -113,9 +129,12 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
-def run_quality(lake: Lakehouse, run_id: str) -> DataFrame | None:
-    """Edge: score ``gold_selection`` against its labels, print and record; None if unlabelled."""
-    quality = drop_reason_quality(lake.read(SELECTION))
+def run_quality(lake: Lakehouse, run_id: str,
+                reasons: list[str] | None = None) -> DataFrame | None:
+    """Edge: score ``gold_selection`` against its labels, print and record; None if unlabelled.
+    ``reasons``: the selection's drop reasons in order (default: :data:`REASON_LABELS`)."""
+    quality = drop_reason_quality(lake.read(SELECTION),
+                                  reason_labels(reasons) if reasons else None)
     if quality is None:
         print("quality: the pool has no label_kind column; precision/recall not computed")
         return None

@@ -19,10 +19,9 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from etl.config import Config, to_dict
-from etl.filters import configured_filters
 from etl.fs import join
 from etl.metrics import drop_reason_quality
-from etl.select import funnel
+from etl.select import funnel, selection_reasons
 from etl.tables import (
     BRONZE,
     DEDUP,
@@ -180,7 +179,7 @@ def gather(lake: Lakehouse, cfg: Config, k: int = 8) -> ReportData:
 
 
 def _gather(lake: Lakehouse, cfg: Config, sel: DataFrame, k: int) -> ReportData:
-    steps = funnel(sel, configured_filters(cfg.select))
+    steps = funnel(sel, selection_reasons(cfg.select))
     reasons = [name for name, dropped, _ in steps[1:-1] if name != "below-threshold"]
     above, below = near_threshold(sel, k)
     examples = reason_examples(sel, reasons, k)

@@ -33,9 +33,18 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from etl.config import Config, ConfigError, SelectConf
-from etl.filters import add_derived, check_filters, configured_filters, failed_filter
-from etl.tables import BRONZE, DEDUP, SELECTION, SILVER, Lakehouse, StaleTableError
+from etl.filters import (
+    DATACOMP_BASIC,
+    add_derived,
+    check_filters,
+    configured_filters,
+    failed_filter,
+)
+from etl.tables import BRONZE, DEDUP, SELECTION, SILVER, TARGETS, Lakehouse, StaleTableError
 
+DEDUP_REASONS = ["eval-leak", "duplicate", "near-duplicate"]
+FLAGS = {"in_target_cluster": "in_target_cluster", "in_vocabulary": "caption_in_vocab"}
+TARGET_COLUMNS = ("in_target_cluster", "target_similarity")
 DEDUP_COLUMNS = ["dup_of", "dup_reason", "dup_similarity", "eval_match", "eval_similarity"]
 SMALL = 200_000  # below this many values the exact top-k is taken directly
 
@@ -55,8 +64,34 @@ class Threshold:
 
 
 def reason_order(filters: dict[str, str]) -> list[str]:
-    """All drop reasons in the order they are assigned."""
-    return ["eval-leak", "duplicate", "near-duplicate", *filters, "unscorable", "below-threshold"]
+    """All drop reasons in the order they are assigned (no ``select.rule``)."""
+    return [*DEDUP_REASONS, *filters, "unscorable", "below-threshold"]
+
+
+def selection_reasons(conf: SelectConf) -> list[str]:
+    """The drop reasons of the configured selection, in the order they are assigned."""
+    if conf.rule:
+        from etl.rules import rule_parts
+
+        return [*DEDUP_REASONS, *rule_parts(conf.rule, rule_context(conf))]
+    return reason_order(configured_filters(conf))
+
+
+def rule_context(conf: SelectConf):
+    """What ``select.rule``'s names mean: ``dfn`` = the selection model's score, each
+    ``select.scores`` alias (a ``model:<id>`` alias reads column ``score_<alias>``), the
+    configured filters (DataComp's basic filters and ``two_words`` always by name), and the
+    flags ``in_target_cluster`` (silver_targets) / ``in_vocabulary`` (``targets.vocabulary``)."""
+    from etl.rules import RuleContext
+
+    scores = {"dfn": "score", **{a: _alias_column(a, src) for a, src in conf.scores.items()}}
+    filters = {**DATACOMP_BASIC, "two_words": "caption_words > 1", **configured_filters(conf)}
+    return RuleContext(scores=scores, filters=filters, flags=dict(FLAGS),
+                       fraction_of=conf.fraction_of, seed=conf.seed)
+
+
+def _alias_column(alias: str, source: str) -> str:
+    return f"score_{alias}" if source.startswith("model:") else source
 
 
 def pre_threshold(pool: DataFrame, dedup: DataFrame | None, filters: dict[str, str]) -> DataFrame:
@@ -158,9 +193,32 @@ def apply_threshold(pre: DataFrame, thr: Threshold) -> DataFrame:
 
 def select_pairs(pool: DataFrame, dedup: DataFrame | None, conf: SelectConf,
                  small: int = SMALL) -> DataFrame:
-    """The whole selection as one DataFrame -> DataFrame step (``pool`` needs ``score``)."""
+    """The whole selection as one DataFrame -> DataFrame step (``pool`` needs ``score``, and
+    the columns ``select.rule`` reads when one is set)."""
+    if conf.rule:
+        return apply_selection_rule(rule_pre(pool, dedup, conf), conf, small)[0]
     pre = pre_threshold(pool, dedup, configured_filters(conf))
     return apply_threshold(pre, threshold_for(pre, conf, small))
+
+
+def rule_pre(pool: DataFrame, dedup: DataFrame | None, conf: SelectConf) -> DataFrame:
+    """Pool rows with the derived columns ``select.rule`` reads and the dedup ``pre_reason``."""
+    from etl.rules import rule_columns
+
+    used = rule_columns(conf.rule, rule_context(conf))
+    return pre_threshold(add_derived(pool, {f"_{i}": c for i, c in enumerate(sorted(used))}),
+                         dedup, {})
+
+
+def apply_selection_rule(pre: DataFrame, conf: SelectConf,
+                         small: int = SMALL) -> tuple[DataFrame, list]:
+    """``select.rule`` over :func:`rule_pre` rows: ``(selection, one PartResult per part)``.
+    The ``threshold`` column is the cut of the first part on the selection model's score."""
+    from etl.rules import apply_rule
+
+    out, parts = apply_rule(pre, conf.rule, rule_context(conf), small)
+    cut = next((p.threshold for p in parts if p.column == "score"), None)
+    return out.withColumn("threshold", F.lit(cut).cast("double")), parts
 
 
 # ---- edges: lakehouse reads and writes ---------------------------------------------------
@@ -210,7 +268,50 @@ def scored_pool(lake: Lakehouse, cfg: Config) -> DataFrame:
     return bronze.withColumn("score", F.nanvl(value, F.lit(None).cast("double")))
 
 
-def funnel(selection: DataFrame, filters: dict[str, str]) -> list[tuple[str, int, int]]:
+def rule_pool(lake: Lakehouse, cfg: Config) -> DataFrame:
+    """:func:`scored_pool` plus what ``select.rule`` reads from elsewhere: ``model:<id>``
+    aliases' scores, ``silver_targets`` columns, ``caption_in_vocab``."""
+    pool, conf = scored_pool(lake, cfg), cfg.select
+    if not conf.rule:
+        return pool
+    from etl.rules import rule_columns
+
+    cols = rule_columns(conf.rule, rule_context(conf))
+    for alias, src in conf.scores.items():
+        if src.startswith("model:") and _alias_column(alias, src) in cols:
+            pool = pool.join(alias_scores(lake, src[len("model:"):], _alias_column(alias, src)),
+                             "uid", "left")
+    if cols & set(TARGET_COLUMNS):
+        from etl.targets import target_columns
+
+        pool = pool.join(target_columns(lake, cfg), "uid", "left")
+    if "caption_in_vocab" in cols:
+        from etl.targets import in_vocabulary, vocabulary_terms
+
+        terms = vocabulary_terms(cfg.targets.vocabulary, lake)
+        pool = pool.withColumn("caption_in_vocab", in_vocabulary(F.col("text"), terms))
+    return pool
+
+
+def alias_scores(lake: Lakehouse, model_id: str, column: str) -> DataFrame:
+    """``uid, <column>``: the silver scores of ``model_id`` (NaN as null)."""
+    silver = lake.read(SILVER).where(F.col("model_id") == model_id)
+    if not silver.limit(1).count():
+        raise ConfigError(f"select.scores: no scores for model:{model_id} in silver_scores; add "
+                          f"it to score.models and run `dfn-curate score`")
+    return silver.select("uid", F.nanvl("score", F.lit(None).cast("double")).alias(column))
+
+
+def needs_targets(conf: SelectConf) -> bool:
+    """True when ``select.rule`` reads ``silver_targets`` (image_based, a targeted score)."""
+    if not conf.rule:
+        return False
+    from etl.rules import rule_columns
+
+    return bool(rule_columns(conf.rule, rule_context(conf)) & set(TARGET_COLUMNS))
+
+
+def funnel(selection: DataFrame, order: list[str]) -> list[tuple[str, int, int]]:
     """(step, rows dropped by it, rows left after it): ``pool``, each drop reason that dropped
     rows (reason order, then any other reason found, sorted), ``kept``.
 
@@ -219,8 +320,7 @@ def funnel(selection: DataFrame, filters: dict[str, str]) -> list[tuple[str, int
     """
     got = {r["drop_reason"]: r["count"] for r in selection.groupBy("drop_reason").count().collect()}
     total = sum(got.values())
-    order = reason_order(filters)
-    order += sorted(r for r in got if r is not None and r not in order)
+    order = list(order) + sorted(r for r in got if r is not None and r not in order)
     rows, left = [("pool", 0, total)], total
     for reason in order:
         if got.get(reason):
@@ -238,15 +338,12 @@ def funnel_counts(rows: list[tuple[str, int, int]]) -> dict[str, int]:
     return counts
 
 
-def print_funnel(rows: list[tuple[str, int, int]], thr: Threshold | None = None) -> None:
+def print_funnel(rows: list[tuple[str, int, int]]) -> None:
     """Print the funnel: pool, each drop reason with what is left after it, kept."""
     print(f"{'pool':<28}{rows[0][2]:>10}")
     for name, dropped, left in rows[1:-1]:
         print(f"  - {name:<24}{dropped:>10}   -> {left}")
     print(f"{'kept':<28}{rows[-1][2]:>10}")
-    if thr is not None and thr.active:
-        where = f" (N={thr.n_scored}, n={thr.position})" if thr.rule == "keep_fraction" else ""
-        print(f"threshold: {thr.rule} -> score >= {thr.value}{where}")
 
 
 def stale_scores(lake: Lakehouse, cfg: Config, needed_by: str) -> StaleTableError | None:
@@ -263,14 +360,15 @@ def stale_inputs(lake: Lakehouse, cfg: Config, needed_by: str = "select") -> lis
     out = [stale_scores(lake, cfg, needed_by)]
     if lake.exists(DEDUP):
         out.append(lake.stale(DEDUP, "dedup", needed_by))
+    if needs_targets(cfg.select) and lake.exists(TARGETS):
+        out.append(lake.stale(TARGETS, "targets", needed_by))
     return [e for e in out if e is not None]
 
 
 def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
-    """Edge: bronze + silver scores + silver_dedup -> ``gold_selection``; prints the funnel.
-
-    Refuses stale inputs first (:func:`stale_inputs`); records the bronze version it read."""
-    filters = configured_filters(cfg.select)
+    """Edge: bronze + silver scores + silver_dedup (+ silver_targets) -> ``gold_selection``;
+    prints the funnel. Refuses stale inputs first (:func:`stale_inputs`); records the bronze
+    version it read."""
     stale = stale_inputs(lake, cfg)
     if stale:
         raise stale[0]
@@ -278,18 +376,35 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     dedup = lake.read(DEDUP) if lake.exists(DEDUP) else None
     if dedup is None:
         print("select: no silver_dedup table; run `dfn-curate dedup` to drop duplicates")
-    pre = pre_threshold(scored_pool(lake, cfg), dedup, filters).persist()
-    try:
-        thr = threshold_for(pre, cfg.select)
-        lake.overwrite(apply_threshold(pre, thr), SELECTION)
-    finally:
-        pre.unpersist()
-    rows = funnel(lake.read(SELECTION), filters)
-    print_funnel(rows, thr)
-    counts = funnel_counts(rows)
-    stats = dict(counts)
-    if thr.n_scored is not None:
-        stats.update({"threshold_N": thr.n_scored, "threshold_n": thr.position})
+    cuts = _write_selection(lake, rule_pool(lake, cfg), dedup, cfg.select)
+    rows = funnel(lake.read(SELECTION), selection_reasons(cfg.select))
+    print_funnel(rows)
+    stats = funnel_counts(rows)
+    for name, thr in cuts.items():
+        where = f" (N={thr.n_scored}, n={thr.position})" if thr.n_scored is not None else ""
+        print(f"threshold: {name} -> keep >= {thr.value}{where}")
+        if thr.n_scored is not None:
+            stats.update({f"threshold_N[{name}]": thr.n_scored,
+                          f"threshold_n[{name}]": thr.position})
     lake.record_stats(run_id, "select", stats)
     lake.record_source(run_id, "select", BRONZE, version)
-    return counts
+    return funnel_counts(rows)
+
+
+def _write_selection(lake: Lakehouse, pool: DataFrame, dedup: DataFrame | None,
+                     conf: SelectConf) -> dict[str, Threshold]:
+    """Write ``gold_selection``; returns each score cut by name (part text, or the rule)."""
+    pre = (rule_pre(pool, dedup, conf) if conf.rule
+           else pre_threshold(pool, dedup, configured_filters(conf))).persist()
+    try:
+        if not conf.rule:
+            thr = threshold_for(pre, conf)
+            lake.overwrite(apply_threshold(pre, thr), SELECTION)
+            return {thr.rule: thr} if thr.active else {}
+        out, parts = apply_selection_rule(pre, conf)
+        lake.overwrite(out, SELECTION)
+    finally:
+        pre.unpersist()
+    flat = [q for p in parts for q in (p, *p.inner)]
+    return {p.text: Threshold(p.kind, p.threshold, p.n_scored, p.position) for p in flat
+            if p.kind in ("fraction", "threshold", "random")}

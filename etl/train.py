@@ -1,17 +1,22 @@
 """Train a filtering network (DFN) on a high-quality Delta table of image-text pairs.
 
 The Spark side of ``dfn-curate train-dfn``: read the table (``train.table`` filtered by
-``train.where``), gather image bytes and captions in a stable (uid) order, and train either in
-this process (CPU or one GPU) or across the cluster with ``TorchDistributor``. The checkpoint
-is written as safetensors next to a JSON model card that records the table and the Delta
-version it was trained on. Meant for high-quality sets of thousands to tens of thousands of
-pairs; everything torch-side is in :mod:`udfs.train`.
+``train.where``), hold out a seeded validation slice (by a hash of the uid, on the executors;
+at most ``MAX_VAL_PAIRS`` of it come to the driver), and have Spark write the training rows as
+parquet files to a staging folder under the lakehouse (``_staging/train-dfn/<run id>``, removed
+afterwards). Training then runs in this process (CPU or one GPU) or across the cluster with
+``TorchDistributor``; each process streams its own share of the files (see
+:mod:`udfs.trainstream`), so the training set never passes through the driver and is never
+held whole by any process. The checkpoint is written as safetensors next to a JSON model card
+that records the table and the Delta version it was trained on; everything torch-side is in
+:mod:`udfs.train`.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,10 @@ from pyspark.sql import functions as F
 
 from etl.config import TrainConf, resolve_path
 from etl.tables import Lakehouse
+
+MAX_VAL_PAIRS = 2000  # held-out pairs brought to the driver (lowest uids of the held-out slice)
+MIN_ROWS_FOR_VAL = 200  # smaller tables train on every row
+ROWS_PER_FILE = 2000  # staged parquet rows per file (at least 4 files per process)
 
 
 def source_table(lake: Lakehouse, table: str) -> tuple[DataFrame, str, int | None]:
@@ -52,9 +61,70 @@ def training_pairs(df: DataFrame, where: str | None) -> DataFrame:
             .select("uid", "image", "text"))
 
 
-def collect_pairs(pairs: DataFrame) -> tuple[list[bytes], list[str]]:
-    """Image bytes and captions on the driver, ordered by uid so runs repeat exactly."""
-    rows = pairs.orderBy("uid").select("image", "text").collect()
+@dataclass
+class Staged:
+    """Training rows staged as parquet files, and the held-out pairs brought to the driver."""
+
+    files: list[str]
+    rows: int  # rows matched (with image bytes and a caption)
+    train_rows: int  # rows staged for training
+    held_out: int  # rows held out for validation (at most MAX_VAL_PAIRS of them are used)
+    val_blobs: list[bytes] = field(default_factory=list)
+    val_texts: list[str] = field(default_factory=list)
+
+    def provenance(self) -> dict[str, Any]:
+        """The card's ``data`` counts."""
+        return {"rows": self.rows, "train_pairs": self.train_rows, "held_out": self.held_out,
+                "val_collected": len(self.val_blobs), "val_cap": MAX_VAL_PAIRS,
+                "staged_files": len(self.files)}
+
+
+def held_out(seed: int, fraction: float):
+    """True for the seeded ``fraction`` of uids held out for validation (a hash of the uid)."""
+    return F.pmod(F.xxhash64(F.lit(seed), F.col("uid")), F.lit(10_000)) < round(fraction * 10_000)
+
+
+def stage_pairs(lake: Lakehouse, pairs: DataFrame, folder: str, seed: int, fraction: float,
+                world: int) -> Staged:
+    """Split ``pairs`` on the executors, write the training rows to ``folder`` as parquet and
+    collect (at most ``MAX_VAL_PAIRS``) held-out pairs. No validation below 200 rows."""
+    flagged = pairs.withColumn("_val", held_out(seed, fraction))
+    counts = {r["_val"]: r["count"] for r in flagged.groupBy("_val").count().collect()}
+    rows = sum(counts.values())
+    n_val = counts.get(True, 0) if rows >= MIN_ROWS_FOR_VAL else 0
+    if rows < 2:
+        return Staged([], rows, rows, 0)
+    train = flagged.where(~F.col("_val")) if n_val else flagged
+    write_files(train.drop("_val"), folder, n_files(rows - n_val, world))
+    blobs, texts = collect_held_out(flagged) if n_val else ([], [])
+    return Staged(staged_files(lake, folder), rows, rows - n_val, n_val, blobs, texts)
+
+
+def n_files(rows: int, world: int) -> int:
+    """At least 4 files per process and about ``ROWS_PER_FILE`` rows each, a multiple of the
+    number of processes."""
+    n = max(4 * world, math.ceil(rows / ROWS_PER_FILE))
+    return math.ceil(n / world) * world
+
+
+def write_files(train: DataFrame, folder: str, n: int) -> None:
+    """``uid, image, text`` as parquet; which rows land in which file, and their order inside
+    it, follow from the uids alone, so the same table stages the same files."""
+    (train.repartition(n, F.xxhash64("uid")).sortWithinPartitions("uid")
+        .write.mode("overwrite").parquet(folder))
+
+
+def staged_files(lake: Lakehouse, folder: str) -> list[str]:
+    """The parquet files Spark wrote under ``folder`` (sorted; listed through the lakehouse's
+    store, so any URL works)."""
+    names = lake.store.listdir(folder)
+    return [f"{folder}/{n}" for n in names if n.endswith(".parquet") and n[0] not in "._"]
+
+
+def collect_held_out(flagged: DataFrame) -> tuple[list[bytes], list[str]]:
+    """The first ``MAX_VAL_PAIRS`` held-out pairs by uid (bounded: the only rows collected)."""
+    rows = (flagged.where(F.col("_val")).orderBy("uid").limit(MAX_VAL_PAIRS)
+            .select("image", "text").collect())
     return [bytes(r["image"]) for r in rows], [r["text"] for r in rows]
 
 
@@ -67,20 +137,22 @@ def train_spec(conf: TrainConf, provenance: dict[str, Any], progress: bool = Tru
                      out=str(resolve_path(conf.out)), steps=conf.steps,
                      batch_size=conf.batch_size, lr=conf.lr, weight_decay=conf.weight_decay,
                      seed=conf.seed, device=conf.device, progress=progress,
+                     val_fraction=conf.val_fraction, shuffle_buffer=conf.shuffle_buffer,
                      card={"data": provenance})
 
 
-def train_local(spec, blobs: list[bytes], texts: list[str]) -> tuple[dict, bytes]:
-    """Single process (CPU or one GPU): ``(card, checkpoint bytes)``."""
-    from udfs.train import checkpoint_bytes, train
+def train_local(spec, staged: Staged, store) -> tuple[dict, bytes]:
+    """Single process (CPU or one GPU) streaming every staged file: ``(card, checkpoint)``."""
+    from udfs.train import checkpoint_bytes, train_stream
 
-    result = train(spec, blobs, texts)
+    result = train_stream(spec, staged.files, (staged.val_blobs, staged.val_texts), store=store)
     return result.card, checkpoint_bytes(result.model)
 
 
-def train_distributed(spark: SparkSession, spec, blobs: list[bytes], texts: list[str],
+def train_distributed(spark: SparkSession, spec, staged: Staged, store,
                       num_processes: int) -> tuple[dict, bytes]:
-    """``TorchDistributor`` over ``num_processes`` processes (local mode on a local master)."""
+    """``TorchDistributor`` over ``num_processes`` processes (local mode on a local master);
+    each process is handed the file list and reads its own share."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from udfs.train import distributed_main, resolve_device
@@ -88,28 +160,37 @@ def train_distributed(spark: SparkSession, spec, blobs: list[bytes], texts: list
     use_gpu = spec.device.startswith("cuda") or (
         spec.device == "auto" and resolve_device("auto") == "cuda")
     local = spark.sparkContext.master.startswith("local")
-    out = TorchDistributor(num_processes=num_processes, local_mode=local,
-                           use_gpu=use_gpu).run(distributed_main, asdict(spec), blobs, texts)
+    val = (staged.val_blobs, staged.val_texts)
+    out = TorchDistributor(num_processes=num_processes, local_mode=local, use_gpu=use_gpu).run(
+        distributed_main, asdict(spec), staged.files, val, store)
     if not out:
         raise RuntimeError("TorchDistributor returned no result")
     return out["card"], out["weights"]
 
 
 def train_dfn(lake: Lakehouse, conf: TrainConf, run_id: str, progress: bool = True) -> dict:
-    """Read the training table, train, write ``conf.out`` + its model card; returns the card."""
+    """Stage the training table, train, write ``conf.out`` + its model card; returns the card.
+    The staging folder is removed afterwards, whether training succeeded or not."""
     from udfs.train import write_checkpoint
 
     df, name, version = source_table(lake, conf.table)
-    blobs, texts = collect_pairs(training_pairs(df, conf.where))
-    if len(blobs) < 2:
-        raise ValueError(f"train: {name} where {conf.where!r} has {len(blobs)} pairs with image "
-                         f"bytes and text; need at least 2")
-    provenance = {"table": name, "delta_version": version, "where": conf.where}
-    spec = train_spec(conf, provenance, progress)
-    if conf.num_processes > 0:
-        card, weights = train_distributed(lake.spark, spec, blobs, texts, conf.num_processes)
-    else:
-        card, weights = train_local(spec, blobs, texts)
+    spec = train_spec(conf, {"table": name, "delta_version": version, "where": conf.where},
+                      progress)
+    folder = lake.under("_staging", "train-dfn", run_id)
+    try:
+        staged = stage_pairs(lake, training_pairs(df, conf.where), folder, spec.seed,
+                             spec.val_fraction, max(1, conf.num_processes))
+        if staged.rows < 2:
+            raise ValueError(f"train: {name} where {conf.where!r} has {staged.rows} pairs with "
+                             f"image bytes and text; need at least 2")
+        spec.card["data"].update(staged.provenance())
+        if conf.num_processes > 0:
+            card, weights = train_distributed(lake.spark, spec, staged, lake.store,
+                                              conf.num_processes)
+        else:
+            card, weights = train_local(spec, staged, lake.store)
+    finally:
+        lake.store.rm(folder)
     card = portable_card(card, conf, run_id)
     write_checkpoint(weights, card, spec.out)
     return card

@@ -6,7 +6,7 @@
 # MAGIC inserts only new uids, score scores only unscored pairs).
 # MAGIC
 # MAGIC Parameters: `conf`, `overrides`, `run_id` (see 01_ingest), `steps` (comma-separated subset
-# MAGIC of ingest,score,dedup,select,export), `out` (report folder).
+# MAGIC of ingest,score,dedup,targets,select,export), `out` (report folder).
 
 # COMMAND ----------
 

@@ -1,8 +1,9 @@
 # Databricks notebook source
 # MAGIC %md
 # MAGIC # 03 · Dedup and select
-# MAGIC Flags exact and near duplicates and eval-set leaks (`silver_dedup`), then applies the basic
-# MAGIC filters and the score threshold: `gold_selection` holds every pool uid once with `kept`
+# MAGIC Flags exact and near duplicates and eval-set leaks (`silver_dedup`), computes the target
+# MAGIC signals when `select.rule` reads them (`silver_targets`), then applies the basic filters
+# MAGIC and the score threshold, or the selection rule: `gold_selection` holds every pool uid once with `kept`
 # MAGIC and the first `drop_reason`. With the sample pool's labels, precision and recall per drop
 # MAGIC reason are printed too.
 # MAGIC
@@ -12,8 +13,9 @@
 
 from pyspark.sql import functions as F
 
-from etl.jobs import dedup, select_pairs
+from etl.jobs import dedup, select_pairs, targets
 from etl.notebook import context, job_argv, show, widget
+from etl.select import needs_targets
 from etl.tables import DEDUP, SELECTION
 
 argv = job_argv(widget("conf", "conf/local.yaml"), widget("overrides", ""), widget("run_id", ""))
@@ -24,6 +26,11 @@ ctx = context(argv)
 dedup.main(argv)
 show(ctx.lake.read(DEDUP).groupBy("dup_reason").agg(
     F.count("*").alias("pairs"), F.count("eval_match").alias("eval_leaks")))
+
+# COMMAND ----------
+
+if needs_targets(ctx.cfg.select):
+    targets.main(argv)
 
 # COMMAND ----------
 

@@ -152,10 +152,10 @@ def build_tiny_lake(spark, lake, tmp_path):
     """bronze + eval + silver_scores + gold_selection for a tiny pool, per the contracts."""
     built = SampleBuilder(n_pairs=60, eval_size=12, seed=5).build()
     pool = [(f"{i:032x}", p.image, p.text, p.meta["label_kind"], p.meta["label_shape"],
-             p.meta["label_color"]) for i, p in enumerate(built.pool)]
-    pool.append(("f" * 32, b"\x89PNG broken", "a red star", "clean", "star", "red"))
+             p.meta["label_color"], 256, 256) for i, p in enumerate(built.pool)]
+    pool.append(("f" * 32, b"\x89PNG broken", "a red star", "clean", "star", "red", 256, 256))
     schema = ("uid string, image binary, text string, label_kind string, label_shape string, "
-              "label_color string")
+              "label_color string, width int, height int")
     lake.overwrite(spark.createDataFrame(pool, schema).repartition(2), BRONZE)
     ev = [(f"e{i:031x}", p.image, p.text, p.meta["label_shape"], p.meta["label_color"])
           for i, p in enumerate(built.eval)]
@@ -164,13 +164,13 @@ def build_tiny_lake(spark, lake, tmp_path):
     # scores: clean 0.8+, noisy at most 0.36, other kinds 0.5+ (not alignment labels)
     score = {"clean": 0.8, "mismatched": 0.1, "unrelated": 0.2, "blank": 0.3, "noise": 0.05}
     scores = [(u, "m1", score.get(k, 0.5) + (0.001 * i), None, None, None, None, "r")
-              for i, (u, _, _, k, _, _) in enumerate(pool)]
+              for i, (u, _, _, k, *_) in enumerate(pool)]
     lake.overwrite(spark.createDataFrame(scores, "uid string, model_id string, score double, "
                    "score_error string, image_embedding array<float>, text_embedding "
                    "array<float>, scored_at timestamp, run_id string"), SILVER)
     sel = [(u, k == "clean", None if k == "clean" else
             ("english" if k == "non_english" else "below-threshold"), 0.0, 0.6)
-           for u, _, _, k, _, _ in pool]
+           for u, _, _, k, *_ in pool]
     lake.overwrite(spark.createDataFrame(sel, "uid string, kept boolean, drop_reason string, "
                                          "score double, threshold double"), SELECTION)
     return pool
@@ -195,7 +195,15 @@ def test_evaluate_job_on_a_tiny_pool(spark, lake, tmp_path):
     assert table["none"]["n_pairs"] == len(decodable)
     assert table["dfn"]["n_pairs"] == sum(kinds[u] == "clean" for u in decodable)
     assert table["oracle"]["n_pairs"] == table["dfn"]["n_pairs"]
-    assert table["basic"]["n_pairs"] == sum(kinds[u] != "non_english" for u in decodable)
+    # "basic" is the rule (dedup + DataComp's basic filter): what select's preset keeps
+    from etl.config import Config, SelectConf
+    from etl.select import scored_pool, select_pairs
+
+    cfg = Config()
+    cfg.lakehouse.root, cfg.select.model_id = lake.conf.root, "m1"
+    preset = select_pairs(scored_pool(lake, cfg), None, SelectConf(keep_fraction=None))
+    basic = {r.uid for r in preset.where("kept").collect()} & decodable
+    assert table["basic"]["n_pairs"] == len(basic) and 0 < len(basic) < len(decodable)
     assert table[f"uids:{uids_file}"]["n_pairs"] == len(set(mine) & decodable)
     metrics = ("zeroshot_shape", "zeroshot_color", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
     for row in table.values():

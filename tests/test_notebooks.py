@@ -99,8 +99,9 @@ def test_end_to_end_notebook_reruns_idempotently(run, tiny_lake, tmp_path):
     with notebook_env(conf="conf/local.yaml", overrides=";".join(run.overrides),
                       run_id="rerun", out=str(tmp_path / "report")):
         ns = run_notebook(NOTEBOOKS / "00_end_to_end.py")
-    assert ns["steps"] == "ingest,score,dedup,select,export"
-    assert set(ns["results"]) == {"ingest", "score", "dedup", "select", "export"}
+    assert ns["steps"] == "ingest,score,dedup,targets,select,export"
+    assert set(ns["results"]) == {"ingest", "score", "dedup", "targets", "select", "export"}
+    assert ns["results"]["targets"] == {}  # no rule reads target signals: skipped
     assert ns["results"]["ingest"]["bronze_pairs.new"] == 0
     assert tiny_lake.version(SILVER) == silver_version  # nothing re-scored
     assert tiny_lake.read(BRONZE).count() == 60

@@ -14,7 +14,7 @@ from PIL import Image
 from etl.config import LakehouseConf
 from etl.jobs import report
 from etl.report import near_threshold, reason_examples, reason_sample, score_histogram, thumbnail
-from etl.select import funnel
+from etl.select import funnel, reason_order
 from etl.tables import SELECTION, Lakehouse
 from tests.tiny_pipeline import notebook_run
 
@@ -39,7 +39,7 @@ def selection_rows(spark):
 
 
 def test_funnel_follows_reason_order_and_adds_unknown_reasons(spark):
-    got = funnel(selection_rows(spark), FILTERS)
+    got = funnel(selection_rows(spark), reason_order(FILTERS))
     assert got == [("pool", 0, 10), ("eval-leak", 1, 9), ("duplicate", 1, 8), ("english", 2, 6),
                    ("below-threshold", 2, 4), ("custom-rule", 1, 3), ("kept", 0, 3)]
 

@@ -225,7 +225,7 @@ def test_select_and_report_share_one_funnel_that_adds_up(spark, capsys):
     sel = spark.createDataFrame([("a", False, "eval-leak"), ("b", False, "custom-rule"),
                                  ("c", True, None), ("d", False, "below-threshold")],
                                 "uid string, kept boolean, drop_reason string")
-    rows = etl.select.funnel(sel, {})
+    rows = etl.select.funnel(sel, etl.select.reason_order({}))
     assert rows == [("pool", 0, 4), ("eval-leak", 1, 3), ("below-threshold", 1, 2),
                     ("custom-rule", 1, 1), ("kept", 0, 1)]
     assert etl.report.funnel is etl.select.funnel

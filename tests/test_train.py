@@ -1,5 +1,6 @@
-"""train-dfn: a few real training steps on a Delta table, checkpoints that reload exactly,
-seeded repeatability, and TorchDistributor in local mode with 2 processes."""
+"""train-dfn: a few real training steps on a Delta table, streamed from staged parquet files
+(never through the driver), checkpoints that reload exactly, seeded repeatability, the
+per-process streaming reader, and TorchDistributor in local mode with 2 processes."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def clean_pairs(rows):
     return [r[1] for r in ok], [r[2] for r in ok]
 
 
+def staging(lake, run_id=""):
+    return lake.under("_staging", "train-dfn", run_id)
+
+
 def test_train_dfn_job_lowers_loss_and_writes_a_card(spark, lake, pool, tmp_path):
     from etl.jobs.train_dfn import main
 
@@ -56,9 +61,13 @@ def test_train_dfn_job_lowers_loss_and_writes_a_card(spark, lake, pool, tmp_path
     assert card["data"]["table"] == lake.name(BRONZE)
     assert card["data"]["delta_version"] == lake.version(BRONZE)
     assert card["data"]["where"] == "label_kind = 'clean'"
-    assert card["data"]["rows"] == len(blobs)  # the null-image and null-text rows never arrive
-    assert card["data"]["undecodable"] == 1
-    assert card["data"]["train_pairs"] + card["metrics"].get("val_pairs", 0) == len(blobs) - 1
+    data = card["data"]
+    assert data["rows"] == len(blobs)  # the null-image and null-text rows never arrive
+    assert data["held_out"] == 0 and "val_pairs" not in card["metrics"]  # < 200 rows: no val
+    assert data["train_pairs"] == len(blobs) and data["staged_files"] >= 4
+    assert data["epochs_completed"] >= 1 and data["rows_seen"] == len(blobs)
+    assert data["undecodable_seen"] == 1 and "undecodable" not in data
+    assert lake.store.listdir(staging(lake)) == []  # the staged files are gone
     assert card["training"]["steps"] == 40 and card["training"]["batch_size"] == 16
     assert card["architecture"]["embed_dim"] == json.loads(open(MODEL).read())["embed_dim"]
     assert card["metrics"]["final_loss"] < 0.85 * card["metrics"]["first_loss"]
@@ -142,6 +151,9 @@ def test_torch_distributor_two_processes_local_mode(spark, lake, pool, tmp_path)
     digests = card["training"]["rank_weights_sha256"]
     assert len(digests) == 2 and len(set(digests)) == 1, digests
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digests[0]
+    # each rank streamed its own files: their first passes add up to every row, once
+    assert card["data"]["rows_seen"] == card["data"]["rows"] == len(clean_pairs(pool)[0])
+    assert card["data"]["undecodable_seen"] == 1
 
 
 def test_missing_table_and_empty_selection_fail_clearly(spark, lake, pool, tmp_path):
@@ -155,3 +167,149 @@ def test_missing_table_and_empty_selection_fail_clearly(spark, lake, pool, tmp_p
     with pytest.raises(ValueError, match="need at least 2"):
         train_dfn(lake, conf, "r")
     assert not (tmp_path / "x.safetensors").exists()
+    assert not lake.store.exists(staging(lake, "r"))
+
+
+def test_train_dfn_streams_repeatably_and_never_collects_training_rows(
+        spark, lake, pool, tmp_path, monkeypatch):
+    import etl.train
+    from etl.train import train_dfn
+
+    write_bronze(spark, lake, pool)
+    collected: list[list[str]] = []
+    frame = type(spark.range(1))
+    for method in ("collect", "toLocalIterator", "toPandas", "toArrow"):
+        original = getattr(frame, method)
+        def spy(self, *a, _original=original, **kw):
+            collected.append(list(self.columns))
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(frame, method, spy)
+
+    def run(run_id):
+        out = tmp_path / f"{run_id}.safetensors"
+        conf = TrainConf(model=MODEL, out=str(out), steps=6, batch_size=8, device="cpu")
+        card = train_dfn(lake, conf, run_id, progress=False)
+        assert not lake.store.exists(staging(lake, run_id))
+        return out.read_bytes(), card
+
+    first, card = run("a")
+    again, _ = run("b")
+    assert first == again  # same seed, same table: the same weights, byte for byte
+    assert card["data"]["train_pairs"] == card["data"]["rows"]
+    assert not hasattr(etl.train, "collect_pairs")
+    assert collected and not [c for c in collected if "image" in c], collected
+
+
+def test_staging_folder_is_removed_when_training_fails(spark, lake, pool, tmp_path,
+                                                        monkeypatch):
+    import udfs.train
+    from etl.train import train_dfn
+
+    write_bronze(spark, lake, pool)
+    seen = []
+    def fail(spec, files, val, rank=0, world_size=1, store=None):
+        seen.extend(files)
+        assert all(store.exists(f) for f in files)
+        raise RuntimeError("boom")
+    monkeypatch.setattr(udfs.train, "train_stream", fail)
+    conf = TrainConf(model=MODEL, out=str(tmp_path / "x.safetensors"), steps=2, batch_size=4)
+    with pytest.raises(RuntimeError, match="boom"):
+        train_dfn(lake, conf, "failing")
+    assert len(seen) >= 4 and all(f.startswith(staging(lake, "failing")) for f in seen)
+    assert not lake.store.exists(staging(lake, "failing"))
+
+
+def write_parquet_files(folder, rows, n_files):
+    """``rows`` of ``(uid, image, text)`` split round-robin into ``n_files`` parquet files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = []
+    for i in range(n_files):
+        part = rows[i::n_files]
+        table = pa.table({"uid": [r[0] for r in part],
+                          "image": pa.array([r[1] for r in part], pa.binary()),
+                          "text": [r[2] for r in part]})
+        files.append(str(folder / f"part-{i:05d}.parquet"))
+        pq.write_table(table, files[-1])
+    return files
+
+
+def test_each_rank_streams_its_own_files_in_a_seeded_order(tmp_path):
+    from udfs.trainstream import epoch_rows, rank_files
+
+    rows = [(f"u{i:03d}", b"x", f"t{i}") for i in range(40)]
+    files = write_parquet_files(tmp_path, rows, 4)
+    assert rank_files(files[::-1], 1, 2) == [files[1], files[3]]
+    def uids(rank, seed=0, epoch=0, world=2):
+        return [r[0] for r in epoch_rows(files, rank, world, seed, epoch, buffer=7)]
+    r0, r1 = uids(0), uids(1)
+    assert not set(r0) & set(r1) and sorted(r0 + r1) == [r[0] for r in rows]
+    assert len(r0) == len(set(r0)) == 20
+    assert uids(0) == r0  # same seed, same order
+    assert uids(0, seed=1) != r0 and sorted(uids(0, seed=1)) == sorted(r0)
+    assert uids(0, epoch=1) != r0  # each epoch reshuffles
+    assert sorted(uids(0, world=1)) == [r[0] for r in rows]
+
+
+def tiny_png(value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_stream_batches_loop_epochs_skip_undecodable_and_fail_clearly(tmp_path):
+    import numpy as np
+    import torch
+
+    from udfs.train import TrainSpec
+    from udfs.trainstream import StreamStats, stream_batches
+
+    rows = [(f"u{i:03d}", tiny_png(i), f"{i}") for i in range(12)]
+    rows += [("bad", b"not an image", "99"), ("none", None, "98")]
+    files = write_parquet_files(tmp_path, rows, 4)
+    prep = (lambda img: torch.tensor(np.asarray(img), dtype=torch.float32),
+            lambda texts: torch.tensor([[int(t)] for t in texts]))
+    spec = TrainSpec(model=MODEL, steps=7, batch_size=4, shuffle_buffer=5)
+    def run(world=1, rank=0, **kw):
+        stats = StreamStats()
+        batches = list(stream_batches(files, prep, TrainSpec(**{**spec.__dict__, **kw}), rank,
+                                      world, stats))
+        return [b[1].flatten().tolist() for b in batches], stats
+    ids, stats = run()
+    assert len(ids) == 7 and all(len(b) == 4 for b in ids)
+    assert sorted(sum(ids[:3], [])) == list(range(12))  # one epoch: every pair once
+    assert sum(ids[3:6], []) != sum(ids[:3], [])  # the next epoch in another order
+    assert (stats.rows_seen, stats.undecodable_seen, stats.epochs) == (14, 2, 2)
+    assert run()[0] == ids and run(seed=5)[0] != ids
+    two = [run(world=2, rank=r, batch_size=8)[0] for r in (0, 1)]
+    assert all(len(b) == 7 and len(b[0]) == 4 for b in two)
+    with pytest.raises(ValueError, match="fewer than its batch of 16"):
+        run(batch_size=16)
+    (tmp_path / "bad").mkdir()
+    bad = write_parquet_files(tmp_path / "bad", rows[12:], 1)  # nothing decodable
+    with pytest.raises(ValueError, match="0 decodable image-text pairs"):
+        list(stream_batches(bad, prep, spec))
+
+
+def test_validation_is_held_out_on_the_executors_and_capped(spark, lake, tmp_path, monkeypatch):
+    import etl.train
+    from etl.train import train_dfn
+
+    rows = [(f"{i:032x}", tiny_png(i), f"shade {i}", "clean") for i in range(240)]
+    write_bronze(spark, lake, rows)
+    monkeypatch.setattr(etl.train, "MAX_VAL_PAIRS", 3)
+    conf = TrainConf(model=MODEL, out=str(tmp_path / "v.safetensors"), steps=2, batch_size=8,
+                     device="cpu")
+    card = train_dfn(lake, conf, "val", progress=False)
+    data = card["data"]
+    held = spark.createDataFrame(rows, "uid string, image binary, text string, k string") \
+        .where(etl.train.held_out(0, 0.05)).count()
+    assert 0 < data["held_out"] == held < 30  # about 5% of 240, chosen by uid hash
+    assert data["train_pairs"] + data["held_out"] == data["rows"] == 240
+    assert data["val_collected"] == data["val_cap"] == card["metrics"]["val_pairs"] == 3
+    assert not lake.store.exists(staging(lake, "val"))

@@ -1,15 +1,18 @@
 """Train or fine-tune a small open_clip filtering network (DFN) with open_clip's CLIP loss.
 
-Everything torch-side lives here; ``etl.train`` only gathers the rows. Data arrives as raw
-image bytes and captions, is decoded and preprocessed once with the model's own eval
-transform (the one scoring uses), and batches are drawn in a seeded order, so a run with the
-same inputs and seed is repeatable. Checkpoints are safetensors (float16, to stay small) plus
-a JSON model card; the trained model is rounded to float16 before it is returned, so scores
-from the returned model equal scores from the reloaded checkpoint.
+Everything torch-side lives here; ``etl.train`` only stages the rows. Two data paths share
+one training loop: :func:`train_stream` (``dfn-curate train-dfn``) streams each process's own
+slice of staged parquet files through a seeded shuffle buffer (:mod:`udfs.trainstream`), and
+:func:`train`/:func:`fit` (the induced comparison of ``dfn-curate evaluate``) take raw image
+bytes and captions in memory, decoded and preprocessed once. Images are preprocessed with
+the model's own eval transform (the one scoring uses) and batches come in a seeded order, so a
+run with the same inputs and seed is repeatable. Checkpoints are safetensors (float16, to stay
+small) plus a JSON model card; the trained model is rounded to float16 before it is returned,
+so scores from the returned model equal scores from the reloaded checkpoint.
 
 ``distributed_main`` is the entry ``pyspark.ml.torch.distributor.TorchDistributor`` runs in
-each process: it joins a gloo (CPU) or NCCL (GPU) process group, wraps the model in
-DistributedDataParallel and returns the checkpoint bytes to the driver.
+each process: it joins a gloo (CPU) or NCCL (GPU) process group, streams its files, wraps the
+model in DistributedDataParallel and returns the checkpoint bytes to the driver.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class TrainSpec:
     device: str = "cpu"
     val_fraction: float = 0.05
     augment: bool = True  # random horizontal flips and translations (never colour changes)
+    shuffle_buffer: int = 4096  # rows per process in the streaming shuffle buffer
     progress: bool = True
     card: dict[str, Any] = field(default_factory=dict)  # provenance copied into the card
 
@@ -231,27 +235,67 @@ def train(spec: TrainSpec, blobs: list[bytes], texts: list[str], rank: int = 0,
 def fit(spec: TrainSpec, built: tuple, images, tokens, n_rows: int, rank: int = 0,
         world_size: int = 1) -> TrainResult:
     """Train ``built = (model, preprocess, tokenizer)`` on preprocessed tensors."""
-    from open_clip.loss import ClipLoss
-
     model, preprocess, tokenizer = built
     if len(images) < 2:
         raise ValueError(f"need at least 2 decodable image-text pairs to train, got {len(images)}")
     if world_size > 1 and spec.batch_size % world_size:
         raise ValueError(f"batch_size {spec.batch_size} must divide by {world_size} processes")
-    device = resolve_device(spec.device)
     train_idx, val_idx = split_validation(len(images), spec.val_fraction, spec.seed)
+    batches = memory_batches(images[train_idx], tokens[train_idx], spec, rank, world_size)
+    losses, metrics = _run(spec, model, batches, (images[val_idx], tokens[val_idx]), rank,
+                           world_size)
+    data = {"rows": n_rows, "decoded": len(images), "train_pairs": len(train_idx),
+            "undecodable": n_rows - len(images)}
+    card = model_card(spec, model, data, world_size, metrics)
+    return TrainResult(model, preprocess, tokenizer, losses, card)
+
+
+def train_stream(spec: TrainSpec, files: list[str], val: tuple[list[bytes], list[str]],
+                 rank: int = 0, world_size: int = 1, store: Any = None) -> TrainResult:
+    """Train for ``spec.steps`` steps on this process's slice of the staged parquet ``files``
+    (streamed, never loaded whole); ``val = (blobs, texts)`` is the held-out set, in memory.
+    The card's ``data`` gets what this process saw in its first pass over its slice."""
+    from udfs.trainstream import StreamStats, stream_batches
+
+    if world_size > 1 and spec.batch_size % world_size:
+        raise ValueError(f"batch_size {spec.batch_size} must divide by {world_size} processes")
+    seed_everything(spec.seed)
+    model, preprocess, tokenizer = create(spec.model, spec.init_checkpoint,
+                                          resolve_device(spec.device))
+    val_images, val_tokens, _ = prepare(*val, preprocess, tokenizer)
+    stats = StreamStats()
+    batches = stream_batches(files, (preprocess, tokenizer), spec, rank, world_size, stats,
+                             store)
+    losses, metrics = _run(spec, model, batches, (val_images, val_tokens), rank, world_size)
+    data = {"rows_seen": stats.rows_seen, "undecodable_seen": stats.undecodable_seen,
+            "epochs_completed": stats.epochs}
+    card = model_card(spec, model, data, world_size, metrics)
+    return TrainResult(model, preprocess, tokenizer, losses, card)
+
+
+def memory_batches(images, tokens, spec: TrainSpec, rank: int = 0, world_size: int = 1):
+    """``(images, tokens)`` batches of in-memory tensors in :func:`batch_order`; each process
+    takes every ``world_size``-th row of a global batch."""
+    for idx in batch_order(len(images), spec.batch_size, spec.steps, spec.seed):
+        local = idx[rank::world_size]
+        yield images[local], tokens[local]
+
+
+def _run(spec: TrainSpec, model, batches, val: tuple, rank: int,
+         world_size: int) -> tuple[list[float], dict[str, Any]]:
+    """Train on ``batches``, round to float16, validate on ``val``: ``(losses, metrics)``."""
+    from open_clip.loss import ClipLoss
+
+    device = resolve_device(spec.device)
     net = _wrap(model, device, world_size)
     loss_fn = ClipLoss(gather_with_grad=world_size > 1, rank=rank, world_size=world_size)
     started = time.time()
-    losses = _loop(spec, net, model, loss_fn, images[train_idx], tokens[train_idx], device,
-                   rank, world_size)
+    losses = _loop(spec, net, model, loss_fn, batches, device, rank)
     _round_fp16(model)
     metrics = {"train_time_s": round(time.time() - started, 1),
-               **final_loss(losses), **validate(model, images[val_idx], tokens[val_idx], device)}
-    data = {"rows": n_rows, "decoded": len(images), "train_pairs": len(train_idx)}
-    card = model_card(spec, model, data, world_size, metrics)
+               **final_loss(losses), **validate(model, *val, device)}
     model.eval()
-    return TrainResult(model, preprocess, tokenizer, losses, card)
+    return losses, metrics
 
 
 def _wrap(model, device: str, world_size: int):
@@ -263,8 +307,7 @@ def _wrap(model, device: str, world_size: int):
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def _loop(spec: TrainSpec, net, model, loss_fn, images, tokens, device: str, rank: int,
-          world_size: int) -> list[float]:
+def _loop(spec: TrainSpec, net, model, loss_fn, batches, device: str, rank: int) -> list[float]:
     import torch
     from tqdm.auto import tqdm
 
@@ -273,10 +316,9 @@ def _loop(spec: TrainSpec, net, model, loss_fn, images, tokens, device: str, ran
     bar = tqdm(total=spec.steps, desc="train-dfn", disable=not spec.progress or rank != 0)
     losses: list[float] = []
     net.train()
-    for idx in batch_order(len(images), spec.batch_size, spec.steps, spec.seed):
-        local = idx[rank::world_size]
-        batch = augment(images[local]) if spec.augment else images[local]
-        img_f, txt_f, scale = net(batch.to(device), tokens[local].to(device))[:3]
+    for images, tokens in batches:
+        batch = augment(images) if spec.augment else images
+        img_f, txt_f, scale = net(batch.to(device), tokens.to(device))[:3]
         loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -350,7 +392,7 @@ def embed(model, images, tokens, device: str = "cpu", batch_size: int = 256):
     return torch.cat(img_out).float().cpu(), torch.cat(txt_out).float().cpu()
 
 
-def model_card(spec: TrainSpec, model, data: dict[str, int], world_size: int,
+def model_card(spec: TrainSpec, model, data: dict[str, Any], world_size: int,
                metrics: dict[str, Any]) -> dict[str, Any]:
     """The JSON model card: architecture, data provenance, run settings, final metrics."""
     import open_clip
@@ -362,8 +404,7 @@ def model_card(spec: TrainSpec, model, data: dict[str, int], world_size: int,
     return {"model_name": Path(spec.model).stem, "architecture_file": spec.model,
             "architecture": json.loads(Path(spec.model).read_text()), "dtype": "float16",
             "parameters": sum(p.numel() for p in model.parameters()),
-            "data": {**data, "undecodable": data["rows"] - data["decoded"],
-                     **extra.pop("data", {})},
+            "data": {**data, **extra.pop("data", {})},
             "training": {**settings, "world_size": world_size, "loss": "open_clip.loss.ClipLoss",
                          "optimizer": "AdamW", "schedule": "linear warmup + cosine"},
             "metrics": metrics, **extra,
@@ -379,8 +420,10 @@ def train_and_save(spec: TrainSpec, blobs: list[bytes], texts: list[str]) -> Tra
     return result
 
 
-def distributed_main(spec: dict[str, Any], blobs: list[bytes], texts: list[str]) -> dict:
-    """TorchDistributor entry: train in a process group; returns the card and the weights."""
+def distributed_main(spec: dict[str, Any], files: list[str], val: tuple[list, list],
+                     store: Any = None) -> dict:
+    """TorchDistributor entry: stream this rank's share of ``files`` in a process group;
+    returns the card (first-pass counts summed over ranks) and the weights."""
     import torch
     import torch.distributed as dist
 
@@ -391,16 +434,26 @@ def distributed_main(spec: dict[str, Any], blobs: list[bytes], texts: list[str])
     if world > 1:
         dist.init_process_group("nccl" if run.device.startswith("cuda") else "gloo")
     try:
-        result = train(run, blobs, texts, rank, world)
+        result = train_stream(run, files, val, rank, world, store)
         weights = checkpoint_bytes(result.model)
-        digests = [hashlib.sha256(weights).hexdigest()] * world
+        mine = (hashlib.sha256(weights).hexdigest(), result.card["data"])
+        ranks = [mine] * world
         if world > 1:
-            dist.all_gather_object(digests, digests[0])
+            dist.all_gather_object(ranks, mine)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     # DDP keeps every rank's weights identical, and TorchDistributor keeps whichever rank's
     # output is written last, so every rank returns the same result; the card records every
     # rank's checkpoint digest so that can be checked.
-    result.card["training"]["rank_weights_sha256"] = digests
+    result.card["training"]["rank_weights_sha256"] = [d for d, _ in ranks]
+    result.card["data"].update(merge_stream_counts([c for _, c in ranks]))
     return {"card": result.card, "weights": weights}
+
+
+def merge_stream_counts(per_rank: list[dict[str, Any]]) -> dict[str, int]:
+    """Every rank's first-pass counts as one: rows and undecodable rows summed (the ranks read
+    disjoint files), epochs completed by all of them."""
+    return {"rows_seen": sum(c["rows_seen"] for c in per_rank),
+            "undecodable_seen": sum(c["undecodable_seen"] for c in per_rank),
+            "epochs_completed": min(c["epochs_completed"] for c in per_rank)}

@@ -1,4 +1,5 @@
-"""Job: the whole pipeline, ingest -> score -> dedup -> select -> export (``dfn-curate run``)."""
+"""Job: the whole pipeline, ingest -> score -> dedup -> targets -> select -> export
+(``dfn-curate run``; targets only when ``select.rule`` reads them)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 
 from etl.jobs.common import JobContext, parser, run_job, start
 
-STEPS = ("ingest", "score", "dedup", "select", "export")
+STEPS = ("ingest", "score", "dedup", "targets", "select", "export")
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -36,10 +37,10 @@ def timed_step(ctx: JobContext, step: str, results: dict[str, dict]) -> None:
 
 def stale_for(ctx: JobContext, step: str) -> list:
     """The inputs of ``step`` that no longer cover bronze (``StaleTableError`` each)."""
-    if step == "dedup":
+    if step in ("dedup", "targets"):
         from etl.select import stale_scores
 
-        found = stale_scores(ctx.lake, ctx.cfg, "dedup")
+        found = stale_scores(ctx.lake, ctx.cfg, step)
         return [found] if found else []
     if step == "select":
         from etl.select import stale_inputs
@@ -80,6 +81,14 @@ def run_step(ctx: JobContext, step: str) -> dict:
         from etl.dedup import run_dedup
 
         return run_dedup(ctx.lake, ctx.cfg, ctx.run_id)
+    if step == "targets":
+        from etl.select import needs_targets
+        from etl.targets import run_targets
+
+        if not needs_targets(ctx.cfg.select):
+            print("[targets] skipped: select.rule reads no target signal")
+            return {}
+        return run_targets(ctx.lake, ctx.cfg, ctx.run_id)
     if step == "select":
         from etl.select import run_select
 
@@ -92,8 +101,9 @@ def run_step(ctx: JobContext, step: str) -> dict:
 def report_labels(ctx: JobContext) -> None:
     """Precision/recall of each drop reason against the sample's labels, when present."""
     from etl.metrics import run_quality
+    from etl.select import selection_reasons
 
-    run_quality(ctx.lake, ctx.run_id)
+    run_quality(ctx.lake, ctx.run_id, selection_reasons(ctx.cfg.select))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> dict:
     card = train_dfn(ctx.lake, ctx.cfg.train, ctx.run_id, progress=not ctx.args.no_progress)
     print(summary(card))
     ctx.lake.record_stats(ctx.run_id, "train-dfn", {
-        "train_pairs": card["data"]["train_pairs"], "undecodable": card["data"]["undecodable"],
+        "train_pairs": card["data"]["train_pairs"],
+        "undecodable_seen": card["data"]["undecodable_seen"],
         "steps": card["training"]["steps"]})
     return card
 
