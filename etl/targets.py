@@ -244,8 +244,8 @@ def _embed_folder(lake: Lakehouse, cfg: Config, url: str, model_id: str) -> Data
         raise ConfigError(f"targets.source folder: the pool's model {model_id!r} is not in "
                           f"score.models, so the folder cannot be embedded with it")
     configure_arrow(lake.spark, cfg.score)
-    images = read_image_folder(lake.spark, url).select(
-        "uid", "image", F.coalesce("text", F.lit("")).alias("text"))
+    images = read_image_folder(lake.spark, url).where(F.col("image").isNotNull()).select(
+        F.col("source_file").alias("uid"), "image", F.coalesce("text", F.lit("")).alias("text"))
     return score_pairs(images, models[0], cfg.score)
 
 

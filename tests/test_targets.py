@@ -129,3 +129,33 @@ def test_vocabulary_matches_whole_words_case_insensitively(spark, tmp_path):
     empty.write_text("# nothing here\n\n  \n---\n")
     with pytest.raises(ConfigError, match="no usable terms"):
         vocabulary_terms(str(empty))
+
+
+def test_an_image_folder_is_embedded_with_the_pools_model(spark, lake, tmp_path):
+    from PIL import Image
+
+    from etl.config import PROJECT_ROOT, ModelConf
+
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30)]):
+        Image.new("RGB", (80, 80), colour).save(folder / f"t{i}.png")
+    (folder / "notes.txt").write_text("a caption file without its image is skipped")
+    rng = np.random.default_rng(4)
+    rows = [(f"p{i}", [float(x) for x in rng.standard_normal(64)]) for i in range(12)]
+    write_silver(lake, SILVER, rows, "tiny")
+    lake.overwrite(spark.createDataFrame([("p0", "x")], "uid string, text string"), "bronze_pairs")
+    cfg = Config()
+    models = PROJECT_ROOT / "conf" / "models"
+    cfg.score.models = [ModelConf(name=str(models / "dfn-tiny.json"),
+                                  pretrained=str(models / "dfn-tiny.safetensors"),
+                                  model_id="tiny")]
+    cfg.score.device = "cpu"
+    cfg.select.model_id = "tiny"
+    cfg.targets = TargetsConf(source=f"folder:{folder}", n_clusters=2, top_k=2)
+    counts = run_targets(lake, cfg, "r")
+    assert counts["targets"] == 3 and counts["rows"] == 12
+    assert lake.read(TARGETS).where("target_similarity IS NULL").count() == 0
+    cfg.select.model_id = "other"
+    with pytest.raises(ConfigError, match="model 'other' is not in score.models"):
+        run_targets(lake, cfg, "r")
