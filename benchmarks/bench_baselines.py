@@ -97,7 +97,8 @@ def prepare(base: list[str]) -> dict[str, float]:
     if not (PROJECT_ROOT / CLIP_OUT).exists():
         costs["train clip-pool"] = timed("train clip-pool", train_dfn.main, [
             *base, "--set", "train.where=", "--set", f"train.out={CLIP_OUT}"])[1]
-    costs["score clip-pool"] = timed("score", score.main, base)[1]
+    costs["dfn-curate score (scores only pending rows: fixed cost when none)"] = \
+        timed("score", score.main, base)[1]
     costs["targets"] = timed("targets", targets.main, base)[1]
     return costs
 
