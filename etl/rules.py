@@ -280,7 +280,10 @@ def _check_columns(pre: DataFrame, parts: list[Node]) -> None:
         for leaf in _leaves(part):
             if leaf.kind in ("fraction", "threshold") and leaf.column not in pre.columns:
                 raise ConfigError(f"rule part {part.text!r}: score column {leaf.column!r} is not "
-                                  f"in the input (columns: {', '.join(pre.columns)})")
+                                  f"in the input; point the score alias at one that is "
+                                  f"(select.scores.<alias>: a bronze column, "
+                                  f"target_similarity or model:<model_id>). Columns: "
+                                  f"{', '.join(pre.columns)}")
             if leaf.kind in ("filter", "flag"):
                 try:
                     pre.select(F.expr(leaf.column).cast("boolean")).schema  # noqa: B018
