@@ -137,21 +137,33 @@ def bounded_groups(clustered: DataFrame, max_rows: int, seed: int = 0) -> DataFr
     parts = spark.createDataFrame([(int(c), -(-2 * n // max_rows)) for c, n in big.items()],
                                   "cluster int, _parts int")
     out = out.withColumn("_proj", _projection(direction)("embedding"))
-    # percentile_approx's rank error is n / accuracy: 20 * grid keeps it near max_rows / 40,
-    # so the cuts, not the hash split below, bound the parts
-    cuts = (out.join(F.broadcast(parts), "cluster")
-            .groupBy("cluster", "_parts")
-            .agg(F.percentile_approx("_proj", [i / grid for i in range(1, grid)],
-                                     max(10_000, 20 * grid)).alias("_cuts")))
+    cuts = cut_table(out.join(F.broadcast(parts), "cluster"), grid)
     below = F.size(F.filter("_cuts", lambda c: c < F.col("_proj")))
     out = (out.join(F.broadcast(cuts), "cluster", "left")
-           .withColumn("part", F.coalesce(F.floor(below * F.col("_parts") / grid), F.lit(0)))
-           .drop("_cuts", "_parts", "_proj"))
+           .withColumn("part", F.when(F.col("_cuts").isNull(), F.lit(0)).otherwise(below))
+           .drop("_cuts", "_proj"))
     over = (out.groupBy("cluster", "part").count().where(F.col("count") > max_rows)
             .select("cluster", "part", F.ceil(F.col("count") * 2 / max_rows).alias("_subs")))
     return (out.join(F.broadcast(over), ["cluster", "part"], "left")
             .withColumn("sub", F.coalesce(F.pmod(F.xxhash64("uid"), F.col("_subs")), F.lit(0)))
             .drop("_subs"))
+
+
+def cut_table(projected: DataFrame, grid: int) -> DataFrame:
+    """``cluster, _cuts``: each big cluster's ``_parts - 1`` ascending cuts of ``_proj``.
+
+    One approximate-quantile pass computes the shared grid of ``grid`` parts for every cluster;
+    a cluster then keeps only its own cuts (the cut before part k sits at grid position
+    ceil(k * grid / parts)), so the table that is broadcast holds sum(parts) values, not
+    n_big x grid."""
+    # percentile_approx's rank error is n / accuracy: 20 * grid keeps it near max_rows / 40,
+    # so the cuts, not the hash split, bound the parts
+    own = F.transform(F.sequence(F.lit(1), F.col("_parts") - 1), lambda k: F.element_at(
+        "_cuts", F.ceil(k * grid / F.col("_parts")).cast("int")))
+    return (projected.groupBy("cluster", "_parts")
+            .agg(F.percentile_approx("_proj", [i / grid for i in range(1, grid)],
+                                     max(10_000, 20 * grid)).alias("_cuts"))
+            .select("cluster", own.alias("_cuts")))
 
 
 def _projection(direction: np.ndarray):

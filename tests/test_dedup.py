@@ -124,6 +124,24 @@ def test_a_big_cluster_is_compared_in_bounded_parts(spark):
     assert 40 - len([u for u in flagged if u.startswith("same")]) == same_pieces.count() > 1
 
 
+def test_each_big_cluster_keeps_only_its_own_cuts(spark):
+    """Two big clusters (12 and 3 parts of a shared 12-part grid): the table of cuts that is
+    broadcast holds 11 + 2 values, ascending, and the small cluster's cuts are the shared grid's
+    at positions ceil(k * 12 / 3) = 4 and 8, so its parts are those of the full grid."""
+    from pyspark.sql import functions as F
+
+    from etl.dedup import cut_table
+
+    rows = [(0, 12, float(i)) for i in range(96)] + [(1, 3, float(i)) for i in range(24)]
+    projected = spark.createDataFrame(rows, "cluster int, _parts int, _proj double")
+    cuts = {r["cluster"]: r["_cuts"] for r in cut_table(projected.repartition(3), 12).collect()}
+    assert [len(cuts[0]), len(cuts[1])] == [11, 2]
+    assert cuts[0] == sorted(cuts[0]) and cuts[1] == sorted(cuts[1])
+    full = projected.where("cluster = 1").agg(F.percentile_approx(
+        "_proj", [i / 12 for i in range(1, 12)], 10_000)).first()[0]
+    assert cuts[1] == [full[3], full[7]]
+
+
 def test_decontamination_by_hash_and_vector(spark):
     pairs = df(spark, [("a", "u/a", "t", "h1", 0.5), ("b", "u/b", "t", "HE2", 0.5),
                        ("c", "u/c", "t", "h3", 0.5), ("d", "u/d", "t", "h4", 0.5)], PAIRS)
