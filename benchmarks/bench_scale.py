@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py                                  # the issue's sizes
     python benchmarks/bench_scale.py --meta 100000,1000000 --images 2000,8000
+    python benchmarks/bench_scale.py --cluster --images ''          # driver apart from executors
 
 Two kinds of pool, each from a fresh lakehouse per size, all steps in this one process and one
 SparkSession (as a notebook or ``dfn-curate run`` runs them):
@@ -15,7 +16,8 @@ SparkSession (as a notebook or ``dfn-curate run`` runs them):
 
 Per stage: wall seconds, rows/s, shuffle bytes read + written (summed from Spark's monitoring
 REST API over the stage's jobs), and driver peak RSS (JVM + Python, sampled every 0.1 s; in local
-mode the JVM also runs the executors). For scoring, the wall time of the first and last silver
+mode the JVM also runs the executors; ``--cluster`` runs them on a standalone cluster on this
+machine, one worker with every core, so the figure is the driver's alone). For scoring, the wall time of the first and last silver
 commit of the run. Prints a markdown table, writes ``--out`` (JSON) and a log-log plot (PNG).
 Generation of the input pools is not timed.
 """
@@ -30,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -161,7 +164,9 @@ def image_pools(meter: Meter, sizes: list[int], tmp: Path, results: list[dict]) 
         pool = tmp / f"images-{n}"
         write_sample(str(pool / "raw"), n_pairs=n, eval_size=120, seed=0, shard_size=500)
         args = ["--conf", "conf/local.yaml", "--set", f"lakehouse.root={pool}/lake",
-                "--set", f"sample.n_pairs={n}", "--set", "score.files_per_commit=1",
+                "--set", f"sample.n_pairs={n}",
+                # about 8 silver commits whatever the size (bronze holds a file per shard)
+                "--set", f"score.files_per_commit={max(1, n // 500 // 8)}",
                 "--set", f"ingest.sources=[{{format: img2dataset, path: '{pool}/raw/pool', "
                          "name: sample}]",
                 "--set", f"ingest.eval_sources=[{{format: folder, path: '{pool}/raw/eval', "
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", default="2000,8000,32000", help="image pool sizes")
     ap.add_argument("--out", default="benchmarks/results/scale.json")
     ap.add_argument("--tmp", default=None, help="work folder (default: a new temp folder)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="executors on a local standalone cluster (driver RSS = the driver's)")
     args = ap.parse_args(argv)
     sizes = {k: [int(x) for x in getattr(args, k).split(",") if x] for k in ("meta", "images")}
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bench-scale-"))
@@ -245,16 +252,25 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config("conf/local.yaml")
     cfg.spark.conf.update(BENCH_SPARK)
     results: list[dict] = []
-    # one session per kind, as the CLI has: no model -> Python workers without torch
-    for pools, sizes_, models in ((metadata_pools, sizes["meta"], False),
-                                  (image_pools, sizes["images"], True)):
-        if sizes_:
-            spark = get_spark(cfg.spark, preload_models=models)
-            pools(Meter(spark), sizes_, tmp, results)
-            spark.stop()
+    with ExitStack() as stack:
+        if args.cluster:
+            from etl.devcluster import standalone
+
+            cores = os.cpu_count() or 1
+            cluster = stack.enter_context(standalone(tmp / "cluster", 1, cores, "16g"))
+            cfg.spark.master = cluster.url
+            cfg.spark.conf.update({"spark.executor.memory": "12g", "spark.cores.max": str(cores)})
+        # one session per kind, as the CLI has: no model -> Python workers without torch
+        for pools, sizes_, models in ((metadata_pools, sizes["meta"], False),
+                                      (image_pools, sizes["images"], True)):
+            if sizes_:
+                spark = get_spark(cfg.spark, preload_models=models)
+                pools(Meter(spark), sizes_, tmp, results)
+                spark.stop()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cores": os.cpu_count(), "results": results}, indent=1))
+    out.write_text(json.dumps({"cores": os.cpu_count(), "master": cfg.spark.master,
+                               "results": results}, indent=1))
     plot(results, out.with_suffix(".png"))
     print(f"\n{os.cpu_count()} cores\n{table(results)}\n\n{growth(results)}\n\n"
           f"wrote {out} and {out.with_suffix('.png')}")

@@ -80,6 +80,9 @@ class IngestConf:
     eval_sources: list[SourceConf] = field(default_factory=list)
     # a longer caption is quarantined (not truncated), so the tokenizer never sees megabytes
     max_caption_chars: int = 10_000
+    # in-input duplicate keys up to this many are broadcast to split them from the full rows
+    # (no shuffle of the rows); more (a pathological input) falls back to a shuffle join
+    broadcast_duplicates: int = 100_000
 
 
 @dataclass
@@ -321,6 +324,7 @@ def validate(cfg: Config) -> None:
                    f"got {getattr(src, key)}")
     _check(cfg.ingest.max_caption_chars > 0,
            f"ingest.max_caption_chars: must be > 0, got {cfg.ingest.max_caption_chars}")
+    _check(cfg.ingest.broadcast_duplicates >= 0, "ingest.broadcast_duplicates: must be >= 0")
     _check(cfg.sample.n_pairs >= 10, "sample.n_pairs: must be >= 10")
     _check(cfg.score.batch_size > 0, "score.batch_size: must be > 0")
     _check(cfg.score.files_per_commit > 0, "score.files_per_commit: must be > 0")

@@ -37,6 +37,7 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -92,15 +93,20 @@ def write_uids_npy(df: DataFrame, path: str, store: Store | None = None,
     in driver memory), then removes the parts.
     """
     store, path = store or Store(), str(path)
-    uids = df.select("uid").dropDuplicates(["uid"])
-    bad = uids.where(~F.col("uid").rlike("^[0-9a-f]{32}$")).limit(1).collect()
-    if bad:
-        raise ValueError(f"uids.npy needs 32 lowercase hex digit uids, got {bad[0]['uid']!r}")
-    n = uids.count()
-    parts_dir = join(path.rsplit("/", 1)[0], f"_{path.rsplit('/', 1)[-1]}.parts")
-    ranged = uids.repartitionByRange(max(1, -(-n // rows_per_part)), "uid").sortWithinPartitions("uid")
-    stats = ranged.mapInPandas(partial(uid_part_writer, out=parts_dir, store=store),
-                               "part int, count long, first string, last string").collect()
+    # the narrow uid column, de-duplicated once and cached: every pass below reads it
+    uids = df.select("uid").dropDuplicates(["uid"]).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        bad = uids.where(~F.col("uid").rlike("^[0-9a-f]{32}$")).limit(1).collect()
+        if bad:
+            raise ValueError(f"uids.npy needs 32 lowercase hex digit uids, got {bad[0]['uid']!r}")
+        n = uids.count()
+        parts_dir = join(path.rsplit("/", 1)[0], f"_{path.rsplit('/', 1)[-1]}.parts")
+        ranged = (uids.repartitionByRange(max(1, -(-n // rows_per_part)), "uid")
+                  .sortWithinPartitions("uid"))
+        stats = ranged.mapInPandas(partial(uid_part_writer, out=parts_dir, store=store),
+                                   "part int, count long, first string, last string").collect()
+    finally:
+        uids.unpersist()
     stats = sorted((r for r in stats if r["count"]), key=lambda r: r["part"])
     for a, b in zip(stats, stats[1:], strict=False):
         if not a["last"] < b["first"]:

@@ -8,6 +8,7 @@ table (an error, or a duplicate uid within the same input). The counts add up:
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import pandas as pd
 from pyspark import StorageLevel
@@ -95,18 +96,49 @@ def image_size(images: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(sizes, columns=["width", "height"], dtype="Int32")
 
 
-def split(df: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
-    """(good unique rows, in-input duplicates, errors) of a normalized frame."""
+@dataclass
+class Split:
+    """A normalized frame split three ways; ``keys`` (the duplicates' keys) is cached until
+    :meth:`release`."""
+
+    unique: DataFrame
+    dups: DataFrame
+    errors: DataFrame
+    n_dups: int
+    keys: DataFrame
+
+    def release(self) -> None:
+        self.keys.unpersist()
+
+
+def split(df: DataFrame, broadcast_max: int = IngestConf().broadcast_duplicates) -> Split:
+    """Good unique rows, in-input duplicates (with their count) and errors of a normalized
+    frame; the first row of a uid (by file, position) is its unique row.
+
+    Only ``(uid, source_file, source_pos)`` is shuffled to rank each uid's rows (never the
+    rows themselves, or their image bytes): the duplicates' keys are then split from the rows
+    with no join when there are none, a broadcast join up to ``broadcast_max`` keys, and a
+    shuffle join only above that (a pathological input, e.g. one uid throughout).
+    """
     errors = df.where(F.col("_reason").isNotNull())
     good = df.where(F.col("_reason").isNull())
     w = Window.partitionBy("uid").orderBy("source_file", "source_pos")
-    ranked = (good.withColumn("_rank", F.row_number().over(w))
-              .withColumn("_first", F.first(F.concat_ws("#", "source_file", "source_pos")).over(w)))
-    unique = ranked.where("_rank = 1").drop("_rank", "_first", "_reason", "error", "raw")
-    dups = (ranked.where("_rank > 1")
+    dup_keys = (good.select("uid", "source_file", "source_pos")
+                .withColumn("_rank", F.row_number().over(w))
+                .withColumn("_first", F.first(F.concat_ws("#", "source_file", "source_pos")).over(w))
+                .where("_rank > 1").select("source_file", "source_pos", "_first")
+                .persist(StorageLevel.MEMORY_AND_DISK))
+    n_dups = dup_keys.count()
+    rows = good.drop("_reason", "error", "raw")
+    if n_dups == 0:
+        return Split(rows, good.where(F.lit(False)), errors, 0, dup_keys)
+    keys = F.broadcast(dup_keys) if n_dups <= broadcast_max else dup_keys
+    on = ["source_file", "source_pos"]
+    unique = rows.join(keys, on, "left_anti")
+    dups = (good.join(keys, on, "inner")
             .withColumn("_reason", F.concat(F.lit("duplicate uid within input; first at "),
-                                            F.col("_first"))).drop("_rank", "_first"))
-    return unique, dups, errors
+                                            F.col("_first"))).drop("_first"))
+    return Split(unique, dups, errors, n_dups, dup_keys)
 
 
 def to_quarantine(df: DataFrame, kind: str) -> DataFrame:
@@ -120,19 +152,22 @@ def to_quarantine(df: DataFrame, kind: str) -> DataFrame:
 
 def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
                  table: str = BRONZE, images: bool = True,
-                 max_caption_chars: int = MAX_CAPTION_CHARS) -> dict[str, int]:
+                 max_caption_chars: int = MAX_CAPTION_CHARS,
+                 broadcast_duplicates: int = IngestConf().broadcast_duplicates) -> dict[str, int]:
     """Normalize ``raw`` and merge it into ``table`` (insert-only on uid); returns the counts."""
     df = normalize(raw, source, run_id, images, max_caption_chars)
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        unique, dups, errors = split(df)
-        counts = {"read": df.count(), "quarantined": errors.count(),
-                  "in_input_duplicates": dups.count(),
+        read = df.count()
+        parts = split(df, broadcast_duplicates)
+        unique, dups, errors = parts.unique, parts.dups, parts.errors
+        counts = {"read": read, "quarantined": errors.count(), "in_input_duplicates": parts.n_dups,
                   "already_present": lake.count_present(unique, table, ["uid"])}
         counts["new"] = lake.insert_new(unique, table, ["uid"])
         bad = to_quarantine(errors, "error").unionByName(to_quarantine(dups, "duplicate"))
         keys = ["source_file", "source_pos"]
         filed = lake.count_present(bad, QUARANTINE, keys) + lake.insert_new(bad, QUARANTINE, keys)
+        parts.release()
     finally:
         df.unpersist()
     assert_identity(counts)
@@ -174,7 +209,8 @@ def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> di
             name = src.name or src.format
             counts = ingest_frame(lake, raw, name, run_id, table,
                                   images=src.format not in METADATA_FORMATS,
-                                  max_caption_chars=cfg.ingest.max_caption_chars)
+                                  max_caption_chars=cfg.ingest.max_caption_chars,
+                                  broadcast_duplicates=cfg.ingest.broadcast_duplicates)
             lake.record_stats(run_id, f"ingest:{table}:{name}", counts)
             print_counts(f"{table} <- {name} ({src.path})", counts)
             for k, v in counts.items():

@@ -67,9 +67,12 @@ def _require(columns: list[str], needed: list[str], what: str) -> None:
                          f"columns present: {', '.join(columns)}")
 
 
-def _position(df: DataFrame) -> DataFrame:
-    """Add source_file and a 0-based source_pos (row within its file)."""
+def _position(df: DataFrame, parquet: bool = False) -> DataFrame:
+    """Add source_file and a 0-based source_pos (row within its file): Parquet's own row
+    index (no shuffle), else a row number per file (a shuffle of the rows)."""
     df = df.withColumn("source_file", F.regexp_replace("_metadata.file_path", "^file:", ""))
+    if parquet:
+        return df.withColumn("source_pos", F.col("_metadata.row_index").cast("long"))
     df = df.withColumn("_mid", F.monotonically_increasing_id())
     w = Window.partitionBy("source_file").orderBy("_mid")
     return df.withColumn("source_pos", (F.row_number().over(w) - 1).cast("long")).drop("_mid")
@@ -102,16 +105,17 @@ def read_datacomp(spark: SparkSession, path: str, src: SourceConf) -> DataFrame:
         if not isinstance(df.schema[col].dataType, T.StringType):
             raise InputError(f"DataComp metadata at {path}: column {col!r} must be a string, "
                              f"found {df.schema[col].dataType.simpleString()}")
-    df = _position(df)
+    df = _position(df, parquet=True)
     width = F.col("original_width") if "original_width" in df.columns else F.lit(None)
     height = F.col("original_height") if "original_height" in df.columns else F.lit(None)
     given = F.col("sha256") if "sha256" in df.columns else F.lit(None)
     out = df.withColumnRenamed(src.uid_column, "_uid") if src.uid_column != "uid" else df
+    error = F.coalesce(utf8_error(F.col("text"), "text", "column text"),
+                       utf8_error(F.col("url"), "url", "column url"))
+    # raw only where the row is quarantined for bad bytes: url and text are columns anyway
     return _finish(out, uid=F.col("_uid" if src.uid_column != "uid" else "uid"), url=F.col("url"),
-                   text=F.col("text"), width=width, height=height, sha256=given,
-                   error=F.coalesce(utf8_error(F.col("text"), "text", "column text"),
-                                    utf8_error(F.col("url"), "url", "column url")),
-                   raw=F.to_json(F.struct("url", "text"))).drop("_uid")
+                   text=F.col("text"), width=width, height=height, sha256=given, error=error,
+                   raw=F.when(error.isNotNull(), F.to_json(F.struct("url", "text")))).drop("_uid")
 
 
 def read_delimited(spark: SparkSession, path: str, src: SourceConf, sep: str) -> DataFrame:
@@ -224,7 +228,7 @@ def _sidecar_failures(spark: SparkSession, path: str) -> DataFrame | None:
     df = spark.read.parquet(*files)
     if "status" not in df.columns:
         return None
-    df = _position(df).where(F.col("status") != "success")
+    df = _position(df, parquet=True).where(F.col("status") != "success")
     msg = F.coalesce(F.col("error_message"), F.lit("")) if "error_message" in df.columns else F.lit("")
     cols = {"url": F.col("url") if "url" in df.columns else F.lit(None),
             "text": F.col("caption") if "caption" in df.columns else F.lit(None),

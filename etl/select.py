@@ -394,13 +394,19 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
 def _write_selection(lake: Lakehouse, pool: DataFrame, dedup: DataFrame | None,
                      conf: SelectConf) -> dict[str, Threshold]:
     """Write ``gold_selection``; returns each score cut by name (part text, or the rule)."""
-    pre = (rule_pre(pool, dedup, conf) if conf.rule
-           else pre_threshold(pool, dedup, configured_filters(conf))).persist()
+    if not conf.rule:
+        pre = pre_threshold(pool, dedup, configured_filters(conf))
+        # the cut needs only (score, pre_reason): cache those, not the pool's wide rows, which
+        # are read once, by the write
+        narrow = pre.select("score", "pre_reason").persist()
+        try:
+            thr = threshold_for(narrow, conf)
+        finally:
+            narrow.unpersist()
+        lake.overwrite(apply_threshold(pre, thr), SELECTION)
+        return {thr.rule: thr} if thr.active else {}
+    pre = rule_pre(pool, dedup, conf).persist()
     try:
-        if not conf.rule:
-            thr = threshold_for(pre, conf)
-            lake.overwrite(apply_threshold(pre, thr), SELECTION)
-            return {thr.rule: thr} if thr.active else {}
         out, parts = apply_selection_rule(pre, conf)
         lake.overwrite(out, SELECTION)
     finally:

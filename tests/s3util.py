@@ -7,7 +7,6 @@ are explicit, and the EC2 metadata lookup is disabled for every client and subpr
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from etl.devcluster import free_port
+
 KEY, SECRET, REGION = "testing-key", "testing-secret", "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,27 +4,21 @@ two 1-core workers on 127.0.0.1, from the installed pyspark) equals the local-mo
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
-import pyspark
 import pytest
 
 from etl.config import PROJECT_ROOT, LakehouseConf
+from etl.devcluster import SPARK_HOME, master_state, spark_env, standalone
 from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
 from tests.conftest import assert_same_rows
 from tests.tiny_pipeline import notebook_run, tiny_overrides, tiny_weights
 
 pytestmark = pytest.mark.slow
 
-SPARK_HOME = Path(pyspark.__file__).parent
 ENTRY = "etl/jobs/run.py"  # what users and databricks.yml submit
 # like the test session: few partitions for a 60-row pool (the job applies spark.conf on top
 # of spark-submit's --conf)
@@ -33,75 +27,11 @@ SMALL_SPARK = ('spark.conf={spark.sql.shuffle.partitions: "2", spark.default.par
 DELTA = f"io.delta:delta-spark_2.13:{version('delta-spark')}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spark_env() -> dict[str, str]:
-    """Environment for Spark daemons and spark-submit: this venv's Python, loopback only,
-    and nothing inherited from the test session's own Py4J gateway."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYSPARK_GATEWAY", "PYSPARK_SUBMIT_ARGS", "SPARK_"))}
-    env.update(SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1",
-               PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
-    return env
-
-
-def daemon(cls: str, args: list[str], log: Path) -> subprocess.Popen:
-    """One Spark daemon in the foreground (what sbin/start-*.sh run), logging to ``log``."""
-    with log.open("wb") as out:
-        return subprocess.Popen([str(SPARK_HOME / "bin" / "spark-class"), cls, *args],
-                                stdout=out, stderr=subprocess.STDOUT, env=spark_env())
-
-
-def master_state(ui_port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=5) as resp:
-        return json.load(resp)
-
-
-def wait_for_workers(ui_port: int, n: int, procs: list, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        dead = [p.args[1] for p in procs if p.poll() is not None]
-        assert not dead, f"Spark daemon(s) exited: {dead}"
-        try:
-            if master_state(ui_port).get("aliveworkers", 0) >= n:
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{n} workers did not register with the master in {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(master url, master UI port, worker dirs); the daemons are stopped at teardown."""
-    tmp = tmp_path_factory.mktemp("standalone")
-    port, ui = free_port(), free_port()
-    procs = [daemon("org.apache.spark.deploy.master.Master",
-                    ["--host", "127.0.0.1", "--port", str(port), "--webui-port", str(ui)],
-                    tmp / "master.log")]
-    url = f"spark://127.0.0.1:{port}"
-    work = [tmp / f"worker{i}" for i in (1, 2)]
-    try:
-        for w in work:
-            procs.append(daemon("org.apache.spark.deploy.worker.Worker", [
-                "--host", "127.0.0.1", "--port", str(free_port()), "--webui-port",
-                str(free_port()), "--cores", "1", "--memory", "1g", "--work-dir", str(w), url],
-                tmp / f"{w.name}.log"))
-        wait_for_workers(ui, 2, procs)
-        yield url, ui, work
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+    with standalone(tmp_path_factory.mktemp("standalone"), workers=2) as c:
+        yield c.url, c.ui_port, c.work_dirs
 
 
 def package_zip(path: Path) -> Path:

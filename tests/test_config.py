@@ -117,9 +117,9 @@ def test_unknown_url_scheme_fails_before_any_work_naming_key_and_scheme(spark):
 def test_unreachable_endpoint_fails_fast_naming_it():
     import time
 
+    from etl.devcluster import free_port
     from etl.fs import ConnectorError, Store
     from etl.spark import probe
-    from tests.s3util import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     store = Store.from_conf({"spark.hadoop.fs.s3a.endpoint": endpoint,

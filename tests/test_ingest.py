@@ -70,6 +70,29 @@ def test_datacomp_reader_quarantine_dups_and_identity(spark, lake, datacomp_dir)
     assert q.source_file.endswith("part-0.parquet") and q.source_pos == 2
 
 
+@pytest.mark.parametrize("broadcast_max", [0, 100_000])
+def test_one_uid_throughout_keeps_the_first_row_on_either_join(spark, lake, tmp_path,
+                                                               broadcast_max):
+    """A pool whose uids are all identical (over 3 files): one row kept (the first by file and
+    position), every other row quarantined as a duplicate of it, whether the duplicates' keys
+    are broadcast or (cap 0) shuffle-joined."""
+    d = tmp_path / "same"
+    d.mkdir()
+    for part in range(3):
+        pd.DataFrame({"uid": [U2] * 4, "url": [f"http://b/{part}-{i}.jpg" for i in range(4)],
+                      "text": [f"caption {part} {i}" for i in range(4)]}
+                     ).to_parquet(d / f"part-{part}.parquet")
+    raw = read_source(spark, SourceConf(format="datacomp", path=str(d))).repartition(3)
+    counts = ingest_frame(lake, raw, "datacomp", "run-test", broadcast_duplicates=broadcast_max)
+    assert counts == {"read": 12, "quarantined": 0, "in_input_duplicates": 11, "new": 1,
+                      "already_present": 0}
+    assert [r.url for r in lake.read(BRONZE).collect()] == ["http://b/0-0.jpg"]
+    dups = lake.read(QUARANTINE).where(F.col("kind") == "duplicate")
+    assert dups.count() == 11
+    firsts = {r.reason.rsplit("/", 1)[-1] for r in dups.collect()}
+    assert firsts == {"part-0.parquet#0"}
+
+
 def test_reingest_adds_nothing(spark, lake, datacomp_dir):
     src = SourceConf(format="datacomp", path=str(datacomp_dir))
     ingest_source(spark, lake, src)
