@@ -25,6 +25,7 @@ from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
 UID_RE = r"^[0-9a-f]{32}$"
 METADATA_FORMATS = ("datacomp", "csv", "tsv")  # url + caption rows, no image bytes
 MAX_CAPTION_CHARS = IngestConf().max_caption_chars
+BROADCAST_DUPLICATES = IngestConf().broadcast_duplicates
 QUARANTINE_COLS = ["source", "source_file", "source_pos", "kind", "reason", "uid", "url", "text",
                    "raw", "ingest_time", "run_id"]
 
@@ -111,7 +112,7 @@ class Split:
         self.keys.unpersist()
 
 
-def split(df: DataFrame, broadcast_max: int = IngestConf().broadcast_duplicates) -> Split:
+def split(df: DataFrame, broadcast_max: int = BROADCAST_DUPLICATES) -> Split:
     """Good unique rows, in-input duplicates (with their count) and errors of a normalized
     frame; the first row of a uid (by file, position) is its unique row.
 
@@ -153,10 +154,11 @@ def to_quarantine(df: DataFrame, kind: str) -> DataFrame:
 def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
                  table: str = BRONZE, images: bool = True,
                  max_caption_chars: int = MAX_CAPTION_CHARS,
-                 broadcast_duplicates: int = IngestConf().broadcast_duplicates) -> dict[str, int]:
+                 broadcast_duplicates: int = BROADCAST_DUPLICATES) -> dict[str, int]:
     """Normalize ``raw`` and merge it into ``table`` (insert-only on uid); returns the counts."""
     df = normalize(raw, source, run_id, images, max_caption_chars)
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    parts = None
     try:
         read = df.count()
         parts = split(df, broadcast_duplicates)
@@ -167,8 +169,9 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
         bad = to_quarantine(errors, "error").unionByName(to_quarantine(dups, "duplicate"))
         keys = ["source_file", "source_pos"]
         filed = lake.count_present(bad, QUARANTINE, keys) + lake.insert_new(bad, QUARANTINE, keys)
-        parts.release()
     finally:
+        if parts is not None:
+            parts.release()
         df.unpersist()
     assert_identity(counts)
     assert_quarantined(counts, filed)
