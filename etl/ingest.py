@@ -160,10 +160,10 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
     parts = None
     try:
-        read = df.count()
+        read, quarantined = df.agg(F.count("*"), F.count("_reason")).first()  # one pass
         parts = split(df, broadcast_duplicates)
         unique, dups, errors = parts.unique, parts.dups, parts.errors
-        counts = {"read": read, "quarantined": errors.count(), "in_input_duplicates": parts.n_dups,
+        counts = {"read": read, "quarantined": quarantined, "in_input_duplicates": parts.n_dups,
                   "already_present": lake.count_present(unique, table, ["uid"])}
         counts["new"] = lake.insert_new(unique, table, ["uid"])
         bad = to_quarantine(errors, "error").unionByName(to_quarantine(dups, "duplicate"))

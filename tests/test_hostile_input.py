@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from etl import inputcheck
 from etl.config import Config, ConfigError, IngestConf, SourceConf, load_config
 from etl.ingest import ingest
 from etl.readers import InputError, read_source
@@ -189,7 +190,16 @@ def _metadata(n: int, width) -> pd.DataFrame:
                          "original_width": [width]})
 
 
-def test_parquet_file_with_another_column_type_stops_before_any_write(spark, lake, tmp_path):
+@pytest.fixture(params=["driver", "executors"])
+def check_on(request, monkeypatch):
+    """Run the files-agree checks on the driver (a few files) and on the executors (many)."""
+    if request.param == "executors":
+        monkeypatch.setattr(inputcheck, "LOCAL_CHECK_FILES", 0)
+    return request.param
+
+
+def test_parquet_file_with_another_column_type_stops_before_any_write(spark, lake, tmp_path,
+                                                                      check_on):
     d = tmp_path / "metadata"
     d.mkdir()
     for i in range(4):
@@ -204,7 +214,18 @@ def test_parquet_file_with_another_column_type_stops_before_any_write(spark, lak
     assert not lake.exists(BRONZE) and not lake.exists(QUARANTINE)
 
 
-def test_sidecar_parquet_with_another_column_type_stops_with_one_line(spark, tmp_path):
+def test_an_all_null_column_agrees_with_any_type(spark, tmp_path, check_on):
+    d = tmp_path / "metadata"
+    d.mkdir()
+    for i in range(3):
+        _metadata(i, None if i == 1 else 640).to_parquet(d / f"part-{i}.parquet")
+    raw = read_source(spark, SourceConf(format="datacomp", path=str(d)))
+    widths = [r.width for r in raw.select("width").collect()]
+    assert sorted(widths, key=lambda w: -1 if w is None else w) == [None, 640, 640]
+
+
+def test_sidecar_parquet_with_another_column_type_stops_with_one_line(spark, tmp_path,
+                                                                      check_on):
     write_tar(tmp_path / "00000.tar", [("000", jpeg(), b"a")])
     pd.DataFrame({"key": ["000"], "status": ["success"]}).to_parquet(tmp_path / "00000.parquet")
     pd.DataFrame({"key": [1], "status": ["failed_to_download"]}).to_parquet(
@@ -213,7 +234,7 @@ def test_sidecar_parquet_with_another_column_type_stops_with_one_line(spark, tmp
         read_source(spark, SourceConf(format="img2dataset", path=str(tmp_path)))
 
 
-def test_csv_files_with_different_headers_stop_with_one_line(spark, tmp_path):
+def test_csv_files_with_different_headers_stop_with_one_line(spark, tmp_path, check_on):
     (tmp_path / "a.csv").write_text("url,caption\nhttp://x/1,one\n")
     (tmp_path / "b.csv").write_text("url,caption\nhttp://x/2,two\n")
     (tmp_path / "c.csv").write_text("caption,url\nthree,http://x/3\n")
