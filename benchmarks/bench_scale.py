@@ -130,12 +130,14 @@ def run_steps(meter: Meter, args: list[str], steps: tuple[str, ...], rows: int, 
 def silver_commit_times(lake_root: str) -> tuple[float, float] | None:
     """Wall seconds of the first and last scoring commit (gaps between Delta commit times)."""
     from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
 
     from etl.config import LakehouseConf
-    from etl.tables import SILVER, Lakehouse
+    from etl.tables import NO_DATA_CHANGE, SILVER, Lakehouse
 
     lake = Lakehouse(SparkSession.getActiveSession(), LakehouseConf(root=lake_root))
-    history = lake.delta(SILVER).history().select("version", "timestamp").orderBy("version")
+    history = (lake.delta(SILVER).history().where(~F.col("operation").isin(*NO_DATA_CHANGE))
+               .select("version", "timestamp").orderBy("version"))  # data commits only
     stamps = [r["timestamp"].timestamp() for r in history.collect()]  # one row per commit
     if len(stamps) < 3:
         return None

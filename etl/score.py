@@ -15,7 +15,9 @@ Weights: every silver row records ``weights_sha256``, the digest of the weights 
 id, else the loaded state_dict's sha256, computed on a worker). Before a model scores,
 :func:`check_weights` refuses to add rows under a ``model_id`` whose rows were scored with other
 weights (a new ``model_id``, or ``score.replace=true`` to drop and rescore them). Rows written
-before the column existed have it null: unknown weights, reported and not checked.
+before the column existed have it null: unknown weights, reported and not checked. The check
+costs O(1) once a run has recorded the model's digest as a property of the target table, and
+one scan of the (model_id, digest) columns otherwise.
 
 Lineage: once a model's rows cover the source, the source version read at the start is recorded
 (``source_version[<model_id>]`` under step ``score:<target>``) for ``select`` to check.
@@ -27,6 +29,7 @@ import hashlib
 import logging
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from pyspark.errors import StreamingQueryException
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 SILVER_COLUMNS = ["uid", "model_id", "score", "score_error", "image_embedding",
                   "text_embedding", "scored_at", "run_id", "weights_sha256"]
 DIGEST = "weights_sha256"
+WEIGHTS_PROPERTY = "dfn.weights_sha256."  # + model_id: see weights_property
 
 
 def score_pairs(df: DataFrame, model: Any, conf: ScoreConf, run_id: str | None = None,
@@ -81,30 +85,49 @@ def model_digest(spark: SparkSession, spec: ModelSpec) -> str:
     return spark.range(1, numPartitions=1).mapInPandas(digest, "d string").first()["d"]
 
 
-def check_weights(lake: Lakehouse, target: str, spec: ModelSpec, digest: str,
-                  conf: ScoreConf) -> int:
-    """Refuse to add rows for ``spec.model_id`` to ``target`` when its rows there were scored
-    with other weights; with ``score.replace`` drop those rows instead. Returns rows dropped.
+@dataclass(frozen=True)
+class WeightsCheck:
+    """What :func:`check_weights` found: rows it dropped (``score.replace``) and whether the
+    model's digest is to be recorded on the table once this run's rows are in."""
 
-    Rows without a recorded digest (written before ``weights_sha256`` existed) are reported as
-    unknown and kept, unless ``score.replace`` drops them too.
+    dropped: int = 0
+    record: bool = False
+
+
+def weights_property(model_id: str) -> str:
+    """The ``target`` table property holding the digest every row of ``model_id`` was scored
+    with (set by the runs that wrote them)."""
+    return WEIGHTS_PROPERTY + re.sub(r"[^A-Za-z0-9_.-]", lambda m: f"%{ord(m.group()):02x}",
+                                     model_id)
+
+
+def check_weights(lake: Lakehouse, target: str, spec: ModelSpec, digest: str,
+                  conf: ScoreConf) -> WeightsCheck:
+    """Refuse to add rows for ``spec.model_id`` to ``target`` when its rows there were scored
+    with other weights; with ``score.replace`` drop those rows instead.
+
+    O(1) when the table records ``digest`` for the model (:func:`weights_property`, read from
+    the Delta log): the runs that wrote its rows recorded it, after a scan like the one below
+    found no other weights. Otherwise the model's (model_id, digest) column pair is scanned;
+    a recorded digest that is about to stop holding is unset before any row is written, so it
+    never claims rows it does not describe, even if this run is killed. Rows without a digest
+    (written before ``weights_sha256`` existed) are reported as unknown and kept, unless
+    ``score.replace`` drops them too; while they remain no digest is recorded.
     """
     if not lake.exists(target):
-        return 0
+        return WeightsCheck(record=True)
     mid = spec.model_id
+    key = weights_property(mid)
+    recorded = lake.properties(target).get(key)
+    if recorded == digest:
+        return WeightsCheck()
     rows = lake.read(target).filter(F.col("model_id") == mid)
     has_col = DIGEST in rows.columns
     found = {r[0]: r[1] for r in (rows.groupBy(DIGEST).count() if has_col
                                   else rows.groupBy(F.lit(None).cast("string")).count()).collect()}
     other = {d: n for d, n in found.items() if d is not None and d != digest}
     unknown = found.get(None, 0)
-    if not other and not (unknown and conf.replace):
-        if unknown:
-            print(f"score: {unknown} {target} rows of model_id {mid!r} have no {DIGEST} "
-                  f"(scored before it was recorded): their weights are unknown and not checked; "
-                  f"--set score.replace=true rescores them")
-        return 0
-    if not conf.replace:
+    if other and not conf.replace:
         shown = ", ".join(f"{d[:16]} ({n} rows)" for d, n in sorted(other.items())[:3])
         raise ConfigError(
             f"score: {target} already has rows for model_id {mid!r} scored with other weights "
@@ -112,6 +135,14 @@ def check_weights(lake: Lakehouse, target: str, spec: ModelSpec, digest: str,
             f"make scores incomparable. Give these weights a new model_id (score.models[].model_id)"
             f", or rescore with --set score.replace=true (drops this model_id's rows scored with "
             f"other weights, then scores them again)")
+    if recorded is not None:
+        lake.set_properties(target, {key: None})  # before any write under other weights
+    if not other and not (unknown and conf.replace):
+        if unknown:
+            print(f"score: {unknown} {target} rows of model_id {mid!r} have no {DIGEST} "
+                  f"(scored before it was recorded): their weights are unknown and not checked; "
+                  f"--set score.replace=true rescores them")
+        return WeightsCheck(record=not unknown)
     cond = F.col("model_id") == mid
     if has_col:
         cond = cond & ~F.col(DIGEST).eqNullSafe(F.lit(digest))
@@ -121,7 +152,7 @@ def check_weights(lake: Lakehouse, target: str, spec: ModelSpec, digest: str,
     lake.store.rm(checkpoint)
     print(f"score: score.replace: dropped {dropped} {target} rows of model_id {mid!r} scored with "
           f"other or unknown weights; rescoring them")
-    return dropped
+    return WeightsCheck(dropped, record=True)
 
 
 def pending(bronze: DataFrame, silver: DataFrame | None, model_id: str) -> DataFrame:
@@ -153,16 +184,18 @@ def score_table(lake: Lakehouse, source_table: str, target_table: str, cfg: Conf
     configure_arrow(lake.spark, cfg.score)
     specs = [resolve_conf(m) for m in cfg.score.models]
     digests = {s.model_id: model_digest(lake.spark, s) for s in specs}
-    dropped = {s.model_id: check_weights(lake, target_table, s, digests[s.model_id], cfg.score)
-               for s in specs}  # every model is checked before any is scored
+    checks = {s.model_id: check_weights(lake, target_table, s, digests[s.model_id], cfg.score)
+              for s in specs}  # every model is checked before any is scored
     version = lake.version(source_table)
     counts = {"source_rows": lake.read(source_table).count()}
     for spec in specs:
         mid = spec.model_id
         counts.update(_score_model(lake, source_table, target_table, spec, cfg.score, run_id,
                                    counts["source_rows"], digests[mid]))
-        if dropped[mid]:
-            counts[f"replaced[{mid}]"] = dropped[mid]
+        if checks[mid].dropped:
+            counts[f"replaced[{mid}]"] = checks[mid].dropped
+        if checks[mid].record and lake.exists(target_table):
+            lake.set_properties(target_table, {weights_property(mid): digests[mid]})
         lake.record_source(run_id, f"score:{target_table}", source_table, version,
                            metric=f"source_version[{mid}]")
     lake.record_stats(run_id, f"score:{target_table}", counts)

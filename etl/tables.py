@@ -132,6 +132,22 @@ class Lakehouse:
         else:
             writer.save(self.path(table))
 
+    def properties(self, table: str) -> dict[str, str]:
+        """The table's properties (``TBLPROPERTIES``), read from the Delta log only."""
+        return dict(self.delta(table).detail().select("properties").first()[0] or {})
+
+    def set_properties(self, table: str, values: dict[str, str | None]) -> None:
+        """Set (``None``: unset) table properties, one Delta commit each call."""
+        name = self.name(table)
+        kept = {k: v for k, v in values.items() if v is not None}
+        gone = [k for k, v in values.items() if v is None]
+        if kept:
+            pairs = ", ".join(f"{_sql_string(k)} = {_sql_string(v)}" for k, v in kept.items())
+            self.spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({pairs})")
+        if gone:
+            keys = ", ".join(_sql_string(k) for k in gone)
+            self.spark.sql(f"ALTER TABLE {name} UNSET TBLPROPERTIES IF EXISTS ({keys})")
+
     def count_present(self, df: DataFrame, table: str, keys: list[str]) -> int:
         """Rows of ``df`` whose ``keys`` already exist in ``table`` (0 when it does not exist).
 
@@ -251,6 +267,11 @@ def _rows_added(table: DeltaTable, before: int | None, metric: str,
     if last is None or last[0] == before or (operation and last[1] != operation):
         return 0
     return int(last[2].get(metric, "0"))
+
+
+def _sql_string(value: str) -> str:
+    """``value`` as a Spark SQL string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def new_run_id() -> str:

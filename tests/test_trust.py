@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -152,6 +153,46 @@ def test_other_weights_under_one_model_id_are_refused_or_replaced(lake, tmp_path
     assert counts["replaced[tiny]"] == 3 and counts["scored[tiny]"] == 3
     assert silver_digests(lake) == {models.file_digest(ckpt): 3}
     assert lake.read(SILVER).count() == 3
+    assert recorded_digest(lake) == models.file_digest(ckpt)
+
+
+def recorded_digest(lake, model_id: str = "tiny") -> str | None:
+    from etl.score import weights_property
+
+    return lake.properties(SILVER).get(weights_property(model_id))
+
+
+def test_a_recorded_digest_is_checked_from_the_delta_log_alone(lake, tmp_path):
+    from safetensors.torch import save_file
+
+    from etl.score import check_weights, score_table, weights_property
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file(tiny_state(0), str(ckpt))
+    write_pairs(lake, BRONZE, pool_rows(3), files=1)
+    cfg = Config(lakehouse=lake.conf, score=ScoreConf(
+        models=[ModelConf(TINY_JSON, str(ckpt), "tiny")], batch_size=4, device="cpu"))
+    score_table(lake, BRONZE, SILVER, cfg, "r1")
+    first = models.file_digest(ckpt)
+    assert recorded_digest(lake) == first
+    spec = models.resolve_conf(cfg.score.models[0])
+    data = list(Path(lake.path(SILVER)).glob("*.parquet"))
+    assert data
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for f in data:  # a scan would now fail: the check must not read the rows
+        f.rename(hidden / f.name)
+    assert check_weights(lake, SILVER, spec, first, cfg.score).dropped == 0
+    for f in hidden.iterdir():
+        f.rename(Path(lake.path(SILVER)) / f.name)
+
+    # other weights with score.replace: the recorded digest goes before any row is written,
+    # so a run killed after the delete cannot leave it claiming rows scored with other weights
+    cfg.score.replace = True
+    check = check_weights(lake, SILVER, spec, "0" * 64, cfg.score)
+    assert check.dropped == 3 and check.record
+    assert weights_property("tiny") not in lake.properties(SILVER)
+    assert weights_property("hf-hub:org/m@v1") == "dfn.weights_sha256.hf-hub%3aorg%2fm%40v1"
 
 
 def test_silver_without_the_digest_column_keeps_working(lake, tmp_path, capsys):
@@ -169,6 +210,7 @@ def test_silver_without_the_digest_column_keeps_working(lake, tmp_path, capsys):
     assert score_table(lake, BRONZE, SILVER, cfg, "r1")["scored[tiny]"] == 1
     assert "weights are unknown" in capsys.readouterr().out
     assert silver_digests(lake) == {None: 2, models.file_digest(ckpt): 1}
+    assert recorded_digest(lake) is None  # unknown rows remain: every run scans and says so
 
 
 # ---------------------------------------------------------------- 2. stale upstream tables
