@@ -69,7 +69,8 @@ def _header_types(batches: Iterator[pd.DataFrame], store: Store,
 
 def _conflict_rows(groups: pd.DataFrame, limit: int) -> list:
     """Rows (column, type, files, example) of the (column, type) ``groups`` whose column has
-    more than one type: the most common type of each column first."""
+    more than one type, the most common type of each column first (the pandas twin of the
+    ranking :func:`_conflicts` does in Spark)."""
     split = groups.groupby("column")["type"].transform("size") > 1
     rows = groups[split].sort_values(["column", "files", "type"], ascending=[True, False, True])
     return list(rows.head(limit).itertuples(index=False))
@@ -96,9 +97,8 @@ def _conflicts(types: DataFrame | pd.DataFrame, columns: list[str] | None = None
     groups = types.groupBy("column", "type").agg(F.count("*").alias("files"),
                                                  F.min("path").alias("example"))
     split = groups.groupBy("column").count().where("count > 1").select("column")
-    conflicting = (groups.join(split, "column").orderBy("column", F.desc("files"), "type")
-                   .limit(limit).toPandas())  # a few (column, type) groups, never one per file
-    return _conflict_rows(conflicting[["column", "type", "files", "example"]], limit)
+    return (groups.join(split, "column").orderBy("column", F.desc("files"), "type")
+            .limit(limit).collect())  # a few (column, type) groups, never one row per file
 
 
 def _raise_first(what: str, rows: list, fix: str) -> None:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 SILVER_COLUMNS = ["uid", "model_id", "score", "score_error", "image_embedding",
                   "text_embedding", "scored_at", "run_id", "weights_sha256"]
 DIGEST = "weights_sha256"
-WEIGHTS_PROPERTY = "dfn.weights_sha256."  # + model_id: see weights_property
+WEIGHTS_PROPERTY = "dfn.weights_sha256."  # + model_slug(model_id): see weights_property
 
 
 def score_pairs(df: DataFrame, model: Any, conf: ScoreConf, run_id: str | None = None,
@@ -94,11 +94,17 @@ class WeightsCheck:
     record: bool = False
 
 
+def model_slug(model_id: str) -> str:
+    """``model_id`` as a name safe in paths and property keys: its safe characters (up to 60)
+    and a hash of the whole id, so distinct ids never share a slug."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:60]
+    return f"{safe}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}"
+
+
 def weights_property(model_id: str) -> str:
     """The ``target`` table property holding the digest every row of ``model_id`` was scored
     with (set by the runs that wrote them)."""
-    return WEIGHTS_PROPERTY + re.sub(r"[^A-Za-z0-9_.-]", lambda m: f"%{ord(m.group()):02x}",
-                                     model_id)
+    return WEIGHTS_PROPERTY + model_slug(model_id)
 
 
 def check_weights(lake: Lakehouse, target: str, spec: ModelSpec, digest: str,
@@ -241,9 +247,7 @@ def pending_count(lake: Lakehouse, source: str, target: str, model_id: str) -> i
 
 def checkpoint_dir(lake: Lakehouse, target: str, model_id: str) -> str:
     """Where the streaming checkpoint for (target, model) lives, under the lakehouse root."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:60]
-    digest = hashlib.sha1(model_id.encode()).hexdigest()[:8]
-    return lake.under("_checkpoints", f"score-{target}", f"{safe}-{digest}")
+    return lake.under("_checkpoints", f"score-{target}", model_slug(model_id))
 
 
 def _stream(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: ScoreConf,
