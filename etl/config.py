@@ -71,7 +71,7 @@ class SampleConf:
     eval_size: int = 120
     seed: int = 0
     shard_size: int = 500
-    out_dir: str = "raw/sample"  # relative to lakehouse.root
+    out_dir: str = "raw/sample"  # relative to lakehouse.root unless absolute or a URL
 
 
 @dataclass

@@ -16,6 +16,7 @@ import posixpath
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 # URL scheme -> (fsspec protocol, the package providing it, the Hadoop connector)
@@ -47,6 +48,15 @@ def join(base: str, *parts: str) -> str:
     for p in parts:
         out = f"{out}/{p.strip('/')}" if p else out
     return out
+
+
+def locate(root: str, path: str) -> str:
+    """A configured location: a URL or absolute path as is, a relative one joined under ``root``."""
+    if is_url(path):
+        return path
+    if Path(path).expanduser().is_absolute():
+        return str(Path(path).expanduser())
+    return join(root, path)
 
 
 def parent(path: str) -> str:

@@ -7,7 +7,6 @@ table (an error, or a duplicate uid within the same input). The counts add up:
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import pandas as pd
@@ -18,9 +17,10 @@ from pyspark.sql import types as T
 
 from etl.config import Config, IngestConf, SourceConf
 from etl.fs import join
-from etl.readers import read_source
+from etl.readers import SIZED_FORMATS, read_source
 from etl.sample import write_sample
 from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
+from etl.tarshards import header_size
 
 UID_RE = r"^[0-9a-f]{32}$"
 METADATA_FORMATS = ("datacomp", "csv", "tsv")  # url + caption rows, no image bytes
@@ -45,8 +45,9 @@ def resolve_sources(cfg: Config, lake: Lakehouse, sources: list[SourceConf],
 
 
 def ensure_sample(cfg: Config, lake: Lakehouse) -> str:
-    """Write the sample pool under the lakehouse root (any URL) unless it is already there."""
-    root = lake.under(cfg.sample.out_dir)
+    """Write the sample pool at ``sample.out_dir`` (any URL; relative: under the lakehouse root)
+    unless it is already there."""
+    root = lake.resolve(cfg.sample.out_dir)
     if not lake.store.exists(join(root, "_SUCCESS")):
         s = cfg.sample
         counts = write_sample(root, s.n_pairs, s.eval_size, s.seed, s.shard_size, lake.store)
@@ -57,7 +58,8 @@ def ensure_sample(cfg: Config, lake: Lakehouse) -> str:
 def normalize(raw: DataFrame, source: str, run_id: str, images: bool = True,
               max_caption_chars: int = MAX_CAPTION_CHARS) -> DataFrame:
     """Raw frame -> bronze columns plus ``_reason`` (null for good rows). ``images=False``
-    (metadata-only sources) skips reading image headers, so no Python worker is started.
+    (metadata-only sources, and readers that sized the images already: ``SIZED_FORMATS``)
+    skips reading image headers here, so no Python worker is started for them.
     A caption longer than ``max_caption_chars`` is quarantined."""
     text = F.regexp_replace("text", r"^\s+|\s+$", "")
     given_uid = F.lower(F.trim(F.col("uid")))
@@ -86,43 +88,42 @@ def normalize(raw: DataFrame, source: str, run_id: str, images: bool = True,
                              T.StructField("height", T.IntegerType())]))
 def image_size(images: pd.Series) -> pd.DataFrame:
     """Width/height from the image header (no full decode); null when unreadable."""
-    from PIL import Image
-
-    sizes = []
-    for data in images:
-        try:
-            sizes.append(Image.open(io.BytesIO(data)).size if data is not None else (None, None))
-        except Exception:  # any unreadable header: the scoring step reports the error
-            sizes.append((None, None))
-    return pd.DataFrame(sizes, columns=["width", "height"], dtype="Int32")
+    return pd.DataFrame([header_size(data) for data in images], columns=["width", "height"],
+                        dtype="Int32")
 
 
 @dataclass
 class Split:
-    """A normalized frame split three ways; ``keys`` (the duplicates' keys) is cached until
-    :meth:`release`."""
+    """A normalized frame split three ways; ``keys`` (the duplicates' keys, when there are
+    any) is cached until :meth:`release`."""
 
     unique: DataFrame
     dups: DataFrame
     errors: DataFrame
     n_dups: int
-    keys: DataFrame
+    keys: DataFrame | None
 
     def release(self) -> None:
-        self.keys.unpersist()
+        if self.keys is not None:
+            self.keys.unpersist()
 
 
-def split(df: DataFrame, broadcast_max: int = BROADCAST_DUPLICATES) -> Split:
+def split(df: DataFrame, broadcast_max: int = BROADCAST_DUPLICATES,
+          any_dups: bool = True) -> Split:
     """Good unique rows, in-input duplicates (with their count) and errors of a normalized
     frame; the first row of a uid (by file, position) is its unique row.
 
-    Only ``(uid, source_file, source_pos)`` is shuffled to rank each uid's rows (never the
-    rows themselves, or their image bytes): the duplicates' keys are then split from the rows
-    with no join when there are none, a broadcast join up to ``broadcast_max`` keys, and a
-    shuffle join only above that (a pathological input, e.g. one uid throughout).
+    ``any_dups=False`` (the caller counted as many distinct uids as good rows) skips ranking.
+    Otherwise only ``(uid, source_file, source_pos)`` is shuffled to rank each uid's rows
+    (never the rows themselves, or their image bytes): the duplicates' keys are then split from
+    the rows with no join when there are none, a broadcast join up to ``broadcast_max`` keys,
+    and a shuffle join only above that (a pathological input, e.g. one uid throughout).
     """
     errors = df.where(F.col("_reason").isNotNull())
     good = df.where(F.col("_reason").isNull())
+    rows = good.drop("_reason", "error", "raw")
+    if not any_dups:
+        return Split(rows, good.where(F.lit(False)), errors, 0, None)
     w = Window.partitionBy("uid").orderBy("source_file", "source_pos")
     dup_keys = (good.select("uid", "source_file", "source_pos")
                 .withColumn("_rank", F.row_number().over(w))
@@ -130,7 +131,6 @@ def split(df: DataFrame, broadcast_max: int = BROADCAST_DUPLICATES) -> Split:
                 .where("_rank > 1").select("source_file", "source_pos", "_first")
                 .persist(StorageLevel.MEMORY_AND_DISK))
     n_dups = dup_keys.count()
-    rows = good.drop("_reason", "error", "raw")
     if n_dups == 0:
         return Split(rows, good.where(F.lit(False)), errors, 0, dup_keys)
     keys = F.broadcast(dup_keys) if n_dups <= broadcast_max else dup_keys
@@ -160,8 +160,10 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
     parts = None
     try:
-        read, quarantined = df.agg(F.count("*"), F.count("_reason")).first()  # one pass
-        parts = split(df, broadcast_duplicates)
+        good_uid = F.when(F.col("_reason").isNull(), F.col("uid"))  # never null: see normalize
+        read, quarantined, distinct = df.agg(  # one pass
+            F.count("*"), F.count("_reason"), F.count_distinct(good_uid)).first()
+        parts = split(df, broadcast_duplicates, any_dups=read - quarantined > distinct)
         unique, dups, errors = parts.unique, parts.dups, parts.errors
         counts = {"read": read, "quarantined": quarantined, "in_input_duplicates": parts.n_dups,
                   "already_present": lake.count_present(unique, table, ["uid"])}
@@ -211,7 +213,7 @@ def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> di
         for src, raw in frames:
             name = src.name or src.format
             counts = ingest_frame(lake, raw, name, run_id, table,
-                                  images=src.format not in METADATA_FORMATS,
+                                  images=src.format not in METADATA_FORMATS + SIZED_FORMATS,
                                   max_caption_chars=cfg.ingest.max_caption_chars,
                                   broadcast_duplicates=cfg.ingest.broadcast_duplicates)
             lake.record_stats(run_id, f"ingest:{table}:{name}", counts)

@@ -113,26 +113,31 @@ def _raise_first(what: str, rows: list, fix: str) -> None:
         f"file(s) (e.g. {usual.example}) have {usual.type}; {fix}")
 
 
-def _types(files: DataFrame, read: Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]],
+def _types(spark: SparkSession, files: DataFrame | list[str],
+           read: Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]],
            local_max: int | None) -> DataFrame | pd.DataFrame:
-    """``read`` over the ``files`` (column ``path``): on the driver when there are at most
-    ``local_max`` (default :data:`LOCAL_CHECK_FILES`) of them (no Spark job: a small source's
-    check costs milliseconds, not seconds), else on the executors."""
+    """``read`` over the ``files`` (a frame with column ``path``, or paths already listed): on
+    the driver when there are at most ``local_max`` (default :data:`LOCAL_CHECK_FILES`) of them
+    (no Spark job: a small source's check costs milliseconds, not seconds), else on the
+    executors."""
     local_max = LOCAL_CHECK_FILES if local_max is None else local_max
-    few = [r.path for r in files.select("path").limit(local_max + 1).collect()]
+    few = files[:local_max + 1] if isinstance(files, list) else [
+        r.path for r in files.select("path").limit(local_max + 1).collect()]
     if len(few) <= local_max:
         return pd.concat([pd.DataFrame(columns=["path", "column", "type"]),
                           *read(iter([pd.DataFrame({"path": few})]))], ignore_index=True)
+    if isinstance(files, list):
+        files = spark.createDataFrame([(p,) for p in files], "path string")
     return files.select("path").mapInPandas(read, FOOTER_SCHEMA)
 
 
-def check_parquet_files(spark: SparkSession, files: DataFrame, store: Store, what: str,
+def check_parquet_files(spark: SparkSession, files: DataFrame | list[str], store: Store, what: str,
                         columns: list[str] | None = None,
                         local_max: int | None = None) -> None:
     """Stop (:class:`SchemaConflict`) when the parquet ``files`` (column ``path``) disagree on
     the type of a column (of ``columns``, when given: the ones the reader uses); reads footers
     only."""
-    types = _types(files, lambda b: _footer_types(b, store), local_max)
+    types = _types(spark, files, lambda b: _footer_types(b, store), local_max)
     _raise_first(what, _conflicts(types, columns), "rewrite that file with the other files' type, or "
                  "move it out of the source path")
 
@@ -140,6 +145,6 @@ def check_parquet_files(spark: SparkSession, files: DataFrame, store: Store, wha
 def check_csv_headers(spark: SparkSession, files: DataFrame, store: Store, sep: str,
                       what: str, local_max: int | None = None) -> None:
     """Stop (:class:`SchemaConflict`) when delimited ``files`` have different header lines."""
-    types = _types(files, lambda b: _header_types(b, store, sep), local_max)
+    types = _types(spark, files, lambda b: _header_types(b, store, sep), local_max)
     _raise_first(what, _conflicts(types), "give every file of a source the same header (same "
                  "columns, same order), or split them into separate sources")

@@ -10,18 +10,39 @@ tar shards are read under size caps (:mod:`etl.tarshards`).
 
 from __future__ import annotations
 
+import json
+from contextlib import closing
 from functools import partial
 
+import pandas as pd
+import pyarrow as pa
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from etl.config import SourceConf
 from etl.fs import Store
 from etl.inputcheck import SchemaConflict, check_csv_headers, check_parquet_files
-from etl.tarshards import IMAGE_EXTS, SHARD_GLOB, TAR_SCHEMA, TarCaps, read_shards, utf8_reason
+from etl.tarshards import (
+    IMAGE_EXTS,
+    SHARD_GLOB,
+    SIZES,
+    TAR_SCHEMA,
+    TarCaps,
+    read_shards,
+    shard_records,
+    utf8_reason,
+)
 
+LISTED_GLOB = SHARD_GLOB[:-1] + ",parquet}"  # shards and img2dataset's parquet sidecars
+SAMPLE_SHARDS = 16  # shards the driver may open to find the .json keys ...
+SAMPLE_BYTES = 256 * 1024 * 1024  # ... reading at most this many bytes of their members
+# A source this small (and of few shards) is read on the driver, in less time than a Python
+# worker takes to start (~2 s); the sample's 2,000 pairs (~16 MB) and up go to the executors.
+DRIVER_READ_BYTES = 8 * 1024 * 1024
+SIZED_FORMATS = ("img2dataset", "webdataset")  # readers that take image sizes from the headers
 LATIN1 = "ISO-8859-1"  # one character per byte: CSV bytes reach the UTF-8 check unchanged
 BASE = ["uid", "url", "text", "image", "width", "height", "sha256", "source_file", "source_pos",
         "error", "raw"]
@@ -170,35 +191,92 @@ def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000
     """WebDataset / img2dataset shards (``.tar``, ``.tar.gz``, ``.tgz``) plus failed rows from
     img2dataset sidecars.
 
-    Each shard is opened on an executor (fsspec) and streamed member by member, once, under the
-    size ``caps`` (see :mod:`etl.tarshards`): the ``.json`` members are parsed with
-    img2dataset's own fields plus the extra keys found in the first ``json_sample_rows`` of
-    them (a bounded read, not a schema pass over the pool).
+    The folder is listed once. Each shard is streamed member by member, once, under the size
+    ``caps`` (see :mod:`etl.tarshards`), with image sizes read from the headers as it goes: on
+    the executors (fsspec; Spark's file planning groups shards into tasks by size), or, for a
+    source of at most :data:`SAMPLE_SHARDS` shards and :data:`DRIVER_READ_BYTES` bytes, by the
+    same code on the driver (no Python worker to start: a small source costs milliseconds to
+    read, not seconds). The ``.json`` members are parsed with img2dataset's own fields plus the
+    extra keys found in the first ``json_sample_rows`` of them, read on the driver from the
+    first listed shards (a bounded read, not a schema pass over the pool).
     """
     defaults = SourceConf()
     caps = caps or TarCaps(defaults.max_member_bytes, defaults.max_shard_bytes)
-    tars = list_files(spark, path, SHARD_GLOB)
-    n = tars.count()
-    if not n:
+    store = Store.from_spark(spark)
+    listing = list_files(spark, path, LISTED_GLOB)
+    is_parquet = F.col("path").endswith(".parquet")
+    tars = listing.where(~is_parquet)
+    sidecars = listing.where(is_parquet & ~F.col("path").endswith("_stats.parquet"))
+    rows = (tars.limit(SAMPLE_SHARDS + 1).withColumn("sidecar", F.lit(False))
+            .unionByName(sidecars.withColumn("sidecar", F.lit(True)))
+            .collect())  # a few shards, and one row per sidecar file (not per pair): one job
+    first = [(r.path, r.length) for r in rows if not r.sidecar]
+    if not first:
         raise InputError(f"no .tar/.tar.gz/.tgz shards found under {path}")
-    reader = partial(read_shards, store=Store.from_spark(spark), caps=caps)
-    records = tars.repartition(n).mapInPandas(reader, TAR_SCHEMA)
-    records = _expand_json(records, json_schema(spark, records, json_sample_rows))
-    failed = _sidecar_failures(spark, path)
+    reader = partial(read_shards, store=store, caps=caps)
+    if len(first) <= SAMPLE_SHARDS and sum(n for _, n in first) <= DRIVER_READ_BYTES:
+        local = pd.concat([pd.DataFrame(columns=TAR_SCHEMA.fieldNames()).astype(SIZES), *reader(
+            iter([pd.DataFrame(first, columns=["path", "length"])]))], ignore_index=True)
+        records = spark.createDataFrame(
+            pa.Table.from_pandas(local, to_arrow_schema(TAR_SCHEMA), preserve_index=False))
+        sample = local["json"].dropna().head(json_sample_rows).tolist()
+    else:
+        records = tars.mapInPandas(reader, TAR_SCHEMA)
+        sample = shard_json_sample(first[:SAMPLE_SHARDS], store, caps, json_sample_rows)
+    records = _expand_json(records, json_schema(spark, sample))
+    records = records.select(*[  # the header's size over the JSON's (img2dataset's resize)
+        F.coalesce(F.col(f"image_{c}"), F.col(c)).alias(c) if c in ("width", "height") else c
+        for c in records.columns if c not in ("image_width", "image_height")])
+    failed = _sidecar_failures(spark, path, [r.path for r in rows if r.sidecar], store)
     return records if failed is None else records.unionByName(failed, allowMissingColumns=True)
 
 
-def json_schema(spark: SparkSession, records: DataFrame, sample_rows: int,
+def shard_json_sample(shards: list[tuple[str, int]], store: Store, caps: TarCaps, rows: int,
+                      max_bytes: int = SAMPLE_BYTES) -> list[str]:
+    """The first ``rows`` ``.json`` members of ``shards`` (``(path, length)``, read in order on
+    the calling process), stopping once ``max_bytes`` of members have been read."""
+    sample: list[str] = []
+    read = 0
+    for path, length in shards:
+        with closing(shard_records(path, int(length), store, caps)) as records:
+            for rec in records:
+                if rec["json"] is not None:
+                    sample.append(rec["json"])
+                read += sum(len(rec[k] or "") for k in ("image", "text", "json"))
+                if len(sample) >= rows or read >= max_bytes:
+                    return sample
+    return sample
+
+
+def frame_json_sample(df: DataFrame, rows: int) -> list[str]:
+    """The first ``rows`` non-null values of ``df``'s ``json`` column (a bounded collect)."""
+    return [r[0] for r in df.where(F.col("json").isNotNull()).select("json").limit(rows).collect()]
+
+
+def json_schema(spark: SparkSession, sample: list[str],
                 base: T.StructType = IMG2DATASET_JSON) -> T.StructType:
-    """The ``base`` fields (img2dataset's, typed), then any other keys seen in the first
-    ``sample_rows`` JSON values of ``records`` (types inferred from them)."""
-    sample = [r[0] for r in records.where(F.col("json").isNotNull()).select("json")
-              .limit(sample_rows).collect()]  # bounded by sample_rows, not by the pool
-    seen = spark.read.json(spark.sparkContext.parallelize(sample, 1)).schema if sample else None
+    """The ``base`` fields (img2dataset's, typed), then any other keys of the ``sample`` JSON
+    values, typed by Spark's JSON inference over the sample; a sample of ``base`` keys alone
+    (img2dataset's usual output) needs no inference and no Spark job."""
     fields = list(base.fields)
     known = set(base.fieldNames()) | {"_corrupt_record"}
-    fields += [f for f in (seen.fields if seen else []) if f.name not in known]
-    return T.StructType(fields)
+    if not sample or not _other_keys(sample, known):
+        return T.StructType(fields)
+    seen = spark.read.json(spark.sparkContext.parallelize(sample, 1)).schema
+    return T.StructType(fields + [f for f in seen.fields if f.name not in known])
+
+
+def _other_keys(sample: list[str], known: set[str]) -> bool:
+    """Whether any sample value may hold a key outside ``known`` (anything Python's parser does
+    not read as an object, e.g. Spark's lenient single quotes, is left to Spark to decide)."""
+    for text in sample:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return True
+        if not isinstance(value, dict) or not value.keys() <= known:
+            return True
+    return False
 
 
 def _expand_json(records: DataFrame, schema: T.StructType) -> DataFrame:
@@ -217,13 +295,13 @@ def _expand_json(records: DataFrame, schema: T.StructType) -> DataFrame:
                    height=jfield("height"), sha256=jfield("sha256")).drop("_j", "json")
 
 
-def _sidecar_failures(spark: SparkSession, path: str) -> DataFrame | None:
-    """img2dataset parquet sidecars: rows that never reached a shard (failed downloads)."""
-    listed = list_files(spark, path, "*.parquet").where(~F.col("path").endswith("_stats.parquet"))
-    files = [r.path for r in listed.collect()]  # one row per sidecar file, not per pair
+def _sidecar_failures(spark: SparkSession, path: str, files: list[str],
+                      store: Store) -> DataFrame | None:
+    """img2dataset parquet sidecars (``files``): rows that never reached a shard (failed
+    downloads)."""
     if not files:
         return None
-    check_parquet_files(spark, listed, Store.from_spark(spark), f"img2dataset sidecars at {path}",
+    check_parquet_files(spark, files, store, f"img2dataset sidecars at {path}",
                         ["status", "error_message", "url", "caption", "key"])
     df = spark.read.parquet(*files)
     if "status" not in df.columns:
@@ -261,5 +339,6 @@ def read_image_folder(spark: SparkSession, path: str, json_sample_rows: int = 10
         F.coalesce("image_path", "text_path").alias("source_file"), F.lit(0).cast("long").alias("source_pos"),
         F.trim(caption).alias("text"), "image", "json",
         err.alias("error"), F.coalesce("image_path", "text_path").alias("raw"))
-    out = _expand_json(df, json_schema(spark, df, json_sample_rows, T.StructType()))
+    sample = frame_json_sample(df, json_sample_rows)
+    out = _expand_json(df, json_schema(spark, sample, T.StructType()))
     return out.withColumn("url", F.coalesce("url", "source_file"))

@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from etl.config import ConfigError, LakehouseConf
-from etl.fs import Store, is_url
+from etl.fs import Store, is_url, locate
 
 BRONZE = "bronze_pairs"
 QUARANTINE = "quarantine"
@@ -77,9 +77,7 @@ class Lakehouse:
 
     def resolve(self, path: str) -> str:
         """A configured location: a URL or absolute path as is, a relative one under the root."""
-        if is_url(path) or Path(path).expanduser().is_absolute():
-            return path if is_url(path) else str(Path(path).expanduser())
-        return self.under(path)
+        return locate(self.root, path)
 
     def path(self, table: str) -> str:
         """Filesystem location of ``table`` (folder mode only)."""

@@ -11,6 +11,7 @@ earlier in the same shard is a duplicate key, not a missing member.
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 import tarfile
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pandas as pd
+from PIL import Image
 from pyspark.sql import types as T
 
 from etl.fs import Store
@@ -29,7 +31,9 @@ TAR_SCHEMA = T.StructType([
     T.StructField("image", T.BinaryType()), T.StructField("json", T.StringType()),
     T.StructField("source_file", T.StringType()), T.StructField("source_pos", T.LongType()),
     T.StructField("error", T.StringType()), T.StructField("raw", T.StringType()),
+    T.StructField("image_width", T.IntegerType()), T.StructField("image_height", T.IntegerType()),
 ])
+SIZES = {"image_width": "Int32", "image_height": "Int32"}
 RECORDS_PER_BATCH = 256  # tar records per Arrow batch: a shard is streamed, never held whole
 BATCH_BYTES = 64 * 1024 * 1024  # ... and a batch is flushed early once it holds this many bytes
 
@@ -47,22 +51,35 @@ def utf8_reason(field: str, where: str) -> str:
     return f"{field}: not valid UTF-8 ({where})"
 
 
+def header_size(data: bytes | None) -> tuple[int | None, int | None]:
+    """Width and height from an image's header (no pixels decoded); ``(None, None)`` when
+    there are no bytes or the header cannot be read (scoring reports the error)."""
+    if data is None:
+        return None, None
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception:  # noqa: BLE001 - any unreadable header
+        return None, None
+
+
 def read_shards(batches: Iterator[pd.DataFrame], store: Store,
                 caps: TarCaps) -> Iterator[pd.DataFrame]:
-    """``mapInPandas`` body: rows ``path, length`` of shard files in, :data:`TAR_SCHEMA` out."""
+    """``mapInPandas`` body: rows ``path, length`` of shard files in, :data:`TAR_SCHEMA` out
+    (image sizes read from the headers here, while the bytes are in hand)."""
     cols = TAR_SCHEMA.fieldNames()
     for batch in batches:
         for path, length in zip(batch["path"], batch["length"], strict=True):
             rows: list[dict] = []
             held = 0
             for rec in shard_records(path, int(length), store, caps):
+                rec["image_width"], rec["image_height"] = header_size(rec.get("image"))
                 rows.append(rec)
                 held += len(rec.get("image") or b"") + len(rec.get("text") or "")
                 if len(rows) == RECORDS_PER_BATCH or held >= BATCH_BYTES:
-                    yield pd.DataFrame(rows, columns=cols)
+                    yield pd.DataFrame(rows, columns=cols).astype(SIZES)
                     rows, held = [], 0
             if rows:
-                yield pd.DataFrame(rows, columns=cols)
+                yield pd.DataFrame(rows, columns=cols).astype(SIZES)
 
 
 def _split_name(name: str) -> tuple[str, str]:

@@ -37,6 +37,16 @@ def lake(spark, tmp_path):
     return Lakehouse(spark, LakehouseConf(root=str(tmp_path / "lakehouse")))
 
 
+@pytest.fixture(params=["driver", "executors"])
+def read_on(request, monkeypatch):
+    """Run a tar-shard test twice: a small source read on the driver, then on the executors."""
+    from etl import readers
+
+    if request.param == "executors":
+        monkeypatch.setattr(readers, "DRIVER_READ_BYTES", -1)
+    return request.param
+
+
 def assert_same_rows(actual, expected, columns=None):
     """Compare two DataFrames (or a DataFrame and a list of tuples) ignoring row order."""
     cols = columns or actual.columns

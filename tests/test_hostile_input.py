@@ -33,7 +33,8 @@ def bronze_texts(lake) -> list[str]:
     return sorted(r.text for r in lake.read(BRONZE).collect())
 
 
-def test_oversize_member_is_quarantined_unread_in_plain_and_gzip_shards(spark, lake, tmp_path):
+def test_oversize_member_is_quarantined_unread_in_plain_and_gzip_shards(spark, lake, tmp_path,
+                                                                        read_on):
     d = tmp_path / "shards"
     d.mkdir()
     write_tar(d / "00000.tar", [("000", jpeg(), b"ok tar"), ("001", b"x" * 5000, b"big")])
@@ -53,7 +54,7 @@ def test_oversize_member_is_quarantined_unread_in_plain_and_gzip_shards(spark, l
 
 
 def test_shard_over_the_cap_is_quarantined_whole_and_a_gzip_bomb_stops_at_it(spark, lake,
-                                                                             tmp_path):
+                                                                             tmp_path, read_on):
     d = tmp_path / "shards"
     d.mkdir()
     write_tar(d / "00000.tar", [(f"00{i}", b"z" * 6000, b"in a big shard") for i in range(3)])
@@ -145,7 +146,7 @@ def test_non_utf8_caption_is_quarantined_by_every_reader(spark, lake, tmp_path, 
     assert quarantine_reasons(lake) == [f"text: not valid UTF-8 ({where})"]
 
 
-def test_non_utf8_json_member_is_quarantined(spark, lake, tmp_path):
+def test_non_utf8_json_member_is_quarantined(spark, lake, tmp_path, read_on):
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
         add(tar, "000.jpg", jpeg())
         add(tar, "000.json", b'{"url": "http://s/0", "caption": "caf\xe9"}')
@@ -166,7 +167,7 @@ def test_quoted_newlines_stay_inside_the_field(spark, lake, tmp_path, fmt, sep):
     assert bronze_texts(lake) == [f"a\r\nb, {sep} c", "line one\nline two", "plain"]
 
 
-def test_a_key_repeated_in_one_shard_is_a_duplicate_key(spark, lake, tmp_path):
+def test_a_key_repeated_in_one_shard_is_a_duplicate_key(spark, lake, tmp_path, read_on):
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w") as tar:
         for key, text in (("000", b"first"), ("001", b"other"), ("000", b"second copy")):

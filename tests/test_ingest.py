@@ -12,9 +12,11 @@ from PIL import Image
 from pyspark.sql import functions as F
 
 from etl.config import SourceConf
+from etl.fs import Store
 from etl.ingest import ingest_frame
-from etl.readers import IMG2DATASET_JSON, InputError, json_schema, read_source
+from etl.readers import IMG2DATASET_JSON, InputError, json_schema, read_source, shard_json_sample
 from etl.tables import BRONZE, QUARANTINE
+from etl.tarshards import TarCaps
 from tests.conftest import assert_same_rows
 
 
@@ -198,7 +200,7 @@ def shards(tmp_path):
     return d
 
 
-def test_webdataset_reader(spark, lake, shards):
+def test_webdataset_reader(spark, lake, shards, read_on):
     counts = ingest_source(spark, lake, SourceConf(format="img2dataset", path=str(shards)))
     assert counts == {"read": 6, "quarantined": 4, "in_input_duplicates": 0, "new": 2,
                       "already_present": 0}
@@ -214,14 +216,36 @@ def test_webdataset_reader(spark, lake, shards):
     assert any(r.startswith("101.json is not valid JSON") for r in reasons)
 
 
-def test_json_schema_is_img2dataset_plus_the_keys_of_a_bounded_sample(spark):
-    records = spark.createDataFrame(
-        [(json.dumps({"url": "u0", "extra_a": 1}),), (None,),
-         (json.dumps({"url": "u1", "original_width": 7, "late": "x"}),)], "json string").coalesce(1)
-    first = json_schema(spark, records, 1)
+def test_a_small_source_is_read_on_the_driver_a_larger_one_on_the_executors(
+        spark, shards, read_on):
+    df = read_source(spark, SourceConf(format="img2dataset", path=str(shards)))
+    plan = df._jdf.queryExecution().executedPlan().toString()
+    assert ("MapInPandas" in plan) == (read_on == "executors")
+    assert df.where("error is null").count() == 2
+
+
+def test_json_schema_is_img2dataset_plus_the_keys_of_its_sample(spark):
+    sample = [json.dumps({"url": "u0", "extra_a": 1}),
+              json.dumps({"url": "u1", "original_width": 7, "late": "x"})]
+    first = json_schema(spark, sample[:1])
     assert first.fieldNames() == [*IMG2DATASET_JSON.fieldNames(), "extra_a"]
     assert first["original_width"].dataType.simpleString() == "bigint"
-    assert json_schema(spark, records, 10).fieldNames()[-2:] == ["extra_a", "late"]
+    assert json_schema(spark, sample).fieldNames()[-2:] == ["extra_a", "late"]
+    # img2dataset's own keys alone: its schema, with no Spark inference (no session is needed)
+    own = json.dumps({"url": "u", "caption": "c", "width": 3, "status": "success"})
+    assert json_schema(None, [own, own]) == IMG2DATASET_JSON
+    # Spark reads single quotes, Python's parser does not: such values are left to Spark
+    assert json_schema(spark, [own, "{'url': 'u', 'odd': 1}"]).fieldNames()[-1] == "odd"
+
+
+def test_shard_json_sample_stops_at_its_row_and_byte_bounds(shards):
+    listed = sorted((str(p), p.stat().st_size) for p in shards.glob("*.tar"))
+    caps = TarCaps(SourceConf().max_member_bytes, SourceConf().max_shard_bytes)
+    every = shard_json_sample(listed, Store(), caps, 100)
+    assert [json.loads(j)["url"] for j in every] == ["http://s/0", "http://s/1", "http://s/2",
+                                                      "http://s/100"]  # 101.json is not JSON
+    assert shard_json_sample(listed, Store(), caps, 2) == every[:2]
+    assert shard_json_sample(listed, Store(), caps, 100, max_bytes=1) == every[:1]
 
 
 def test_image_folder_reader(spark, lake, tmp_path):

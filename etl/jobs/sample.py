@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from etl.config import load_config
-from etl.fs import Store, join
+from etl.fs import Store, locate
 from etl.jobs.common import parser, run_job
 
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
                    help="output folder or URL (default: <lakehouse.root>/<sample.out_dir>)")
     args = p.parse_args(argv)
     cfg = load_config(args.conf, args.overrides)
-    out = args.out or join(cfg.lakehouse.root, cfg.sample.out_dir)
+    out = args.out or locate(cfg.lakehouse.root, cfg.sample.out_dir)
     s = cfg.sample
     counts = write_sample(out, s.n_pairs, s.eval_size, s.seed, s.shard_size,
                           Store.from_conf(cfg.spark.conf))
