@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,14 +32,6 @@ LOCAL_DEFAULTS = {
     "spark.sql.session.timeZone": "UTC",
     "spark.databricks.delta.schema.autoMerge.enabled": "true",
 }
-
-# A local master on a few cores (a laptop, CI) mostly runs short jobs through cold code: C1
-# alone compiles it at once, while C2's compiler threads would take cores from the job, and the
-# parallel collector skips G1's set-up. Measured on 2 cores: a 16-row ingest 36 s -> ~21 s, a
-# 1M-row metadata pool no slower (README). Bigger machines and clusters keep the JVM's defaults;
-# setting spark.driver.extraJavaOptions replaces these.
-SMALL_LOCAL_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
-SMALL_LOCAL_CORES = 4
 
 # s3a out of the box retries for minutes against a wrong endpoint; these fail within seconds
 # and name the endpoint, while still riding out a throttled or briefly unavailable store.
@@ -80,8 +71,7 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
             # workers fork from a daemon that has torch + open_clip imported already
             builder = builder.config("spark.python.daemon.module", "udfs.daemon")
     s3a = any(scheme(u) == "s3a" for u in urls)
-    wanted = {**session_defaults(None if submitted else conf.master),
-              **(S3A_DEFAULTS if s3a else {})}
+    wanted = {**LOCAL_DEFAULTS, **(S3A_DEFAULTS if s3a else {})}
     defaults = _unset(wanted) if submitted else wanted
     for key, value in {**defaults, **DELTA_CONF, **conf.conf}.items():
         builder = builder.config(key, value)
@@ -95,24 +85,6 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DFN_SPARK_LOG_LEVEL", "ERROR"))
     return spark
-
-
-def session_defaults(master: str | None) -> dict[str, str]:
-    """:data:`LOCAL_DEFAULTS`, plus :data:`SMALL_LOCAL_JVM` when ``master`` (None: the session
-    is launched by spark-submit, which started the JVM already) is local with at most
-    :data:`SMALL_LOCAL_CORES` cores."""
-    small = master is not None and 0 < local_cores(master) <= SMALL_LOCAL_CORES
-    return {**LOCAL_DEFAULTS, **({"spark.driver.extraJavaOptions": SMALL_LOCAL_JVM} if small else {})}
-
-
-def local_cores(master: str) -> int:
-    """Cores of a ``local`` / ``local[N]`` / ``local[*]`` master (``local[N, F]`` too); 0 when
-    the master is not local."""
-    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:\s*,\s*\d+)?\])?", master.strip())
-    if m is None:
-        return 0
-    n = m.group(1) or "1"
-    return (os.cpu_count() or 1) if n == "*" else int(n)
 
 
 def _launched_by_spark_submit() -> bool:

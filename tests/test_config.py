@@ -129,22 +129,3 @@ def test_unreachable_endpoint_fails_fast_naming_it():
     with pytest.raises(ConnectorError, match=rf"lakehouse\.root: cannot access s3a://b/lake at {endpoint}"):
         probe(store, "lakehouse.root", "s3a://b/lake")
     assert time.monotonic() - t0 < 30
-
-
-@pytest.mark.parametrize("master, small", [
-    ("local", True), ("local[2]", True), ("local[4, 3]", True), ("local[8]", False),
-    ("spark://host:7077", False), ("local-cluster[2,1,1024]", False), (None, False)])
-def test_short_job_jvm_options_only_for_a_local_master_on_few_cores(master, small):
-    from etl.spark import LOCAL_DEFAULTS, SMALL_LOCAL_JVM, session_defaults
-
-    defaults = session_defaults(master)
-    assert defaults.get("spark.driver.extraJavaOptions") == (SMALL_LOCAL_JVM if small else None)
-    assert LOCAL_DEFAULTS.items() <= defaults.items()
-
-
-def test_the_test_session_runs_with_the_short_job_jvm_options(spark):
-    from etl.spark import SMALL_LOCAL_JVM
-
-    jvm = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
-    running = list(jvm.getInputArguments())  # what the driver JVM was started with
-    assert set(SMALL_LOCAL_JVM.split()) <= set(running)
