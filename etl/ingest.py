@@ -116,8 +116,8 @@ def split(df: DataFrame, broadcast_max: int = BROADCAST_DUPLICATES,
     ``any_dups=False`` (the caller counted as many distinct uids as good rows) skips ranking.
     Otherwise only ``(uid, source_file, source_pos)`` is shuffled to rank each uid's rows
     (never the rows themselves, or their image bytes): the duplicates' keys are then split from
-    the rows with no join when there are none, a broadcast join up to ``broadcast_max`` keys,
-    and a shuffle join only above that (a pathological input, e.g. one uid throughout).
+    the rows with a broadcast join up to ``broadcast_max`` keys, and a shuffle join only above
+    that (a pathological input, e.g. one uid throughout).
     """
     errors = df.where(F.col("_reason").isNotNull())
     good = df.where(F.col("_reason").isNull())
@@ -131,8 +131,6 @@ def split(df: DataFrame, broadcast_max: int = BROADCAST_DUPLICATES,
                 .where("_rank > 1").select("source_file", "source_pos", "_first")
                 .persist(StorageLevel.MEMORY_AND_DISK))
     n_dups = dup_keys.count()
-    if n_dups == 0:
-        return Split(rows, good.where(F.lit(False)), errors, 0, dup_keys)
     keys = F.broadcast(dup_keys) if n_dups <= broadcast_max else dup_keys
     on = ["source_file", "source_pos"]
     unique = rows.join(keys, on, "left_anti")
