@@ -39,6 +39,7 @@ from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
 from etl.config import Config, ConfigError, DedupConf
+from etl.spark import local_frame
 from etl.tables import BRONZE, DEDUP, EVAL_EMBEDDINGS, EVAL_IMAGES, Lakehouse
 from etl.vectors import cluster_column, fit_centers, unit_rows
 from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
@@ -134,8 +135,8 @@ def bounded_groups(clustered: DataFrame, max_rows: int, seed: int = 0) -> DataFr
     dim = len(clustered.where(F.col("embedding").isNotNull()).first()["embedding"])
     direction = np.random.default_rng(seed).standard_normal(dim)
     grid = max(-(-2 * n // max_rows) for n in big.values())
-    parts = spark.createDataFrame([(int(c), -(-2 * n // max_rows)) for c, n in big.items()],
-                                  "cluster int, _parts int")
+    parts = local_frame(spark, [(int(c), -(-2 * n // max_rows)) for c, n in big.items()],
+                        "cluster int, _parts int")
     out = out.withColumn("_proj", _projection(direction)("embedding"))
     cuts = cut_table(out.join(F.broadcast(parts), "cluster"), grid)
     below = F.size(F.filter("_cuts", lambda c: c < F.col("_proj")))
@@ -256,7 +257,7 @@ def eval_vector_matches(emb: DataFrame, keys: list[str], vectors: np.ndarray,
     """(uid, embedding) -> (uid, eval_match, eval_similarity) where the best cosine to an eval
     vector is >= threshold. ``vectors`` (n_eval x d) travel with the tasks."""
     if not keys:
-        return emb.sparkSession.createDataFrame([], LEAK_SCHEMA)
+        return local_frame(emb.sparkSession, [], LEAK_SCHEMA)
     fn = partial(match_batches, keys=np.asarray(keys, dtype=object),
                  vectors=unit_rows(pd.Series(list(vectors))), threshold=threshold)
     return (emb.where(F.col("embedding").isNotNull()).select("uid", "embedding")
@@ -315,7 +316,7 @@ def dedup_pairs(pairs: DataFrame, conf: DedupConf, vectors: dict[str, DataFrame]
     pool. ``evals``: signal -> (eval keys, eval vectors). ``eval_hashes``: (key, sha256).
     """
     vectors, evals = vectors or {}, evals or {}
-    flags = pairs.sparkSession.createDataFrame([], FLAG_SCHEMA)
+    flags = local_frame(pairs.sparkSession, [], FLAG_SCHEMA)
     if conf.exact:
         flags = exact_duplicates(pairs)
     if conf.near:
@@ -339,7 +340,7 @@ def dedup_pairs(pairs: DataFrame, conf: DedupConf, vectors: dict[str, DataFrame]
     out = pairs.select("uid").join(flags, "uid", "left")
     leaks = best_match(matches)
     if leaks is None:
-        leaks = pairs.sparkSession.createDataFrame([], LEAK_SCHEMA)
+        leaks = local_frame(pairs.sparkSession, [], LEAK_SCHEMA)
     return out.join(leaks, "uid", "left")
 
 

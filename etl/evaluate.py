@@ -42,6 +42,7 @@ from etl.metrics import precision_recall
 from etl.rules import rule_parts
 from etl.sample import NOISY_KINDS
 from etl.select import model_id_for, rule_context
+from etl.spark import local_frame
 from etl.tables import BRONZE, DEDUP, EVAL_IMAGES, EVALUATION, SELECTION, SILVER, Lakehouse
 
 FILTER_QUALITY = "gold_filter_quality"
@@ -150,7 +151,7 @@ def run_filter_quality(lake: Lakehouse, cfg: Config, run_id: str) -> list[dict[s
     rows = filter_quality(labelled_scores(scores, lake.read(BRONZE)), chosen_threshold(lake, cfg))
     now = _now()
     rows = [{"run_id": run_id, "model_id": model_id, **r, "evaluated_at": now} for r in rows]
-    lake.append(lake.spark.createDataFrame(rows, FILTER_SCHEMA), FILTER_QUALITY)
+    lake.append(local_frame(lake.spark, rows, FILTER_SCHEMA), FILTER_QUALITY)
     print(f"filter quality of {model_id} (threshold {rows[0]['threshold']}):")
     print(format_table(rows, ["group", "n", "n_unscored", "mean_score", "auc_vs_clean",
                               "dropped", "precision", "recall"]))
@@ -302,7 +303,7 @@ def _finite(value: Any) -> float | None:
 def run_induced(lake: Lakehouse, cfg: Config, run_id: str, progress: bool = True) -> list[dict]:
     """Edge: selections -> trained CLIPs -> ``gold_evaluation`` rows (printed as one table)."""
     rows = induced_comparison(lake, cfg, run_id, progress)
-    lake.append(lake.spark.createDataFrame(rows, EVAL_SCHEMA), EVALUATION)
+    lake.append(local_frame(lake.spark, rows, EVAL_SCHEMA), EVALUATION)
     print(f"induced-dataset quality ({rows[0]['steps']} steps x {rows[0]['batch_size']} per "
           f"selection, evaluated on {rows[0]['eval_images']} held-out images):")
     print(format_table(rows, ["selection", "n_pairs", "final_loss", *METRICS]))

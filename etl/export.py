@@ -43,6 +43,7 @@ from pyspark.sql import functions as F
 
 from etl.config import Config, ConfigError, ExportConf
 from etl.fs import Store, ancestors, is_within, join
+from etl.spark import local_frame
 from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse, StaleTableError
 from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
@@ -156,7 +157,7 @@ def number_rows(df: DataFrame, per_bucket: int = ROWS_PER_BUCKET) -> DataFrame:
     for b, c in counts:
         offsets.append((b, total))
         total += c
-    off = df.sparkSession.createDataFrame(offsets or [(0, 0)], "_b long, _off long")
+    off = local_frame(df.sparkSession, offsets or [(0, 0)], "_b long, _off long")
     w = Window.partitionBy("_b").orderBy("uid")
     return (df.join(F.broadcast(off), "_b")
             .withColumn("idx", F.col("_off") + F.row_number().over(w) - 1).drop("_b", "_off"))

@@ -20,6 +20,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from etl.fs import Store
+from etl.spark import local_frame
 
 FOOTER_SCHEMA = "path string, column string, type string"
 FIRST_LINE_BYTES = 1024 * 1024  # a header line longer than this is reported as such
@@ -127,7 +128,7 @@ def _types(spark: SparkSession, files: DataFrame | list[str],
         return pd.concat([pd.DataFrame(columns=["path", "column", "type"]),
                           *read(iter([pd.DataFrame({"path": few})]))], ignore_index=True)
     if isinstance(files, list):
-        files = spark.createDataFrame([(p,) for p in files], "path string")
+        files = local_frame(spark, [(p,) for p in files], "path string")
     return files.select("path").mapInPandas(read, FOOTER_SCHEMA)
 
 

@@ -25,6 +25,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from etl.sample import NOISY_KINDS
+from etl.spark import local_frame
 from etl.tables import SELECTION, Lakehouse
 
 REASON_LABELS = {
@@ -69,7 +70,7 @@ def drop_reason_quality(selection: DataFrame,
         counts = _grouped(selection, reason, kinds) if reason in GROUPED else \
             _single(selection, reason, kinds)
         rows.append(_row(reason, kinds, *counts))
-    return selection.sparkSession.createDataFrame(rows, SCHEMA)
+    return local_frame(selection.sparkSession, rows, SCHEMA)
 
 
 def _single(sel: DataFrame, reason: str, kinds: list[str]) -> tuple[int, int, int, int]:

@@ -253,30 +253,53 @@ def frame_json_sample(df: DataFrame, rows: int) -> list[str]:
     return [r[0] for r in df.where(F.col("json").isNotNull()).select("json").limit(rows).collect()]
 
 
-def json_schema(spark: SparkSession, sample: list[str],
+def json_schema(spark: SparkSession | None, sample: list[str],
                 base: T.StructType = IMG2DATASET_JSON) -> T.StructType:
     """The ``base`` fields (img2dataset's, typed), then any other keys of the ``sample`` JSON
-    values, typed by Spark's JSON inference over the sample; a sample of ``base`` keys alone
-    (img2dataset's usual output) needs no inference and no Spark job."""
+    values in name order, typed as Spark's JSON inference types them. A sample of ``base`` keys
+    and flat scalar values (img2dataset's output, with or without extra labels) is typed here
+    with no Spark job; nested values or text Python does not parse as an object are left to
+    Spark's inference over the sample (which needs ``spark``)."""
     fields = list(base.fields)
     known = set(base.fieldNames()) | {"_corrupt_record"}
-    if not sample or not _other_keys(sample, known):
-        return T.StructType(fields)
-    seen = spark.read.json(spark.sparkContext.parallelize(sample, 1)).schema
-    return T.StructType(fields + [f for f in seen.fields if f.name not in known])
+    extra = _scalar_fields(sample, known)
+    if extra is None:
+        seen = spark.read.json(spark.sparkContext.parallelize(sample, 1)).schema
+        extra = [f for f in seen.fields if f.name not in known]
+    return T.StructType(fields + extra)
 
 
-def _other_keys(sample: list[str], known: set[str]) -> bool:
-    """Whether any sample value may hold a key outside ``known`` (anything Python's parser does
-    not read as an object, e.g. Spark's lenient single quotes, is left to Spark to decide)."""
+_SCALAR_TYPES = {bool: T.BooleanType(), int: T.LongType(), float: T.DoubleType(),
+                 str: T.StringType()}
+_LONG = range(-(2**63), 2**63)
+
+
+def _scalar_fields(sample: list[str], known: set[str]) -> list[T.StructField] | None:
+    """The keys outside ``known`` typed the way Spark's JSON inference types flat scalars
+    (null only: string; long and double: double; any other mix: string), or None when a value
+    is not an object of scalars (nested, a long overflow, Spark's lenient syntax)."""
+    seen: dict[str, set[type]] = {}
     for text in sample:
         try:
             value = json.loads(text)
         except ValueError:
-            return True
-        if not isinstance(value, dict) or not value.keys() <= known:
-            return True
-    return False
+            return None
+        if not isinstance(value, dict):
+            return None
+        for key, v in value.items():
+            if key in known:
+                continue
+            if v is not None and (type(v) not in _SCALAR_TYPES
+                                  or (type(v) is int and v not in _LONG)):
+                return None
+            seen.setdefault(key, set()).add(type(v))
+    return [T.StructField(k, _scalar_type(seen[k] - {type(None)}), True) for k in sorted(seen)]
+
+
+def _scalar_type(kinds: set[type]) -> T.DataType:
+    if len(kinds) == 1:
+        return _SCALAR_TYPES[kinds.pop()]
+    return T.DoubleType() if kinds == {int, float} else T.StringType()
 
 
 def _expand_json(records: DataFrame, schema: T.StructType) -> DataFrame:

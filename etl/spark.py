@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
 
 from etl.config import SparkConf
 from etl.fs import SCHEMES, ConnectorError, Store, local_path, scheme
+from etl.jvmarchive import driver_options
 
 DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -52,7 +55,8 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
     a session is built from ``conf``: Delta jars come from Maven (``configure_spark_with_delta_pip``)
     unless ``conf.jars`` lists local jar files (air-gapped clusters). When any of ``urls`` is
     ``s3a://``, ``hadoop-aws`` matching pyspark's bundled Hadoop is resolved the same way, and
-    fail-fast s3a retry settings are added (each overridable). ``preload_models`` forks local
+    fail-fast s3a retry settings are added (each overridable). A driver JVM started here maps
+    the class archive ``make venv`` built (:mod:`etl.jvmarchive`). ``preload_models`` forks local
     Python workers from ``udfs.daemon`` (torch + open_clip imported once); commands that run
     no model leave it off and skip that import (~7 s).
     """
@@ -72,6 +76,8 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
             builder = builder.config("spark.python.daemon.module", "udfs.daemon")
     s3a = any(scheme(u) == "s3a" for u in urls)
     wanted = {**LOCAL_DEFAULTS, **(S3A_DEFAULTS if s3a else {})}
+    if not submitted:  # under spark-submit the driver JVM has started already
+        wanted.update(driver_options())
     defaults = _unset(wanted) if submitted else wanted
     for key, value in {**defaults, **DELTA_CONF, **conf.conf}.items():
         builder = builder.config(key, value)
@@ -85,6 +91,25 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DFN_SPARK_LOG_LEVEL", "ERROR"))
     return spark
+
+
+def local_frame(spark: SparkSession, rows: Sequence[Sequence[Any]],
+                schema: T.StructType | str) -> DataFrame:
+    """A DataFrame of a few rows held on the driver, handed to Spark as one Arrow table.
+
+    ``createDataFrame`` of a list of tuples goes through a Python RDD, so its first action
+    starts a Python worker (~1 s on a cold local session); the Arrow table needs none.
+    """
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    if isinstance(schema, str):
+        schema = T._parse_datatype_string(schema)
+    arrow = to_arrow_schema(schema)
+    columns = list(zip(*rows, strict=True)) or [()] * len(arrow)
+    table = pa.Table.from_arrays([pa.array(list(c), f.type) for c, f in zip(columns, arrow, strict=True)],
+                                 schema=arrow)
+    return spark.createDataFrame(table, schema)
 
 
 def _launched_by_spark_submit() -> bool:

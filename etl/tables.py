@@ -23,6 +23,7 @@ from pyspark.sql import types as T
 
 from etl.config import ConfigError, LakehouseConf
 from etl.fs import Store, is_url, locate
+from etl.spark import local_frame
 
 BRONZE = "bronze_pairs"
 QUARANTINE = "quarantine"
@@ -192,7 +193,7 @@ class Lakehouse:
         """Append one row per metric to the run-stats table."""
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         rows = [(run_id, step, k, int(v), now) for k, v in counts.items()]
-        self.append(self.spark.createDataFrame(rows, RUN_STATS_SCHEMA), RUN_STATS)
+        self.append(local_frame(self.spark, rows, RUN_STATS_SCHEMA), RUN_STATS)
 
     # ---- lineage ------------------------------------------------------------------------
 

@@ -238,6 +238,25 @@ def test_json_schema_is_img2dataset_plus_the_keys_of_its_sample(spark):
     assert json_schema(spark, [own, "{'url': 'u', 'odd': 1}"]).fieldNames()[-1] == "odd"
 
 
+@pytest.mark.parametrize("values, flat", [
+    ([{"n": 1}, {"n": 2.5}, {"n": None}], True),             # long + double: double
+    ([{"b": True}, {"b": 1}], True),                         # boolean + long: string
+    ([{"z": None}, {"z": None}], True),                      # null only: string
+    ([{"s": "x", "f": 1e400, "i": -(2**63)}, {"s": 3, "f": float("nan")}], True),
+    ([{"B": 1, "a": False, "é k": "v", "url": 5}, {}], True),  # name order; url keeps its type
+    ([{"big": 2**63}], False),                               # beyond long: Spark decides
+    ([{"nested": {"x": 1}}, {"nested": None}], False),       # nested: Spark decides
+    ([{"arr": [1, 2]}], False),
+])
+def test_json_schema_types_extra_keys_as_spark_inference_does(spark, values, flat):
+    sample = [json.dumps(v) for v in values]
+    inferred = spark.read.json(spark.sparkContext.parallelize(sample, 1)).schema
+    known = set(IMG2DATASET_JSON.fieldNames())
+    expected = [*IMG2DATASET_JSON.fields, *(f for f in inferred.fields if f.name not in known)]
+    # flat scalars are typed without Spark (no session given), the rest by Spark's inference
+    assert json_schema(None if flat else spark, sample).fields == expected
+
+
 def test_shard_json_sample_stops_at_its_row_and_byte_bounds(shards):
     listed = sorted((str(p), p.stat().st_size) for p in shards.glob("*.tar"))
     caps = TarCaps(SourceConf().max_member_bytes, SourceConf().max_shard_bytes)

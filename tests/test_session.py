@@ -1,0 +1,87 @@
+"""The session factory's parts: the driver JVM's class-data-sharing archive (built by `make
+venv`, mapped by get_spark's sessions, ignored without a word when it does not fit the JVM)
+and local_frame (driver-side rows handed to Spark as Arrow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from pyspark.sql import types as T
+
+from etl import jvmarchive
+from etl.spark import local_frame
+from tests.conftest import assert_same_rows
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+SESSION = """
+from etl.config import SparkConf
+from etl.spark import get_spark
+s = get_spark(SparkConf(conf={"spark.driver.extraJavaOptions": %r}), preload_models=False)
+print("count", s.range(3).count())
+print("options", s.sparkContext.getConf().get("spark.driver.defaultJavaOptions", ""))
+"""
+
+
+def _session(tmp_path: Path, extra: str, env: dict[str, str]) -> str:
+    """Start a fresh local session in a new Python (and so a new driver JVM); its output."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env}
+    env.pop("PYSPARK_GATEWAY_PORT", None)
+    done = subprocess.run([sys.executable, "-c", SESSION % extra], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def test_driver_options_name_the_archive_only_when_it_exists(tmp_path, monkeypatch):
+    archive = tmp_path / "a b" / "spark.jsa"
+    monkeypatch.setenv(jvmarchive.ENV, str(archive))
+    assert jvmarchive.driver_options() == {}
+    archive.parent.mkdir()
+    archive.write_bytes(b"x")
+    opts = jvmarchive.driver_options()[jvmarchive.KEY]
+    assert f'"-XX:SharedArchiveFile={archive}"' in opts  # quoted: the path has a space
+    assert jvmarchive.QUIET in opts
+    monkeypatch.setenv(jvmarchive.ENV, "off")
+    assert jvmarchive.archive_path() is None and jvmarchive.driver_options() == {}
+
+
+def test_a_session_maps_spark_classes_from_the_archive_make_venv_built(tmp_path):
+    archive = jvmarchive.archive_path()
+    if archive is None or not archive.is_file():
+        pytest.fail(f"no JVM class archive at {archive}: `make venv` builds it "
+                    "(python -m etl.jvmarchive)")
+    log = tmp_path / "classes.log"
+    out = _session(tmp_path, f"-Xlog:class+load=info:file={log}", {})
+    assert "count 3" in out and f"SharedArchiveFile={archive}" in out
+    loaded = [line for line in log.read_text().splitlines()
+              if " org.apache.spark.SparkContext " in line]
+    assert loaded and "shared objects file (top)" in loaded[0], loaded
+
+
+def test_an_archive_that_does_not_fit_is_ignored_silently(tmp_path):
+    junk = tmp_path / "junk.jsa"
+    junk.write_bytes(os.urandom(4096))
+    out = _session(tmp_path, "-Dx=1", {jvmarchive.ENV: str(junk)})
+    assert "count 3" in out and f"SharedArchiveFile={junk}" in out
+    assert "[cds" not in out and "shared archive" not in out.lower()
+
+
+def test_local_frame_holds_the_rows_create_dataframe_would(spark):
+    schema = T.StructType([
+        T.StructField("s", T.StringType(), False), T.StructField("n", T.LongType()),
+        T.StructField("x", T.DoubleType()), T.StructField("t", T.TimestampType())])
+    rows = [("a", 1, 0.5, datetime(2026, 1, 2, 3, 4, 5)), ("é'\n", None, None, None),
+            ("", -(2**63), float("inf"), datetime(1970, 1, 1))]
+    got = local_frame(spark, rows, schema)
+    assert got.schema == schema
+    assert_same_rows(got, spark.createDataFrame(rows, schema))
+    empty = local_frame(spark, [], "cluster int, _parts int")
+    assert empty.columns == ["cluster", "_parts"] and empty.count() == 0
+    with pytest.raises(ValueError):
+        local_frame(spark, [("a", 1)], schema)  # a row narrower than the schema
