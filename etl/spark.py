@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +93,10 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
     return spark
 
 
-def local_frame(spark: SparkSession, rows: Sequence[Sequence[Any]],
+def local_frame(spark: SparkSession, rows: Sequence[Sequence[Any] | Mapping[str, Any]],
                 schema: T.StructType | str) -> DataFrame:
-    """A DataFrame of a few rows held on the driver, handed to Spark as one Arrow table.
+    """A DataFrame of a few rows (tuples, or dicts by field name) held on the driver, handed
+    to Spark as one Arrow table.
 
     ``createDataFrame`` of a list of tuples goes through a Python RDD, so its first action
     starts a Python worker (~1 s on a cold local session); the Arrow table needs none.
@@ -106,7 +107,10 @@ def local_frame(spark: SparkSession, rows: Sequence[Sequence[Any]],
     if isinstance(schema, str):
         schema = T._parse_datatype_string(schema)
     arrow = to_arrow_schema(schema)
-    columns = list(zip(*rows, strict=True)) or [()] * len(arrow)
+    if rows and isinstance(rows[0], Mapping):  # by name, a missing key is null (as Spark does)
+        columns = [[r.get(name) for r in rows] for name in schema.fieldNames()]
+    else:
+        columns = list(zip(*rows, strict=True)) or [()] * len(arrow)
     table = pa.Table.from_arrays([pa.array(list(c), f.type) for c, f in zip(columns, arrow, strict=True)],
                                  schema=arrow)
     return spark.createDataFrame(table, schema)

@@ -81,6 +81,8 @@ def test_local_frame_holds_the_rows_create_dataframe_would(spark):
     got = local_frame(spark, rows, schema)
     assert got.schema == schema
     assert_same_rows(got, spark.createDataFrame(rows, schema))
+    by_name = [{"s": "b", "t": None, "x": 2.0}, {"n": 3, "s": "c", "extra": "ignored"}]
+    assert_same_rows(local_frame(spark, by_name, schema), spark.createDataFrame(by_name, schema))
     empty = local_frame(spark, [], "cluster int, _parts int")
     assert empty.columns == ["cluster", "_parts"] and empty.count() == 0
     with pytest.raises(ValueError):
