@@ -42,9 +42,8 @@ DATACOMP_BASIC = {
 PRESETS = {"datacomp_basic": DATACOMP_BASIC, "none": {}}
 RESERVED = ("eval-leak", "duplicate", "near-duplicate", "unscorable", "below-threshold")
 
-# Every character Python's str.split() splits on (str.isspace), as one Java regex class.
+# Every character Python's str.split() splits on (str.isspace).
 PY_WHITESPACE = "".join(c for c in map(chr, range(0x10000)) if c.isspace())
-WORDS_SPLIT = "[" + "".join(f"\\u{ord(c):04x}" for c in PY_WHITESPACE) + "]+"
 
 
 @pandas_udf(T.StringType())
@@ -71,17 +70,29 @@ def configured_filters(conf: SelectConf) -> dict[str, str]:
 
 
 def add_derived(df: DataFrame, filters: dict[str, str]) -> DataFrame:
-    """Add the derived columns the predicates can use (language only when one refers to it)."""
+    """Add the derived columns the predicates can use; the costly ones (``caption_words``,
+    ``caption_lang``) only when a predicate names them."""
     text = F.coalesce(F.col("text"), F.lit(""))
     out = df.withColumns({
-        "caption_words": F.size(F.filter(F.split(text, WORDS_SPLIT), lambda w: w != "")),
         "caption_chars": F.char_length(text),
         "img_width": _first_present(df, "original_width", "width"),
         "img_height": _first_present(df, "original_height", "height"),
     })
-    if any(re.search(r"\bcaption_lang\b", p) for p in filters.values()):
+    named = {c for c in ("caption_words", "caption_lang")
+             if any(re.search(rf"\b{c}\b", p) for p in filters.values())}
+    if "caption_words" in named:
+        out = out.withColumn("caption_words", caption_words(text))
+    if "caption_lang" in named:
         out = out.withColumn("caption_lang", caption_lang_udf(F.col("text")))
     return out
+
+
+def caption_words(text: Column) -> Column:
+    """Words as ``str.split()`` counts them, without a regex (a regex split took ~4 s per 1M
+    captions on 2 cores): each Python whitespace character becomes a space, then the non-empty
+    pieces between spaces are counted."""
+    spaced = F.translate(text, PY_WHITESPACE, " " * len(PY_WHITESPACE))
+    return F.size(F.array_remove(F.split(spaced, " "), ""))
 
 
 def _first_present(df: DataFrame, *names: str) -> Column:

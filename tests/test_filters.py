@@ -125,11 +125,22 @@ def test_model_ships_in_the_wheel_and_loads_offline(monkeypatch):
 
 
 @pytest.mark.parametrize("text, words", [("a\u00a0b c", 3), ("  a \t b\u2003c\u3000 ", 3),
-                                         ("a\x1cb\x85c", 3), ("", 0)])
+                                         ("a\x1cb\x85c", 3), ("", 0), (" \n\u2028 ", 0),
+                                         ("x", 1), ("\U0001f600 a\u200bb \U0001f600", 3),
+                                         ("a  b\r\n\r\nc\x0b\x0cd", 4)])
 def test_caption_words_split_like_python(spark, text, words):
     from etl.filters import add_derived
 
     df = spark.createDataFrame([(text,)], "text string")
-    row = add_derived(df, {}).first()
+    row = add_derived(df, {"w": "caption_words > 0"}).first()
     assert row.caption_words == len(text.split()) == words
     assert row.caption_chars == len(text)
+
+
+def test_costly_derived_columns_only_when_a_predicate_names_them(spark):
+    from etl.filters import add_derived
+
+    df = spark.createDataFrame([("a b",)], "text string")
+    assert {"caption_words", "caption_lang"}.isdisjoint(
+        add_derived(df, {"chars": "caption_chars > 5", "w": "my_caption_words_x > 1"}).columns)
+    assert "caption_words" in add_derived(df, {"w": "caption_words>1"}).columns

@@ -290,3 +290,21 @@ def test_bronze_sha256_is_of_the_bytes(spark, lake, shards):
     ingest_source(spark, lake, SourceConf(format="webdataset", path=str(shards)))
     row = lake.read(BRONZE).where(F.col("url") == "http://s/0").first()
     assert row.sha256 == hashlib.sha256(row.image).hexdigest()
+
+
+def test_captions_are_trimmed_of_ascii_whitespace_only_as_before(spark):
+    """The uid of a pair without one is md5(url, caption): the trimmed caption must stay what
+    the regex ``^\\s+|\\s+$`` (Java's ASCII \\s) made it, or a re-ingest would mint new uids."""
+    import re
+
+    from etl.ingest import normalize
+
+    texts = [" a b ", "\t\n\x0b\f\ra\r\n", "\u00a0a\u3000", "a \u2003", "  ", "a", "\u2028 x\n"]
+    raw = spark.createDataFrame([(f"http://u/{i}", t) for i, t in enumerate(texts)],
+                                "url string, text string").withColumns(
+        {"uid": F.lit(None).cast("string"), "error": F.lit(None).cast("string"),
+         "width": F.lit(None).cast("int"), "height": F.lit(None).cast("int"),
+         "sha256": F.lit(None).cast("string"), "image": F.lit(None).cast("binary")})
+    got = {r.url: r.text for r in normalize(raw, "s", "r", images=False).collect()}
+    assert got == {f"http://u/{i}": re.sub(r"^[ \t\n\x0b\f\r]+|[ \t\n\x0b\f\r]+$", "", t)
+                   for i, t in enumerate(texts)}
