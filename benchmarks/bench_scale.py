@@ -14,6 +14,10 @@ SparkSession (as a notebook or ``dfn-curate run`` runs them):
 * Image pools from the sample generator (``etl.sample``) through the full pipeline with the
   bundled DFN: ingest -> score -> dedup -> select -> export.
 
+First (``--small N``, default 3), the fixed cost a user pays per command: ``dfn-curate ingest``
+of a 16-pair shard (19 rows, 3 broken), each run a new process (Python, JVM, Spark, Delta) on
+a fresh lakehouse, 5 s apart so the previous JVM has exited.
+
 Per stage: wall seconds, rows/s, shuffle bytes read + written (summed from Spark's monitoring
 REST API over the stage's jobs), and driver peak RSS (JVM + Python, sampled every 0.1 s; in local
 mode the JVM also runs the executors; ``--cluster`` runs them on a standalone cluster on this
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -159,6 +164,27 @@ def metadata_pools(meter: Meter, sizes: list[int], tmp: Path, results: list[dict
         run_steps(meter, args, META_STEPS, n, "metadata", results)
 
 
+def small_ingest(runs: int, tmp: Path, results: list[dict]) -> None:
+    """``dfn-curate ingest`` of a 16-pair shard, ``runs`` times, each a new process."""
+    from etl.sample import write_sample
+
+    raw = tmp / "small" / "raw"
+    write_sample(str(raw), n_pairs=16, eval_size=0, seed=0, shard_size=16)
+    env = {k: v for k, v in os.environ.items() if k != "PYSPARK_GATEWAY_PORT"}
+    for i in range(runs):
+        time.sleep(5)
+        cmd = [sys.executable, "-m", "etl.jobs.ingest", "--conf", "conf/local.yaml",
+               "--set", f"lakehouse.root={tmp}/small/lake{i}",
+               "--set", f"ingest.sources=[{{format: img2dataset, path: '{raw}/pool'}}]",
+               "--set", "ingest.eval_sources=[]"]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, env=env,
+                       cwd=Path(__file__).resolve().parent.parent)
+        results.append({"pool": "small", "rows": 16, "step": "ingest (new process)",
+                        "run": i + 1, "wall_s": round(time.perf_counter() - start, 2)})
+        print(json.dumps(results[-1]), flush=True)
+
+
 def image_pools(meter: Meter, sizes: list[int], tmp: Path, results: list[dict]) -> None:
     from etl.sample import write_sample
 
@@ -190,6 +216,10 @@ def table(results: list[dict]) -> str:
         if "seconds" in r:
             lines.append(f"| {r['pool']} | {r['rows']:,} | {r['step']} | {r['seconds']} | "
                          f"{r['rows_per_s']:,} | {r['shuffle_mb']} | {r['driver_rss_mb']} |")
+    small = [r["wall_s"] for r in results if r["pool"] == "small"]
+    if small:
+        lines.append(f"\n`dfn-curate ingest` of a 16-pair shard, each run a new process: "
+                     f"{' / '.join(f'{x} s' for x in small)}")
     commits = [r for r in results if r["step"] == "score-commits"]
     for r in commits:
         lines.append(f"\nscoring, {r['rows']:,} pairs: first silver commit {r['first_commit_s']} s, "
@@ -241,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--meta", default="100000,1000000,4000000", help="metadata pool sizes")
     ap.add_argument("--images", default="2000,8000,32000", help="image pool sizes")
+    ap.add_argument("--small", type=int, default=3,
+                    help="runs of the 16-pair ingest, each a new process (0: none)")
     ap.add_argument("--out", default="benchmarks/results/scale.json")
     ap.add_argument("--tmp", default=None, help="work folder (default: a new temp folder)")
     ap.add_argument("--cluster", action="store_true",
@@ -254,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config("conf/local.yaml")
     cfg.spark.conf.update(BENCH_SPARK)
     results: list[dict] = []
+    small_ingest(args.small, tmp, results)
     with ExitStack() as stack:
         if args.cluster:
             from etl.devcluster import standalone
