@@ -122,9 +122,13 @@ def run_steps(meter: Meter, args: list[str], steps: tuple[str, ...], rows: int, 
     """Run each step as ``dfn-curate run`` would, in this process; record its costs."""
     from etl.jobs.common import parser, start
     from etl.jobs.run import run_step
+    from etl.tables import BRONZE
 
     ctx = start(parser("bench-scale", "scale benchmark"), args)
     for step in steps:
+        if step == "score":  # about 4 silver commits at any size: a chunk is whole bronze files
+            files = len(ctx.lake.read(BRONZE).inputFiles())
+            ctx.cfg.score.files_per_commit = max(1, files // 4)
         _, seconds, shuffle, rss = meter.measure(lambda s=step: run_step(ctx, s))
         results.append({"pool": pool, "rows": rows, "step": step, "seconds": round(seconds, 2),
                         "rows_per_s": round(rows / seconds), "shuffle_mb": round(shuffle / 2**20, 1),
@@ -132,8 +136,13 @@ def run_steps(meter: Meter, args: list[str], steps: tuple[str, ...], rows: int, 
         print(json.dumps(results[-1]), flush=True)
 
 
-def silver_commit_times(lake_root: str) -> tuple[float, float] | None:
-    """Wall seconds of the first and last scoring commit (gaps between Delta commit times)."""
+def silver_commit_times(lake_root: str) -> dict[str, float] | None:
+    """Wall seconds and seconds per 1,000 rows of the second and the last scoring commit.
+
+    A commit's time is the gap since the commit before it (so the first commit, which also
+    pays the start, has none); chunks are whole bronze files, which differ in size, hence the
+    per-row figure. None with fewer than three commits.
+    """
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
@@ -142,12 +151,16 @@ def silver_commit_times(lake_root: str) -> tuple[float, float] | None:
 
     lake = Lakehouse(SparkSession.getActiveSession(), LakehouseConf(root=lake_root))
     history = (lake.delta(SILVER).history().where(~F.col("operation").isin(*NO_DATA_CHANGE))
-               .select("version", "timestamp").orderBy("version"))  # data commits only
-    stamps = [r["timestamp"].timestamp() for r in history.collect()]  # one row per commit
-    if len(stamps) < 3:
+               .select("version", "timestamp", "operationMetrics").orderBy("version"))
+    commits = [(r["timestamp"].timestamp(), int(r["operationMetrics"].get("numOutputRows", 0)))
+               for r in history.collect()]  # one row per commit
+    if len(commits) < 3:
         return None
-    gaps = np.diff(stamps)
-    return float(gaps[0]), float(gaps[-1])
+    gaps = [(b[0] - a[0], b[1]) for a, b in zip(commits, commits[1:], strict=False)]
+    (s1, n1), (s2, n2) = gaps[0], gaps[-1]
+    return {"first_commit_s": round(s1, 2), "last_commit_s": round(s2, 2),
+            "first_s_per_1k": round(1000 * s1 / max(n1, 1), 3),
+            "last_s_per_1k": round(1000 * s2 / max(n2, 1), 3), "commits": len(commits)}
 
 
 def metadata_pools(meter: Meter, sizes: list[int], tmp: Path, results: list[dict]) -> None:
@@ -193,8 +206,6 @@ def image_pools(meter: Meter, sizes: list[int], tmp: Path, results: list[dict]) 
         write_sample(str(pool / "raw"), n_pairs=n, eval_size=120, seed=0, shard_size=500)
         args = ["--conf", "conf/local.yaml", "--set", f"lakehouse.root={pool}/lake",
                 "--set", f"sample.n_pairs={n}",
-                # about 8 silver commits whatever the size (bronze holds a file per shard)
-                "--set", f"score.files_per_commit={max(1, n // 500 // 8)}",
                 "--set", f"ingest.sources=[{{format: img2dataset, path: '{pool}/raw/pool', "
                          "name: sample}]",
                 "--set", f"ingest.eval_sources=[{{format: folder, path: '{pool}/raw/eval', "
@@ -203,9 +214,7 @@ def image_pools(meter: Meter, sizes: list[int], tmp: Path, results: list[dict]) 
         run_steps(meter, args, IMAGE_STEPS, n, "images", results)
         commits = silver_commit_times(f"{pool}/lake")
         if commits:
-            results.append({"pool": "images", "rows": n, "step": "score-commits",
-                            "first_commit_s": round(commits[0], 2),
-                            "last_commit_s": round(commits[1], 2)})
+            results.append({"pool": "images", "rows": n, "step": "score-commits", **commits})
             print(json.dumps(results[-1]), flush=True)
 
 
@@ -222,8 +231,9 @@ def table(results: list[dict]) -> str:
                      f"{' / '.join(f'{x} s' for x in small)}")
     commits = [r for r in results if r["step"] == "score-commits"]
     for r in commits:
-        lines.append(f"\nscoring, {r['rows']:,} pairs: first silver commit {r['first_commit_s']} s, "
-                     f"last {r['last_commit_s']} s")
+        lines.append(f"\nscoring, {r['rows']:,} pairs, {r['commits']} silver commits: second "
+                     f"{r['first_commit_s']} s ({r['first_s_per_1k']} s per 1k rows), last "
+                     f"{r['last_commit_s']} s ({r['last_s_per_1k']} s per 1k rows)")
     return "\n".join(lines)
 
 
