@@ -14,7 +14,7 @@ from pyspark.sql import types as T
 
 from etl.config import SparkConf
 from etl.fs import SCHEMES, ConnectorError, Store, local_path, scheme
-from etl.jvmarchive import driver_options
+from etl.jvmarchive import KEY, delta_jars, driver_options
 
 DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -54,7 +54,8 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
 
     On Databricks or under spark-submit a session already exists and is used as is. Otherwise
     a session is built from ``conf``: Delta jars come from Maven (``configure_spark_with_delta_pip``)
-    unless ``conf.jars`` lists local jar files (air-gapped clusters). When any of ``urls`` is
+    unless ``conf.jars`` lists local jar files (air-gapped clusters), or ``make venv`` listed
+    the ones Maven gave it before (:func:`etl.jvmarchive.delta_jars`). When any of ``urls`` is
     ``s3a://``, ``hadoop-aws`` matching pyspark's bundled Hadoop is resolved the same way, and
     fail-fast s3a retry settings are added (each overridable). A driver JVM started here maps
     the class archive ``make venv`` built (:mod:`etl.jvmarchive`). ``preload_models`` forks local
@@ -78,17 +79,22 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
     s3a = any(scheme(u) == "s3a" for u in urls)
     wanted = {**LOCAL_DEFAULTS, **(S3A_DEFAULTS if s3a else {})}
     if not submitted:  # under spark-submit the driver JVM has started already
-        wanted.update(driver_options())
+        java = " ".join(conf.conf.get(k, "") for k in ("spark.driver.extraJavaOptions", KEY))
+        wanted.update(driver_options(conf.master.startswith("local"), java))
     defaults = _unset(wanted) if submitted else wanted
     for key, value in {**defaults, **DELTA_CONF, **conf.conf}.items():
         builder = builder.config(key, value)
     if conf.jars:
         builder = builder.config("spark.jars", ",".join(conf.jars))
     elif not _delta_on_classpath():
-        from delta import configure_spark_with_delta_pip
+        listed = [] if s3a or submitted else delta_jars()
+        if listed:  # what Ivy resolved at `make venv`: no resolution at each start
+            builder = builder.config("spark.jars", ",".join(listed))
+        else:
+            from delta import configure_spark_with_delta_pip
 
-        extra = [f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"] if s3a else []
-        builder = configure_spark_with_delta_pip(builder, extra_packages=extra)
+            extra = [f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"] if s3a else []
+            builder = configure_spark_with_delta_pip(builder, extra_packages=extra)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DFN_SPARK_LOG_LEVEL", "ERROR"))
     return spark

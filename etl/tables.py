@@ -12,6 +12,7 @@ covers bronze (:class:`StaleTableError`).
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,21 +161,50 @@ class Lakehouse:
         return df.join(target, cond, "left_semi").count()
 
     def insert_new(self, df: DataFrame, table: str, keys: list[str]) -> int:
-        """Insert-only MERGE of ``df`` on ``keys``; returns the number of rows inserted.
+        """Insert-only MERGE of ``df`` on ``keys``; returns the number of rows inserted, as
+        the commit counted them.
 
         Rows whose keys already exist are left untouched, so re-running a step never duplicates
         rows. The first write creates the table with a plain append (nothing to match against:
         no MERGE, which on a small input costs more than the data).
         """
         if not self.exists(table):
-            self.append(df, table)
-            return _rows_added(self.delta(table), None, "numOutputRows")
-        before = self.version(table)
+            return self._create(df, table)
         cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-        (self.delta(table).alias("t").merge(df.alias("s"), cond)
-            .whenNotMatchedInsertAll().execute())
-        # a MERGE that changes nothing commits no new version
-        return _rows_added(self.delta(table), before, "numTargetRowsInserted", "MERGE")
+        merged = (self.delta(table).alias("t").merge(df.alias("s"), cond)
+                  .whenNotMatchedInsertAll().execute())  # one row: the MERGE's own metrics
+        return int(merged.first()["num_inserted_rows"])
+
+    def _create(self, df: DataFrame, table: str) -> int:
+        """Append ``df`` to a new ``table``; the rows that commit added (``numOutputRows``).
+
+        The commit is tagged with a one-off ``userMetadata`` and found by it, so a writer that
+        created the table first cannot be mistaken for this one. In a folder lakehouse its
+        log entry is read directly (no history query, ~0.3-0.8 s less on a new session).
+        """
+        tag = f"dfn-curate:{uuid.uuid4().hex}"
+        self._save(df.write.format("delta").mode("append").option("mergeSchema", "true")
+                   .option("userMetadata", tag), table)
+        info = None if self.conf.schema else self._logged_commit(table, tag)
+        if info is None:
+            history = self.delta(table).history().where(F.col("userMetadata") == tag)
+            info = {"operationMetrics": history.select("operationMetrics").first()[0]}
+        return int(info["operationMetrics"].get("numOutputRows", "0"))
+
+    def _logged_commit(self, table: str, tag: str, most: int = 20) -> dict | None:
+        """The ``commitInfo`` tagged ``tag`` among the first ``most`` log entries of ``table``;
+        None when the log stops (or is kept elsewhere, as coordinated commits are) before it."""
+        log = self.under(table, "_delta_log")
+        for version in range(most):
+            try:
+                lines = self.store.read_bytes(f"{log}/{version:020d}.json").splitlines()
+            except FileNotFoundError:
+                return None
+            for line in lines:
+                info = json.loads(line).get("commitInfo")
+                if info is not None and info.get("userMetadata") == tag:
+                    return info
+        return None
 
     def append_once(self, df: DataFrame, table: str, app_id: str, version: int) -> int:
         """Append ``df`` unless ``(app_id, version)`` was committed to ``table`` before; rows added.
@@ -258,14 +288,12 @@ def source_metric(source: str) -> str:
     return f"source_version[{source}]"
 
 
-def _rows_added(table: DeltaTable, before: int | None, metric: str,
-                operation: str | None = None) -> int:
-    """``metric`` of the table's last commit; 0 when nothing was committed after ``before`` (or
-    the last commit is not ``operation``)."""
-    last = table.history(1).select("version", "operation", "operationMetrics").first()
-    if last is None or last[0] == before or (operation and last[1] != operation):
+def _rows_added(table: DeltaTable, before: int | None, metric: str) -> int:
+    """``metric`` of the table's last commit; 0 when nothing was committed after ``before``."""
+    last = table.history(1).select("version", "operationMetrics").first()
+    if last is None or last[0] == before:
         return 0
-    return int(last[2].get(metric, "0"))
+    return int(last[1].get(metric, "0"))
 
 
 def _sql_string(value: str) -> str:

@@ -1,6 +1,7 @@
 """The session factory's parts: the driver JVM's class-data-sharing archive (built by `make
-venv`, mapped by get_spark's sessions, ignored without a word when it does not fit the JVM)
-and local_frame (driver-side rows handed to Spark as Arrow)."""
+venv`, mapped by get_spark's sessions, ignored without a word when it does not fit the JVM),
+the Delta jars that build listed (no Ivy resolution per session) and local_frame (driver-side
+rows handed to Spark as Arrow)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ from etl.spark import get_spark
 s = get_spark(SparkConf(conf={"spark.driver.extraJavaOptions": %r}), preload_models=False)
 print("count", s.range(3).count())
 print("options", s.sparkContext.getConf().get("spark.driver.defaultJavaOptions", ""))
+beans = s.sparkContext._jvm.java.lang.management.ManagementFactory.getGarbageCollectorMXBeans()
+print("collectors", [b.getName() for b in beans])
+s.range(3).write.format("delta").save("delta-table")
+print("delta rows", s.read.format("delta").load("delta-table").count())
 """
+IVY = "resolving dependencies"  # what spark-submit prints while Ivy resolves --packages
 
 
 def _session(tmp_path: Path, extra: str, env: dict[str, str]) -> str:
@@ -41,14 +47,26 @@ def _session(tmp_path: Path, extra: str, env: dict[str, str]) -> str:
 def test_driver_options_name_the_archive_only_when_it_exists(tmp_path, monkeypatch):
     archive = tmp_path / "a b" / "spark.jsa"
     monkeypatch.setenv(jvmarchive.ENV, str(archive))
-    assert jvmarchive.driver_options() == {}
+    assert jvmarchive.driver_options(local=False) == {}
     archive.parent.mkdir()
     archive.write_bytes(b"x")
-    opts = jvmarchive.driver_options()[jvmarchive.KEY]
+    opts = jvmarchive.driver_options(local=False)[jvmarchive.KEY]
     assert f'"-XX:SharedArchiveFile={archive}"' in opts  # quoted: the path has a space
-    assert jvmarchive.QUIET in opts
+    assert jvmarchive.QUIET in opts and jvmarchive.LOCAL_GC not in opts
     monkeypatch.setenv(jvmarchive.ENV, "off")
-    assert jvmarchive.archive_path() is None and jvmarchive.driver_options() == {}
+    assert jvmarchive.archive_path() is None and jvmarchive.driver_options(local=False) == {}
+
+
+def test_a_local_driver_gets_the_parallel_collector_unless_one_is_chosen(monkeypatch):
+    monkeypatch.setenv(jvmarchive.ENV, "off")
+    for var in jvmarchive.JAVA_ENV:
+        monkeypatch.delenv(var, raising=False)
+    assert jvmarchive.driver_options() == {jvmarchive.KEY: jvmarchive.LOCAL_GC}
+    assert jvmarchive.driver_options(chosen="-Xss4m -XX:+UseG1GC") == {}  # two would clash
+    assert jvmarchive.driver_options(chosen="-XX:+UseZGC -Xmx2g") == {}
+    assert jvmarchive.driver_options(chosen="-XX:+PrintGCDetails") != {}  # not a collector
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-XX:+UseSerialGC")
+    assert jvmarchive.driver_options() == {}
 
 
 def test_a_session_maps_spark_classes_from_the_archive_make_venv_built(tmp_path):
@@ -59,6 +77,7 @@ def test_a_session_maps_spark_classes_from_the_archive_make_venv_built(tmp_path)
     log = tmp_path / "classes.log"
     out = _session(tmp_path, f"-Xlog:class+load=info:file={log}", {})
     assert "count 3" in out and f"SharedArchiveFile={archive}" in out
+    assert "PS Scavenge" in out  # the parallel collector the archive was built under
     loaded = [line for line in log.read_text().splitlines()
               if " org.apache.spark.SparkContext " in line]
     assert loaded and "shared objects file (top)" in loaded[0], loaded
@@ -70,6 +89,33 @@ def test_an_archive_that_does_not_fit_is_ignored_silently(tmp_path):
     out = _session(tmp_path, "-Dx=1", {jvmarchive.ENV: str(junk)})
     assert "count 3" in out and f"SharedArchiveFile={junk}" in out
     assert "[cds" not in out and "shared archive" not in out.lower()
+
+
+def test_delta_jars_are_listed_only_while_every_one_is_there(tmp_path, monkeypatch):
+    monkeypatch.setenv(jvmarchive.ENV, str(tmp_path / "spark.jsa"))
+    listed = jvmarchive.jars_list_path()
+    assert listed.parent == tmp_path and listed.name.startswith("delta-spark-")
+    assert jvmarchive.delta_jars() == []
+    jars = [tmp_path / "a.jar", tmp_path / "b c.jar"]
+    for jar in jars:
+        jar.write_bytes(b"PK")
+    listed.write_text("\n".join(map(str, jars)))
+    assert jvmarchive.delta_jars() == [str(j) for j in jars]
+    jars[1].unlink()  # e.g. the Ivy cache was cleared: resolve again rather than fail
+    assert jvmarchive.delta_jars() == []
+
+
+def test_a_session_takes_delta_from_the_listed_jars_without_resolving(tmp_path):
+    jars = jvmarchive.delta_jars()
+    if not jars:
+        pytest.fail(f"no Delta jar list at {jvmarchive.jars_list_path()}: `make venv` writes it "
+                    "(python -m etl.jvmarchive)")
+    out = _session(tmp_path, "-Dx=1", {})
+    assert "delta rows 3" in out and IVY not in out
+    moved = tmp_path / "elsewhere" / "spark.jsa"  # no archive, no list: Maven via Ivy as before
+    moved.parent.mkdir()
+    out = _session(moved.parent, "-Dx=1", {jvmarchive.ENV: str(moved)})
+    assert "delta rows 3" in out and IVY in out
 
 
 def test_local_frame_holds_the_rows_create_dataframe_would(spark):

@@ -1,0 +1,35 @@
+"""Lakehouse writes count their rows from Delta's own commit: the MERGE's metrics, or the
+creating append's log entry, found by its tag even when another writer created the table."""
+
+from __future__ import annotations
+
+import json
+
+from etl.tables import Lakehouse
+
+
+def _rows(spark, ids, n_parts=2):
+    return spark.createDataFrame([(i, f"r{i}") for i in ids], "k long, v string").repartition(n_parts)
+
+
+def test_insert_new_counts_what_each_commit_inserted(spark, lake):
+    assert lake.insert_new(_rows(spark, range(5)), "t", ["k"]) == 5  # creates the table
+    assert lake.insert_new(_rows(spark, range(3, 9)), "t", ["k"]) == 4  # 3, 4 are there
+    assert lake.insert_new(_rows(spark, range(9)), "t", ["k"]) == 0  # nothing new: no commit
+    assert lake.read("t").count() == 9
+    assert lake.version("t") == 1
+
+
+def test_the_creating_append_is_found_by_its_tag_behind_another_writers_commits(spark, lake):
+    _rows(spark, range(7)).write.format("delta").save(lake.path("t"))  # someone else: v0
+    assert lake._create(_rows(spark, range(10, 12)), "t") == 2  # ours is v1, not v0's 7
+    log = lake.path("t") + "/_delta_log/00000000000000000001.json"
+    tags = [json.loads(line).get("commitInfo", {}).get("userMetadata")
+            for line in open(log).read().splitlines()]
+    assert any(t and t.startswith("dfn-curate:") for t in tags)
+
+
+def test_without_the_log_entry_the_tag_is_looked_up_in_the_history(spark, lake, monkeypatch):
+    _rows(spark, range(4)).write.format("delta").save(lake.path("t"))
+    monkeypatch.setattr(Lakehouse, "_logged_commit", lambda self, table, tag, most=20: None)
+    assert lake._create(_rows(spark, range(10, 13)), "t") == 3
