@@ -60,11 +60,12 @@ def driver_options(local: bool = True, chosen: str = "") -> dict[str, str]:
     return {KEY: " ".join(opts)} if opts else {}
 
 
-def jars_list_path() -> Path | None:
-    """Where the build lists the Delta jars for this delta-spark (None when turned off)."""
+def jars_list_path(archive: Path | None = None) -> Path | None:
+    """Where the build lists the Delta jars for this delta-spark: beside ``archive`` (default
+    :func:`archive_path`; None when that is turned off)."""
     from importlib.metadata import version
 
-    path = archive_path()
+    path = archive or archive_path()
     return None if path is None else path.with_name(f"delta-spark-{version('delta-spark')}.jars")
 
 
@@ -120,7 +121,7 @@ def build(path: Path | None = None) -> Path:
                                            f"{QUIET} {LOCAL_GC}"}), preload_models=False)
         proc = spark.sparkContext._gateway.proc
         try:
-            _save_jars(spark, jars_list_path())
+            _save_jars(spark, jars_list_path(path))
             _workload(spark, Path(tmp))
         finally:
             spark.stop()
