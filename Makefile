@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 # A class-data-sharing archive for the local driver JVM (etl/jvmarchive.py): sessions start
 # ~4 s sooner. Optional: when it cannot be built, Spark starts as before.
 JSA := $(VENV)/.jvm-archive
-$(JSA): $(STAMP)
+$(JSA): $(STAMP) etl/jvmarchive.py
 	@echo "building the driver JVM's class archive (once, ~1 min)"
 	@$(BIN)/python -m etl.jvmarchive >$(VENV)/jvmarchive.log 2>&1 && touch $@ \
 	  || echo "warning: no JVM class archive, see $(VENV)/jvmarchive.log (Spark starts ~4 s slower)"

@@ -30,7 +30,7 @@ ENV = "DFN_JVM_ARCHIVE"
 QUIET = "-Xlog:cds*=off"  # a mismatched archive is ignored without a warning on stdout
 # local mode on 2 cores, vs G1: 16-pair ingest ~1 s and 1M-row metadata run 3-10 s sooner
 LOCAL_GC = "-XX:+UseParallelGC"
-JAVA_ENV = ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS")
+JAVA_ENV = ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "PYSPARK_SUBMIT_ARGS")
 
 
 def archive_path() -> Path | None:
@@ -54,10 +54,21 @@ def driver_options(local: bool = True, chosen: str = "") -> dict[str, str]:
     path = archive_path()
     if path is not None and path.is_file():
         opts += [_option("-XX:SharedArchiveFile=", path), QUIET]
-    given = " ".join([chosen, *(os.environ.get(k, "") for k in JAVA_ENV)])
-    if local and not re.search(r"-XX:\+Use\w+GC\b", given):
+    if local and not gc_chosen(chosen):
         opts.append(LOCAL_GC)
     return {KEY: " ".join(opts)} if opts else {}
+
+
+def gc_chosen(chosen: str = "") -> bool:
+    """True when ``chosen``, the JVM's environment (``JAVA_ENV``, ``PYSPARK_SUBMIT_ARGS``) or
+    Spark's ``spark-defaults.conf`` selects a garbage collector."""
+    texts = [chosen, *(os.environ.get(k, "") for k in JAVA_ENV)]
+    conf_dir = os.environ.get("SPARK_CONF_DIR") or (
+        os.path.join(os.environ["SPARK_HOME"], "conf") if "SPARK_HOME" in os.environ else None)
+    defaults = Path(conf_dir or "/nonexistent") / "spark-defaults.conf"
+    if defaults.is_file():
+        texts.append(defaults.read_text(errors="replace"))
+    return any(re.search(r"-XX:\+Use\w+GC\b", t) for t in texts)
 
 
 def jars_list_path(archive: Path | None = None) -> Path | None:
@@ -118,7 +129,8 @@ def build(path: Path | None = None) -> Path:
     part = path.with_name(f".{path.name}.{os.getpid()}")
     with tempfile.TemporaryDirectory(prefix="dfn-jvmarchive-") as tmp:
         spark = get_spark(SparkConf(conf={KEY: f"{_option('-XX:ArchiveClassesAtExit=', part)} "
-                                           f"{QUIET} {LOCAL_GC}"}), preload_models=False)
+                                           f"{QUIET} {'' if gc_chosen() else LOCAL_GC}"}),
+                          preload_models=False)
         proc = spark.sparkContext._gateway.proc
         try:
             _save_jars(spark, jars_list_path(path))

@@ -84,12 +84,13 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
     defaults = _unset(wanted) if submitted else wanted
     for key, value in {**defaults, **DELTA_CONF, **conf.conf}.items():
         builder = builder.config(key, value)
+    own = [j for j in conf.conf.get("spark.jars", "").split(",") if j]  # kept alongside
     if conf.jars:
-        builder = builder.config("spark.jars", ",".join(conf.jars))
+        builder = builder.config("spark.jars", ",".join([*conf.jars, *own]))
     elif not _delta_on_classpath():
         listed = [] if s3a or submitted else delta_jars()
         if listed:  # what Ivy resolved at `make venv`: no resolution at each start
-            builder = builder.config("spark.jars", ",".join(listed))
+            builder = builder.config("spark.jars", ",".join([*listed, *own]))
         else:
             from delta import configure_spark_with_delta_pip
 

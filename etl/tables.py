@@ -186,10 +186,13 @@ class Lakehouse:
         self._save(df.write.format("delta").mode("append").option("mergeSchema", "true")
                    .option("userMetadata", tag), table)
         info = None if self.conf.schema else self._logged_commit(table, tag)
-        if info is None:
+        if info is None:  # a metastore table, or a log kept elsewhere: ask Delta's history
             history = self.delta(table).history().where(F.col("userMetadata") == tag)
-            info = {"operationMetrics": history.select("operationMetrics").first()[0]}
-        return int(info["operationMetrics"].get("numOutputRows", "0"))
+            row = history.select("operationMetrics").first()
+            if row is None:  # the catalog dropped the tag: this new table's last commit
+                return _rows_added(self.delta(table), None, "numOutputRows")
+            info = {"operationMetrics": row[0]}
+        return int((info.get("operationMetrics") or {}).get("numOutputRows", "0"))
 
     def _logged_commit(self, table: str, tag: str, most: int = 20) -> dict | None:
         """The ``commitInfo`` tagged ``tag`` among the first ``most`` log entries of ``table``;
@@ -198,7 +201,7 @@ class Lakehouse:
         for version in range(most):
             try:
                 lines = self.store.read_bytes(f"{log}/{version:020d}.json").splitlines()
-            except FileNotFoundError:
+            except Exception:  # noqa: BLE001 - absent, or unreadable (a 403): use the history
                 return None
             for line in lines:
                 info = json.loads(line).get("commitInfo")
@@ -293,7 +296,7 @@ def _rows_added(table: DeltaTable, before: int | None, metric: str) -> int:
     last = table.history(1).select("version", "operationMetrics").first()
     if last is None or last[0] == before:
         return 0
-    return int(last[1].get(metric, "0"))
+    return int((last[1] or {}).get(metric, "0"))
 
 
 def _sql_string(value: str) -> str:

@@ -37,7 +37,8 @@ IVY = "resolving dependencies"  # what spark-submit prints while Ivy resolves --
 def _session(tmp_path: Path, extra: str, env: dict[str, str]) -> str:
     """Start a fresh local session in a new Python (and so a new driver JVM); its output."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env}
-    env.pop("PYSPARK_GATEWAY_PORT", None)
+    for var in ("PYSPARK_GATEWAY_PORT", "PYSPARK_SUBMIT_ARGS", *jvmarchive.JAVA_ENV):
+        env.pop(var, None)  # the session as a plain shell would start it
     done = subprocess.run([sys.executable, "-c", SESSION % extra], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -57,8 +58,10 @@ def test_driver_options_name_the_archive_only_when_it_exists(tmp_path, monkeypat
     assert jvmarchive.archive_path() is None and jvmarchive.driver_options(local=False) == {}
 
 
-def test_a_local_driver_gets_the_parallel_collector_unless_one_is_chosen(monkeypatch):
+def test_a_local_driver_gets_the_parallel_collector_unless_one_is_chosen(tmp_path, monkeypatch):
     monkeypatch.setenv(jvmarchive.ENV, "off")
+    monkeypatch.delenv("SPARK_CONF_DIR", raising=False)
+    monkeypatch.delenv("SPARK_HOME", raising=False)
     for var in jvmarchive.JAVA_ENV:
         monkeypatch.delenv(var, raising=False)
     assert jvmarchive.driver_options() == {jvmarchive.KEY: jvmarchive.LOCAL_GC}
@@ -66,6 +69,13 @@ def test_a_local_driver_gets_the_parallel_collector_unless_one_is_chosen(monkeyp
     assert jvmarchive.driver_options(chosen="-XX:+UseZGC -Xmx2g") == {}
     assert jvmarchive.driver_options(chosen="-XX:+PrintGCDetails") != {}  # not a collector
     monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-XX:+UseSerialGC")
+    assert jvmarchive.driver_options() == {}
+    monkeypatch.delenv("JAVA_TOOL_OPTIONS")
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "spark-defaults.conf").write_text(
+        "spark.driver.extraJavaOptions -XX:+UseG1GC -Xss4m\n")
+    monkeypatch.setenv("SPARK_CONF_DIR", str(conf_dir))
     assert jvmarchive.driver_options() == {}
 
 

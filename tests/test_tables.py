@@ -33,3 +33,11 @@ def test_without_the_log_entry_the_tag_is_looked_up_in_the_history(spark, lake, 
     _rows(spark, range(4)).write.format("delta").save(lake.path("t"))
     monkeypatch.setattr(Lakehouse, "_logged_commit", lambda self, table, tag, most=20: None)
     assert lake._create(_rows(spark, range(10, 13)), "t") == 3
+
+
+def test_a_catalog_that_drops_the_tag_gets_the_new_tables_last_commit(spark, lake, monkeypatch):
+    real = Lakehouse._save
+    monkeypatch.setattr(Lakehouse, "_logged_commit", lambda self, table, tag, most=20: None)
+    monkeypatch.setattr(Lakehouse, "_save",
+                        lambda self, writer, table: real(self, writer.option("userMetadata", "x"), table))
+    assert lake._create(_rows(spark, range(6)), "t") == 6
