@@ -65,9 +65,8 @@ def gc_chosen(chosen: str = "") -> bool:
     texts = [chosen, *(os.environ.get(k, "") for k in JAVA_ENV)]
     conf_dir = os.environ.get("SPARK_CONF_DIR") or (
         os.path.join(os.environ["SPARK_HOME"], "conf") if "SPARK_HOME" in os.environ else None)
-    defaults = Path(conf_dir or "/nonexistent") / "spark-defaults.conf"
-    if defaults.is_file():
-        texts.append(defaults.read_text(errors="replace"))
+    if conf_dir and (Path(conf_dir) / "spark-defaults.conf").is_file():
+        texts.append((Path(conf_dir) / "spark-defaults.conf").read_text(errors="replace"))
     return any(re.search(r"-XX:\+Use\w+GC\b", t) for t in texts)
 
 
@@ -93,13 +92,13 @@ def _save_jars(spark, path: Path) -> None:
     """List the local jars Ivy resolved for ``spark`` (``spark.jars``) in ``path``."""
     from urllib.parse import unquote, urlparse
 
+    from etl.fs import Store
+
     given = spark.sparkContext.getConf().get("spark.jars", "")
     jars = [unquote(urlparse(j).path) if j.startswith("file:") else j
             for j in given.split(",") if j]
     if jars and all(Path(j).is_file() for j in jars) and any("delta-spark" in j for j in jars):
-        part = path.with_name(f".{path.name}.{os.getpid()}")
-        part.write_text("\n".join(jars))
-        os.replace(part, path)
+        Store().write_bytes(str(path), "\n".join(jars).encode())  # temp file + rename
 
 
 def _option(flag: str, path: Path) -> str:
