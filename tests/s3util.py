@@ -74,13 +74,18 @@ def write_conf(path: Path, server: S3Server, extra_spark: dict[str, str] | None 
     return path
 
 
-def cli_env() -> dict[str, str]:
-    """Environment for a ``dfn-curate`` subprocess: this venv, loopback only, no AWS profile."""
+def cli_env(local_dir: Path | None = None) -> dict[str, str]:
+    """Environment for a ``dfn-curate`` subprocess: this venv, loopback only, no AWS profile.
+
+    ``local_dir`` holds Spark's scratch files: a session with hadoop-aws copies its jars (~0.5 GB)
+    there, and a killed driver never removes them, so a killed one must not use the system tmp."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PYSPARK_GATEWAY", "PYSPARK_SUBMIT_ARGS", "SPARK_", "AWS_"))}
     env.update(SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
                PYSPARK_DRIVER_PYTHON=sys.executable, AWS_EC2_METADATA_DISABLED="true",
                PYTHONUNBUFFERED="1")
+    if local_dir is not None:
+        env["SPARK_LOCAL_DIRS"] = str(local_dir)
     return env
 
 

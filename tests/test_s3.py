@@ -173,13 +173,14 @@ def test_s3_rerun_inserts_nothing(s3, s3_run):
     assert {t: delta_commits(s3, t) for t in TABLES} == s3_run.commits
 
 
-def test_export_killed_midway_leaves_the_published_export_intact(s3, s3_run):
+def test_export_killed_midway_leaves_the_published_export_intact(s3, s3_run, tmp_path):
     args = s3_run.args
     st = store(s3)
     published = read_export("s3a://lake/lh/export", st)
     marker = "lh/export/runs/killed/_dfn_export"
     console = str(Path(sys.executable).parent / "dfn-curate")
-    proc = subprocess.Popen([console, "export", *args, "--run-id", "killed"], env=cli_env(),
+    proc = subprocess.Popen([console, "export", *args, "--run-id", "killed"],
+                            env=cli_env(local_dir=tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 600

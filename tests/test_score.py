@@ -360,7 +360,8 @@ def test_killed_run_resumes_and_scores_each_pair_once(lake, weights, tmp_path):
                               "model_id": "tiny-a"}],
                   "device": "cpu", "batch_size": 4, "files_per_commit": 1},
     }))
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    # a killed driver leaves its scratch dir behind: keep it under tmp_path
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "SPARK_LOCAL_DIRS": str(tmp_path)}
     env.pop("PYSPARK_GATEWAY_PORT", None)
     proc = subprocess.Popen([sys.executable, "-m", "etl.jobs.score", "--conf", str(conf_file)],
                             cwd=PROJECT_ROOT, env=env, start_new_session=True,
