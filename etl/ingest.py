@@ -174,7 +174,12 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
         counts["new"] = lake.insert_new(unique, table, ["uid"])
         bad = to_quarantine(errors, "error").unionByName(to_quarantine(dups, "duplicate"))
         keys = ["source_file", "source_pos"]
-        filed = lake.count_present(bad, QUARANTINE, keys) + lake.insert_new(bad, QUARANTINE, keys)
+        if quarantined + parts.n_dups:
+            filed = (lake.count_present(bad, QUARANTINE, keys)
+                     + lake.insert_new(bad, QUARANTINE, keys))
+        else:  # nothing to file: the table only has to exist (no jobs over an empty frame)
+            lake.ensure(QUARANTINE, bad.schema)
+            filed = 0
     finally:
         if parts is not None:
             parts.release()

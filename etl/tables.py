@@ -116,6 +116,17 @@ class Lakehouse:
             return None
         return self.delta(table).history(1).select("version").first()[0]
 
+    def ensure(self, table: str, schema: T.StructType) -> None:
+        """Create ``table`` empty with ``schema`` unless it exists: one metadata-only commit,
+        no Spark job (an empty append runs one, and a new session's first costs ~0.5 s)."""
+        if self.exists(table):
+            return
+        builder = DeltaTable.createIfNotExists(self.spark).addColumns(schema)
+        if self.conf.schema:
+            builder.tableName(self.name(table)).execute()
+        else:
+            builder.location(self.path(table)).execute()
+
     def overwrite(self, df: DataFrame, table: str, partition_by: list[str] | None = None) -> None:
         """Atomically replace ``table`` with ``df`` (schema replaced too)."""
         writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")

@@ -104,6 +104,26 @@ def test_reingest_adds_nothing(spark, lake, datacomp_dir):
     assert lake.read(QUARANTINE).count() == 3
 
 
+def test_a_clean_input_leaves_an_empty_quarantine_that_later_rows_file_into(spark, lake, tmp_path,
+                                                                           datacomp_dir):
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    pd.DataFrame({"uid": [U2, U3], "url": ["http://c/2.jpg", "http://c/3.jpg"],
+                  "text": ["two", "three"]}).to_parquet(clean / "part-0.parquet")
+    counts = ingest_source(spark, lake, SourceConf(format="datacomp", path=str(clean)))
+    assert counts["new"] == 2 and counts["quarantined"] == counts["in_input_duplicates"] == 0
+    assert lake.read(QUARANTINE).count() == 0
+    empty = lake.read(QUARANTINE).schema
+    before = lake.version(QUARANTINE)
+    ingest_source(spark, lake, SourceConf(format="datacomp", path=str(clean)))  # a re-run
+    assert lake.version(QUARANTINE) == before  # nothing to file: no commit
+
+    counts = ingest_source(spark, lake, SourceConf(format="datacomp", path=str(datacomp_dir)))
+    assert counts["quarantined"] + counts["in_input_duplicates"] == 3
+    assert lake.read(QUARANTINE).schema == empty  # the bad rows' own columns, created up front
+    assert len(quarantine_reasons(lake)) == 3
+
+
 @pytest.mark.parametrize("table,fault,message", [
     (BRONZE, "lost", "ingest counts do not add up"),
     (BRONZE, "doubled", "ingest counts do not add up"),

@@ -41,3 +41,18 @@ def test_a_catalog_that_drops_the_tag_gets_the_new_tables_last_commit(spark, lak
     monkeypatch.setattr(Lakehouse, "_save",
                         lambda self, writer, table: real(self, writer.option("userMetadata", "x"), table))
     assert lake._create(_rows(spark, range(6)), "t") == 6
+
+
+def test_ensure_creates_an_empty_table_once_in_a_folder_and_in_a_schema(spark, lake, tmp_path):
+    from etl.config import LakehouseConf
+
+    schema = _rows(spark, []).schema
+    spark.sql(f"CREATE SCHEMA IF NOT EXISTS dfn_ensure LOCATION '{tmp_path / 'schema'}'")
+    named = Lakehouse(spark, LakehouseConf(root=str(tmp_path / "unused"), schema="dfn_ensure"))
+    for lh in (lake, named):
+        lh.ensure("e", schema)
+        assert lh.exists("e") and lh.read("e").count() == 0
+        assert lh.read("e").schema == schema
+        lh.ensure("e", schema)  # already there: no second commit
+        assert lh.version("e") == 0
+        assert lh.insert_new(_rows(spark, range(3)), "e", ["k"]) == 3
