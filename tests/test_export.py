@@ -23,6 +23,7 @@ from etl.export import (
     write_shards,
     write_uids_npy,
 )
+from etl.spark import session_conf
 from etl.tables import BRONZE, GOLD, RUN_STATS, SELECTION
 
 GOLD_SCHEMA = ("uid string, url string, text string, image binary, width int, height int, "
@@ -265,3 +266,30 @@ def test_run_export_edge(spark, lake):
     assert manifest["gold_version"] == lake.version(GOLD)
     stats = {r.metric: r.value for r in lake.read(RUN_STATS).where("step = 'export'").collect()}
     assert stats["gold_pairs"] == len(kept)
+
+
+def test_gold_is_prefiltered_by_a_bloom_filter_of_the_kept_uids_and_stays_exact(spark, lake):
+    rows = gold_rows(40, null_image=3)
+    lake.overwrite(gold_df(spark, rows, parts=4), BRONZE)  # with a `score` of its own
+    flags = [True, False, None]  # a null `kept` is not kept
+    sel = spark.createDataFrame([(r[0], flags[i % 3], 0.5 + i) for i, r in enumerate(rows)],
+                                "uid string, kept boolean, score double").repartition(3)
+    lake.overwrite(sel, SELECTION)
+    selection, bronze = lake.read(SELECTION), lake.read(BRONZE)
+    expected = (bronze.drop("score")
+                .join(selection.where("kept").select("uid", "score"), "uid").collect())
+    n_kept = export.kept_rows(selection).count()
+    assert n_kept == len(expected) == len(range(0, len(rows), 3))
+    conf = export.prefilter_conf(spark, n_kept)
+    assert conf["spark.sql.optimizer.runtime.bloomFilter.expectedNumItems"] == str(n_kept)
+    no_broadcast = {"spark.sql.autoBroadcastJoinThreshold": "-1",
+                    "spark.sql.adaptive.autoBroadcastJoinThreshold": "-1"}  # as past its size
+    with session_conf(spark, {**no_broadcast, **conf}):
+        gold = export.gold_pairs(selection, bronze)
+        plan = gold._jdf.queryExecution().optimizedPlan().toString()
+        got = gold.collect()
+    assert "might_contain" in plan  # bronze filtered at the scan, before the shuffle
+    assert sorted(got) == sorted(expected)
+    assert gold.columns == [*bronze.drop("score").columns, "score"]
+    with session_conf(spark, {conf_key: "1" for conf_key in conf}):  # set by the user: kept
+        assert export.prefilter_conf(spark, n_kept) == {}
