@@ -49,7 +49,9 @@ from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
 UID_DTYPE = np.dtype("u8,u8")
 ROWS_PER_BUCKET = 200_000  # rows per window partition when numbering samples
-PREFILTER_MAX_ITEMS = 32_000_000  # the kept-uid Bloom filter's size cap: 32 MB at 8 bits each
+# the kept-uid Bloom filter's cap: 8 MB at 8 bits each (Spark's own maximum), as each task on
+# the kept side shuffles a filter of that size to the one task that merges them
+PREFILTER_MAX_ITEMS = 8_000_000
 PREFILTER_BITS_PER_ITEM = 8
 SHARD_COLUMNS = ["shard", "uid", "url", "text", "image", "score", "width", "height"]
 MANIFEST = "manifest.json"
@@ -75,7 +77,7 @@ def kept_rows(selection: DataFrame) -> DataFrame:
 def prefilter_conf(spark, kept: int) -> dict[str, str]:
     """SQL confs under which :func:`gold_pairs`' join gets Spark's runtime Bloom filter of the
     ``kept`` uids: bronze rows whose uid cannot be kept are dropped at the scan, before the
-    shuffle (4M-row pool, 30% kept: 870 -> 360 MB shuffled); the join itself stays exact.
+    shuffle (4M-row pool, 30% kept: 870 -> 352 MB shuffled); the join itself stays exact.
 
     Spark's defaults build one only for a scan over 10 GB against a kept side under 10 MB, and
     size it for 1M items. Here it is sized for ``kept`` uids at ~2% false positives, up to

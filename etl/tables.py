@@ -121,11 +121,18 @@ class Lakehouse:
         no Spark job (an empty append runs one, and a new session's first costs ~0.5 s)."""
         if self.exists(table):
             return
-        builder = DeltaTable.createIfNotExists(self.spark).addColumns(schema)
-        if self.conf.schema:
-            builder.tableName(self.name(table)).execute()
-        else:
-            builder.location(self.path(table)).execute()
+        # nullable, as a DataFrame write makes every column: a NOT NULL taken from the first
+        # input's schema would make a later input's null a failed commit
+        nullable = T.StructType([T.StructField(f.name, f.dataType, True, f.metadata)
+                                 for f in schema])
+        builder = DeltaTable.createIfNotExists(self.spark).addColumns(nullable)
+        builder = (builder.tableName(self.name(table)) if self.conf.schema
+                   else builder.location(self.path(table)))
+        try:
+            builder.execute()
+        except Exception:  # noqa: BLE001 - another writer may have created it meanwhile
+            if not self.exists(table):
+                raise
 
     def overwrite(self, df: DataFrame, table: str, partition_by: list[str] | None = None) -> None:
         """Atomically replace ``table`` with ``df`` (schema replaced too)."""

@@ -4,6 +4,7 @@ creating append's log entry, found by its tag even when another writer created t
 from __future__ import annotations
 
 import json
+import uuid
 
 from etl.tables import Lakehouse
 
@@ -44,15 +45,25 @@ def test_a_catalog_that_drops_the_tag_gets_the_new_tables_last_commit(spark, lak
 
 
 def test_ensure_creates_an_empty_table_once_in_a_folder_and_in_a_schema(spark, lake, tmp_path):
+    from pyspark.sql import types as T
+
     from etl.config import LakehouseConf
 
-    schema = _rows(spark, []).schema
-    spark.sql(f"CREATE SCHEMA IF NOT EXISTS dfn_ensure LOCATION '{tmp_path / 'schema'}'")
-    named = Lakehouse(spark, LakehouseConf(root=str(tmp_path / "unused"), schema="dfn_ensure"))
-    for lh in (lake, named):
-        lh.ensure("e", schema)
-        assert lh.exists("e") and lh.read("e").count() == 0
-        assert lh.read("e").schema == schema
-        lh.ensure("e", schema)  # already there: no second commit
-        assert lh.version("e") == 0
-        assert lh.insert_new(_rows(spark, range(3)), "e", ["k"]) == 3
+    strict = T.StructType([T.StructField("k", T.LongType(), False),  # NOT NULL in the frame
+                           T.StructField("v", T.StringType(), True)])
+    _rows(spark, [1]).write.format("delta").save(str(tmp_path / "appended"))
+    appended = spark.read.format("delta").load(str(tmp_path / "appended")).schema
+    schema_name = f"dfn_ensure_{uuid.uuid4().hex[:8]}"
+    spark.sql(f"CREATE SCHEMA {schema_name} LOCATION '{tmp_path / 'schema'}'")
+    try:
+        named = Lakehouse(spark, LakehouseConf(root=str(tmp_path / "unused"), schema=schema_name))
+        for lh in (lake, named):
+            lh.ensure("e", strict)
+            assert lh.exists("e") and lh.read("e").count() == 0
+            assert lh.read("e").schema == appended  # nullable, as an append would make it
+            lh.ensure("e", strict)  # already there: no second commit
+            assert lh.version("e") == 0
+            rows = spark.createDataFrame([(1, None), (2, "b")], "k long, v string")
+            assert lh.insert_new(rows, "e", ["k"]) == 2
+    finally:
+        spark.sql(f"DROP SCHEMA IF EXISTS {schema_name} CASCADE")
