@@ -1,11 +1,12 @@
-# Two commands: `make demo` runs the pipeline on the bundled sample; `make test` runs the tests.
+# Two commands: `make demo` runs the pipeline on the bundled sample; `make test` runs the tests
+# (`make test-fast`: all but the slow ones).
 # Both create (or reuse) .venv themselves; nothing needs installing by hand besides Python 3.10+ and Java 17.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint venv dist bench bench-scale clean model sysdeps
+.PHONY: demo test test-fast lint venv dist bench bench-scale clean model sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,9 +17,9 @@ $(STAMP): pyproject.toml
 # A class-data-sharing archive for the local driver JVM (etl/jvmarchive.py): sessions start
 # ~4 s sooner. Optional: when it cannot be built, Spark starts as before.
 JSA := $(VENV)/.jvm-archive
-$(JSA): $(STAMP) etl/jvmarchive.py
+$(JSA): $(STAMP) etl/jvmarchive.py etl/jobs/build_archive.py
 	@echo "building the driver JVM's class archive (once, ~1 min)"
-	@$(BIN)/python -m etl.jvmarchive >$(VENV)/jvmarchive.log 2>&1 && touch $@ \
+	@$(BIN)/python -m etl.jobs.build_archive >$(VENV)/jvmarchive.log 2>&1 && touch $@ \
 	  || echo "warning: no JVM class archive, see $(VENV)/jvmarchive.log (Spark starts ~4 s slower)"
 
 venv: $(STAMP) $(JSA)
@@ -39,6 +40,11 @@ sysdeps:
 test: $(STAMP) sysdeps $(JSA)
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# The inner loop: every test but those marked slow (they start another JVM, process, cluster
+# or browser). `make test` runs those too.
+test-fast: $(STAMP) sysdeps $(JSA)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -47,17 +53,17 @@ dist: $(STAMP)
 	mkdir -p dist && rm -f dist/dfn_curate.zip && zip -qr dist/dfn_curate.zip etl udfs -x '*__pycache__*'
 	$(BIN)/python -m pip wheel -q --no-deps -w dist .
 
-# Re-trains the bundled DFN on the sample pool's clean pairs (see README).
+# Re-trains the bundled DFN on the sample pool's clean pairs (docs/stages/train-dfn.md).
 model: $(STAMP)
 	$(BIN)/dfn-curate train-dfn --conf conf/local.yaml $(ARGS)
 
 # Scoring pairs/s (both bundled-DFN and ViT-B-32, exact vs fast decode) and the fast_decode dial
-# (per-core decode rate and fidelity); README "Decode speed".
+# (per-core decode rate and fidelity); docs/performance.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_score.py $(ARGS)
 	$(BIN)/python benchmarks/bench_decode.py
 
-# Cost per stage vs pool size (README "Scale"); ARGS="--meta 100000,1000000 --images 2000" for less.
+# Cost per stage vs pool size (docs/performance.md); ARGS="--meta 100000,1000000 --images 2000" for less.
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py $(ARGS)
 
@@ -68,7 +74,8 @@ clean:
 # pyproject.toml allows (uv --resolution lowest-direct), then the fast tests. Run by .ci/run.
 # It lives inside .venv so that git, ruff and `make clean` leave it alone like .venv itself.
 FLOORS := $(VENV)/floors
-FLOOR_TESTS ?= tests/test_config.py tests/test_models.py tests/test_filters.py tests/test_sample.py
+FLOOR_TESTS ?= tests/config/test_config.py tests/score/test_models.py tests/select/test_filters.py \
+	tests/sample/test_sample.py
 .PHONY: test-floors
 test-floors: $(STAMP) sysdeps
 	rm -rf $(FLOORS)

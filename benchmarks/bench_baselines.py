@@ -1,5 +1,5 @@
-"""DataComp's baselines side by side with the DFN filter, on the bundled sample (README
-"Baselines"): every preset's selection, the cost of the signals it needs, and the induced-dataset
+"""DataComp's baselines side by side with the DFN filter, on the bundled sample
+(docs/stages/select.md): every preset's selection, the cost of the signals it needs, and the induced-dataset
 comparison (same training budget and seed for every selection) in one table.
 
 Steps (each timed, on the lakehouse of ``--conf``; ``make demo`` first, or this runs it):
@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.provenance import write_markdown  # noqa: E402
 from etl.config import PROJECT_ROOT, load_config  # noqa: E402
 
 CLIP_OUT = "lakehouse/models/clip-pool.safetensors"
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                                                   "--no-progress"])
     table = render(out["induced"], select_s, costs, secs)
     print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table + "\n")
+    write_markdown(args.out, table, "DataComp's baselines on the sample pool")
 
 
 def prepare(base: list[str]) -> dict[str, float]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import write_json  # noqa: E402
 from udfs import models  # noqa: E402
 from udfs.score import PairScorer, ScoreOptions  # noqa: E402
 
@@ -213,8 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result['speedup_1024_224']:.2f}x the exact path per core")
     else:
         print("no factor meets the bars: keep fast_decode off")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     return result
 
 

@@ -6,7 +6,7 @@ Runs ``dfn-curate run`` twice from fresh lakehouses with the same seeded sample 
 with everything on local disk, once with raw inputs, lakehouse, checkpoints and export on
 ``s3a://`` (the pool uploaded first). Prints per-step wall times (the ``[step] done in`` lines)
 and the whole command's time, which includes JVM start and, on S3, resolving hadoop-aws from
-the Ivy cache. Nothing leaves 127.0.0.1.
+the Ivy cache, and writes the table to ``--out`` with its provenance. Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.provenance import write_markdown  # noqa: E402
 from etl.sample import write_sample  # noqa: E402
-from tests.s3util import cli, start_server, write_conf  # noqa: E402
+from tests.helpers.s3 import cli, start_server, write_conf  # noqa: E402
 
 STEPS = ("ingest", "score", "dedup", "select", "export")
 
@@ -32,6 +33,7 @@ def step_times(out: str) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", type=int, default=500)
+    ap.add_argument("--out", default="benchmarks/results/s3.md", help="markdown result file")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-s3-"))
     raw = tmp / "raw"
@@ -57,10 +59,19 @@ def main() -> None:
             rows[name] = (step_times(out), seconds)
     finally:
         server.server.stop()
-    print(f"\n{args.pairs} pairs | " + " | ".join(STEPS) + " | whole command (s)")
-    for name, (times, total) in rows.items():
-        print(f"{name} | " + " | ".join(f"{times.get(s, 0):.1f}" for s in STEPS)
-              + f" | {total:.1f}")
+    print(table(rows))
+    write_markdown(args.out, table(rows), f"The {args.pairs}-pair sample: local disk vs s3a://")
+
+
+def table(rows: dict[str, tuple[dict[str, float], float]]) -> str:
+    """Markdown: per step, wall seconds on each side and their ratio."""
+    (a, (ta, wa)), (b, (tb, wb)) = rows.items()
+    lines = [f"| step | {a} | {b} | ratio |", "|---|---|---|---|"]
+    for step in STEPS:
+        x, y = ta.get(step, 0.0), tb.get(step, 0.0)
+        lines.append(f"| {step} | {x:.1f} | {y:.1f} | {y / x if x else 0:.1f}× |")
+    lines.append(f"| whole `dfn-curate run` | {wa:.1f} | {wb:.1f} | {wb / wa if wa else 0:.1f}× |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Scale benchmark: what each stage costs as the pool grows (``make bench-scale``).
 
-    python benchmarks/bench_scale.py                                  # the issue's sizes
+    python benchmarks/bench_scale.py                                  # the default sizes
     python benchmarks/bench_scale.py --meta 100000,1000000 --images 2000,8000
     python benchmarks/bench_scale.py --cluster --images ''          # driver apart from executors
 
@@ -43,6 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+
+from benchmarks.provenance import write_json  # noqa: E402
 
 META_STEPS = ("ingest", "select", "export")
 IMAGE_STEPS = ("ingest", "score", "dedup", "select", "export")
@@ -121,7 +123,7 @@ def run_steps(meter: Meter, args: list[str], steps: tuple[str, ...], rows: int, 
               results: list[dict]) -> None:
     """Run each step as ``dfn-curate run`` would, in this process; record its costs."""
     from etl.jobs.common import parser, start
-    from etl.jobs.run import run_step
+    from etl.steps import pipeline_step
     from etl.tables import BRONZE
 
     ctx = start(parser("bench-scale", "scale benchmark"), args)
@@ -129,7 +131,7 @@ def run_steps(meter: Meter, args: list[str], steps: tuple[str, ...], rows: int, 
         if step == "score":  # about 4 silver commits at any size: a chunk is whole bronze files
             files = len(ctx.lake.read(BRONZE).inputFiles())
             ctx.cfg.score.files_per_commit = max(1, files // 4)
-        _, seconds, shuffle, rss = meter.measure(lambda s=step: run_step(ctx, s))
+        _, seconds, shuffle, rss = meter.measure(lambda s=step: pipeline_step(ctx, s))
         results.append({"pool": pool, "rows": rows, "step": step, "seconds": round(seconds, 2),
                         "rows_per_s": round(rows / seconds), "shuffle_mb": round(shuffle / 2**20, 1),
                         "driver_rss_mb": round(rss / 2**20)})
@@ -289,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", default="2000,8000,32000", help="image pool sizes")
     ap.add_argument("--small", type=int, default=3,
                     help="runs of the 16-pair ingest, each a new process (0: none)")
-    ap.add_argument("--out", default="benchmarks/results/scale.json")
+    ap.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/"
+                    "scale.json, or scale-cluster.json with --cluster)")
     ap.add_argument("--tmp", default=None, help="work folder (default: a new temp folder)")
     ap.add_argument("--cluster", action="store_true",
                     help="executors on a local standalone cluster (driver RSS = the driver's)")
@@ -318,10 +321,9 @@ def main(argv: list[str] | None = None) -> None:
                 spark = get_spark(cfg.spark, preload_models=models)
                 pools(Meter(spark), sizes_, tmp, results)
                 spark.stop()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cores": os.cpu_count(), "master": cfg.spark.master,
-                               "results": results}, indent=1))
+    default_out = "scale-cluster.json" if args.cluster else "scale.json"
+    result = {"cores": os.cpu_count(), "master": cfg.spark.master, "results": results}
+    out = write_json(args.out or f"benchmarks/results/{default_out}", result)
     plot(results, out.with_suffix(".png"))
     print(f"\n{os.cpu_count()} cores\n{table(results)}\n\n{growth(results)}\n\n"
           f"wrote {out} and {out.with_suffix('.png')}")

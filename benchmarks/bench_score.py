@@ -7,9 +7,9 @@ bundled DFN and ViT-B-32 by default) with the exact decode and with ``fast_decod
     model's share of the wall time,
 (c) the same through the Spark pandas UDF (local mode, noop sink),
 
-then the ratios b/a, c/a and c/b. "exact" is the previous engine (full decode, 2 decode threads,
-one batch ahead); "fast" is today's default (DCT-scaled JPEG decode, one decode thread per core,
-two batches ahead). ViT-B-32 uses random weights: no download needed. Examples:
+then the ratios b/a, c/a and c/b. "exact" is the full decode (2 decode threads, one batch
+ahead); "fast" is the default engine (DCT-scaled JPEG decode, one decode thread per core, two
+batches ahead). The table is printed and written to ``--out`` with its provenance. ViT-B-32 uses random weights: no download needed. Examples:
 
     python benchmarks/bench_score.py                       # both models on CPU, small n
     python benchmarks/bench_score.py --device cuda --n 40000 --batch-size 256 --archs ViT-B-32
@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.provenance import write_markdown  # noqa: E402
 from udfs import models  # noqa: E402
 from udfs.score import PairScorer, ScoreOptions, pick_device  # noqa: E402
 
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--distinct", type=int, default=256, help="distinct JPEGs (cycled)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads for (a), (b)")
     p.add_argument("--skip-spark", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/score.md", help="markdown result file")
     args = p.parse_args(argv)
     gpu = pick_device(args.device).startswith("cuda")
     args.max_n = args.n or 20_000
@@ -182,10 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     images, texts = make_pairs(args)
     kb = sum(len(b) for b in images[:args.distinct]) / min(args.distinct, len(images)) / 1024
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    print(f"device={device} ({name}) precision={args.precision} "
-          f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} "
-          f"batch={args.batch_size} arrow_batch={args.records_per_batch} "
-          f"spark=local[{args.spark_tasks}] jpeg={args.min_side}-{args.max_side}px mean {kb:.0f} KiB")
+    setup = (f"device={device} ({name}) precision={args.precision} "
+             f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} "
+             f"batch={args.batch_size} arrow_batch={args.records_per_batch} "
+             f"spark=local[{args.spark_tasks}] jpeg={args.min_side}-{args.max_side}px "
+             f"mean {kb:.0f} KiB")
+    print(setup)
     modes = {
         "exact": ScoreOptions(args.batch_size, device, args.precision, True, 2,
                               fast_decode=None, prefetch=1),
@@ -193,9 +197,10 @@ def main(argv: list[str] | None = None) -> None:
                                                   args.decode_threads,
                                                   fast_decode=args.fast_decode, prefetch=2),
     }
-    print("| model | decode | pairs | (a) model | (d) decode only | (b) decode+model | model share of (b) "
-          "| (c) Spark UDF | b/a | c/b |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    lines = ["| model | decode | pairs | (a) model | (d) decode only | (b) decode+model "
+             "| model share of (b) | (c) Spark UDF | b/a | c/b |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines))
     for arch in args.archs.split(","):
         spec = models.resolve(arch, pretrained_for(arch), "bench")
         a = None
@@ -208,8 +213,10 @@ def main(argv: list[str] | None = None) -> None:
             c = None if args.skip_spark else bench_spark(args, arch, opts, images[:n], texts[:n])
             cs = "-" if c is None else f"{c:.1f}"
             cb = "-" if c is None else f"{c / b:.2f}"
-            print(f"| {Path(arch).stem} | {mode} | {n} | {a:.1f} | {d:.1f} | {b:.1f} | {share:.0%} "
-                  f"| {cs} | {b / a:.2f} | {cb} |", flush=True)
+            lines.append(f"| {Path(arch).stem} | {mode} | {n} | {a:.1f} | {d:.1f} | {b:.1f} "
+                         f"| {share:.0%} | {cs} | {b / a:.2f} | {cb} |")
+            print(lines[-1], flush=True)
+    write_markdown(args.out, "\n".join([setup, "", *lines]), "Scoring throughput (pairs/s)")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ class ConfigError(ValueError):
 class SparkConf:
     """How to get a SparkSession when none is running yet."""
 
+    # Spark master for a session the project builds (local[N], spark://host:port, yarn, k8s://...);
+    # spark-submit's --master and a running session win
     master: str = "local[2]"
-    app_name: str = "dfn-curate"
+    app_name: str = "dfn-curate"  # Spark application name
+    # Spark settings applied over the project's local defaults (and over spark-submit's)
     conf: dict[str, str] = field(default_factory=dict)
     # Local jar paths for air-gapped clusters; when given, Delta is not resolved from Maven.
     jars: list[str] = field(default_factory=list)
@@ -39,8 +42,12 @@ class SparkConf:
 class LakehouseConf:
     """Where the Delta tables live: a folder, or a metastore catalog/schema."""
 
+    # folder or URL holding the Delta tables, scoring checkpoints, staging; relative sample/export
+    # paths live under it
     root: str = "./lakehouse"
+    # metastore catalog of the tables (with schema; e.g. Unity Catalog "main")
     catalog: str | None = None
+    # set: tables live in the metastore as [catalog.]schema.table instead of under root
     schema: str | None = None
 
 
@@ -48,16 +55,17 @@ class LakehouseConf:
 class SourceConf:
     """One raw input to ingest."""
 
-    format: str = "sample"
-    path: str = ""
-    name: str | None = None
-    url_column: str = "url"
-    text_column: str = "caption"
-    uid_column: str = "uid"
+    format: str = "sample"  # one of FORMATS (sample: the bundled pool, generated on first use)
+    path: str = ""  # file, folder or URL of the input (not for format: sample)
+    name: str | None = None  # recorded in bronze's source column (default: the format)
+    url_column: str = "url"  # column names in csv/tsv/datacomp inputs
+    text_column: str = "caption"  # column names in csv/tsv/datacomp inputs
+    uid_column: str = "uid"  # column names in csv/tsv/datacomp inputs
     json_sample_rows: int = 1000  # WebDataset .json members read to find extra columns
-    # tar shards (.tar/.tar.gz/.tgz): a bigger member is quarantined unread; a shard bigger than
-    # this (file size, or once decompressed) is quarantined as a whole / from that key on
+    # tar shards (.tar/.tar.gz/.tgz): a bigger member is quarantined unread
     max_member_bytes: int = 64 * 1024 * 1024
+    # tar shards: a bigger shard (file size, or once decompressed) is quarantined as a whole /
+    # from the key where it passes this size on
     max_shard_bytes: int = 16 * 1024 * 1024 * 1024
 
     FORMATS = ("datacomp", "img2dataset", "webdataset", "csv", "tsv", "folder", "sample")
@@ -67,10 +75,10 @@ class SourceConf:
 class SampleConf:
     """The bundled, seeded sample pool (the embedded default)."""
 
-    n_pairs: int = 2000
-    eval_size: int = 120
-    seed: int = 0
-    shard_size: int = 500
+    n_pairs: int = 2000  # pairs in the generated pool (>= 10)
+    eval_size: int = 120  # held-out evaluation images written beside the pool
+    seed: int = 0  # seed of the generator (same seed, same pool)
+    shard_size: int = 500  # pairs per WebDataset tar shard
     out_dir: str = "raw/sample"  # relative to lakehouse.root unless absolute or a URL
 
 
@@ -89,8 +97,11 @@ class IngestConf:
 class ModelConf:
     """A filter model: open_clip architecture + pretrained tag, an ``hf-hub:`` id, or local files."""
 
+    # open_clip model name, hf-hub:org/repo[@rev], local-dir:<folder>, or an architecture JSON
     name: str = "conf/models/dfn-tiny.json"
+    # open_clip pretrained tag or a checkpoint file (.safetensors; .pt/.bin weights_only)
     pretrained: str | None = "conf/models/dfn-tiny.safetensors"
+    # id of this model's rows in silver (default derived from name + pretrained)
     model_id: str | None = None
     revision: str | None = None  # pin an hf-hub: id to a hub revision (or write name@revision)
 
@@ -98,17 +109,21 @@ class ModelConf:
 @dataclass
 class ScoreConf:
     models: list[ModelConf] = field(default_factory=lambda: [ModelConf()])
-    batch_size: int = 64
+    batch_size: int = 64  # pairs per model forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    # keep image/text embeddings in silver (dedup's model signal and targets need them)
     embeddings: bool = True
     decode_threads: int = 0  # 0: one per core the Spark task may use (spark.task.cpus)
     prefetch: int = 2  # Arrow batches decoded ahead of the one the model is running
     # JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) keeping the short side >= this
-    # factor x the model's input size; off (null/false) = full decode. README "Decode speed".
+    # factor x the model's input size; off (null/false) = full decode. docs/stages/score.md.
     fast_decode: float | None = 1.5
+    # Arrow batch rows handed to the UDF (spark.sql.execution.arrow.maxRecordsPerBatch)
     max_records_per_batch: int = 256
+    # Arrow batch bytes cap (spark.sql.execution.arrow.maxBytesPerBatch)
     max_bytes_per_batch: int = 64 * 1024 * 1024
+    # larger images (from the header) are refused unread: scoring, dedup thumbnails, export, report
     max_image_pixels: int = 64_000_000
     files_per_commit: int = 16  # source files scored per silver commit (resume granularity)
     # true: a model_id whose silver rows were scored with other weights (or unknown ones) has
@@ -118,14 +133,14 @@ class ScoreConf:
 
 @dataclass
 class DedupConf:
-    exact: bool = True
-    near: bool = True
-    near_threshold: float = 0.95
-    n_clusters: int = 16
-    kmeans_iters: int = 10
+    exact: bool = True  # drop exact duplicates (same bytes, then url+text, then url)
+    near: bool = True  # drop near duplicates (cosine within k-means clusters)
+    near_threshold: float = 0.95  # cosine at or above which two images are near duplicates
+    n_clusters: int = 16  # at most this many k-means clusters (about >= 1,000 rows each)
+    kmeans_iters: int = 10  # k-means iterations
     max_group_rows: int = 20_000  # rows compared in one task (bigger clusters are split)
-    decontaminate: bool = True
-    eval_threshold: float = 0.95
+    decontaminate: bool = True  # drop pool rows matching an evaluation image
+    eval_threshold: float = 0.95  # cosine at or above which a pool image is an evaluation leak
     # near-dup / eval-leak signals: "model" (silver image embeddings), "thumbnail" (pixels)
     near_signals: list[str] = field(default_factory=lambda: ["model"])
 
@@ -134,10 +149,11 @@ class DedupConf:
 class SelectConf:
     preset: str | None = "datacomp_basic"  # datacomp_basic | none
     filters: dict[str, str] = field(default_factory=dict)  # name -> Spark SQL predicate (keep if true)
+    # the score the cut reads: score (the selection model's) or a bronze column
     score_column: str = "score"
-    model_id: str | None = None
-    min_score: float | None = None
-    keep_fraction: float | None = 0.3
+    model_id: str | None = None  # the selection model (default: the first of score.models)
+    min_score: float | None = None  # keep score >= this (instead of keep_fraction)
+    keep_fraction: float | None = 0.3  # keep this fraction by DataComp's cut (etl/cuts.py)
     fraction_of: str = "remaining"  # remaining | pool
     # A selection rule (etl/rules.py) in place of preset/filters/min_score/keep_fraction, e.g.
     # "basic and dfn_fraction(0.7)", "clip_and_image", "text_based or image_based"
@@ -158,48 +174,55 @@ class TargetsConf:
     model_id: str | None = None  # embeddings of this model; default: select's model
     n_clusters: int = 16  # K of the pool's image k-means (DataComp: 100k for 12.8M pairs)
     fit_rows_per_cluster: int = 256  # k-means is fitted on K x this rows, sampled on executors
-    kmeans_iters: int = 20
+    kmeans_iters: int = 20  # k-means iterations
     top_k: int = 10  # target_similarity = mean of the top-k cosines to target images
     nprobe: int = 4  # clusters searched per pool row (exact when >= n_clusters)
     max_targets: int = 100_000  # target embeddings held by each task (k x dim floats)
     vocabulary: str = "imagenet1k"  # imagenet1k (open_clip's class names) | a file, one term a line
-    seed: int = 0
+    seed: int = 0  # seed of sampling and k-means
 
 
 @dataclass
 class ExportConf:
     out_dir: str = "export"  # relative to lakehouse.root unless absolute or a URL
-    shard_size: int = 256
+    shard_size: int = 256  # pairs per exported WebDataset shard
     keep_previous: bool = True  # keep the run folder the new export replaced (open readers)
-    webdataset: bool = True
-    uids_npy: bool = True
-    urls_parquet: bool = True
+    webdataset: bool = True  # write that kind of file
+    uids_npy: bool = True  # write that kind of file
+    urls_parquet: bool = True  # write that kind of file
+
+
+# Training values that udfs.train (torch-side, which etl never imports) shares with etl.train.
+SHUFFLE_BUFFER = 4096  # rows (still encoded) each training process holds for its seeded shuffle
+MIN_ROWS_FOR_VAL = 200  # fewer training pairs than this hold out no validation: every row trains
 
 
 @dataclass
 class TrainConf:
-    table: str = "bronze_pairs"
-    where: str | None = "label_kind = 'clean'"
-    model: str = "conf/models/dfn-tiny.json"
-    init_checkpoint: str | None = None
+    table: str = "bronze_pairs"  # Delta table (or catalog table) of training pairs
+    where: str | None = "label_kind = 'clean'"  # Spark SQL filter on it (null: every row)
+    model: str = "conf/models/dfn-tiny.json"  # open_clip architecture JSON or model name
+    init_checkpoint: str | None = None  # weights to start from (null: random init)
+    # safetensors path written (its model card beside it)
     out: str = "conf/models/dfn-tiny.safetensors"
-    steps: int = 300
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    seed: int = 0
-    device: str = "auto"
+    steps: int = 300  # optimizer steps per process
+    batch_size: int = 128  # pairs per step per process
+    lr: float = 2e-3  # AdamW settings (linear warm-up + cosine schedule)
+    weight_decay: float = 0.1  # AdamW settings (linear warm-up + cosine schedule)
+    seed: int = 0  # seed of init, held-out split, shuffling
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_processes: int = 0  # > 0: distribute with TorchDistributor
     val_fraction: float = 0.05  # held out by uid hash (tables of >= 200 rows), at most 2,000 used
-    shuffle_buffer: int = 4096  # rows each training process shuffles in (streamed, seeded)
+    shuffle_buffer: int = SHUFFLE_BUFFER  # rows each training process shuffles in (streamed, seeded)
 
 
 @dataclass
 class EvaluateConf:
+    # none | basic | dfn | oracle | table:<name> | uids:<file> | any rule
     selections: list[str] = field(default_factory=lambda: ["none", "basic", "dfn"])
-    steps: int = 300
-    batch_size: int = 64
-    seed: int = 0
+    steps: int = 300  # training budget of each compared CLIP (same for every selection)
+    batch_size: int = 64  # training budget of each compared CLIP (same for every selection)
+    seed: int = 0  # seed of init and sampling
     max_pairs: int = 20_000  # pairs brought to the driver for the induced comparison
 
 

@@ -39,6 +39,7 @@ from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
 from etl.config import Config, ConfigError, DedupConf
+from etl.silver import model_scores, scored_pool, selection_model_id
 from etl.spark import local_frame
 from etl.tables import BRONZE, DEDUP, EVAL_EMBEDDINGS, EVAL_IMAGES, Lakehouse
 from etl.vectors import cluster_column, fit_centers, unit_rows
@@ -246,9 +247,6 @@ def thumbnails(max_pixels: int) -> Callable[[Column], Column]:
     return thumbnail_vectors
 
 
-thumbnail_udf = thumbnails(DEFAULT_MAX_PIXELS)  # the default cap (score.max_image_pixels's)
-
-
 # ---- decontamination -----------------------------------------------------------------------
 
 
@@ -356,8 +354,6 @@ def pool_vectors(lake: Lakehouse, cfg: Config, signal: str) -> DataFrame:
     if signal == "thumbnail":
         udf = thumbnails(cfg.score.max_image_pixels)
         return lake.read(BRONZE).select("uid", udf("image").alias("embedding"))
-    from etl.select import model_scores
-
     emb = model_scores(lake, cfg, embeddings=True)
     return emb.select("uid", F.col("image_embedding").alias("embedding"))
 
@@ -370,12 +366,10 @@ def eval_vectors(lake: Lakehouse, cfg: Config, signal: str) -> tuple[list[str], 
         rows = evals.select(key.alias("key"),
                             thumbnails(cfg.score.max_image_pixels)("image").alias("v"))
     else:
-        from etl.select import model_id_for
-
         if not lake.exists(EVAL_EMBEDDINGS):
             print(f"dedup: no {EVAL_EMBEDDINGS} table; model-based decontamination skipped")
             return [], np.zeros((0, 1), np.float32)
-        emb = lake.read(EVAL_EMBEDDINGS).where(F.col("model_id") == model_id_for(lake, cfg))
+        emb = lake.read(EVAL_EMBEDDINGS).where(F.col("model_id") == selection_model_id(lake, cfg))
         rows = evals.select("uid", key.alias("key")).join(
             emb.select("uid", F.col("image_embedding").alias("v")), "uid")
     got = rows.where(F.col("v").isNotNull()).select("key", "v").orderBy("key").collect()
@@ -386,8 +380,6 @@ def eval_vectors(lake: Lakehouse, cfg: Config, signal: str) -> tuple[list[str], 
 
 def run_dedup(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     """Edge: bronze (+ scores, eval images) -> ``silver_dedup``; prints and records counts."""
-    from etl.select import scored_pool
-
     conf = cfg.dedup
     check_signals(conf)
     version = lake.version(BRONZE)  # recorded once silver_dedup is written (lineage)
@@ -412,7 +404,7 @@ def run_dedup(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     for name, value in counts.items():
         print(f"dedup: {name:<28}{value:>10}")
     lake.record_stats(run_id, "dedup", counts)
-    lake.record_source(run_id, "dedup", BRONZE, version)
+    lake.record_built(run_id, DEDUP, version)
     return counts
 
 

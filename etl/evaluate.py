@@ -37,15 +37,24 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from etl import cuts
 from etl.config import Config, ConfigError, resolve_path
 from etl.metrics import precision_recall
-from etl.rules import rule_parts
 from etl.sample import NOISY_KINDS
-from etl.select import model_id_for, rule_context
+from etl.select import select_pairs, selection_pool, selection_rule
+from etl.silver import score_value, selection_model_id
 from etl.spark import local_frame
-from etl.tables import BRONZE, DEDUP, EVAL_IMAGES, EVALUATION, SELECTION, SILVER, Lakehouse
+from etl.tables import (
+    BRONZE,
+    DEDUP,
+    EVAL_IMAGES,
+    EVALUATION,
+    FILTER_QUALITY,
+    SELECTION,
+    SILVER,
+    Lakehouse,
+)
 
-FILTER_QUALITY = "gold_filter_quality"
 ZS_TEMPLATES = ("a photo of a {color} {shape}", "a picture showing a {color} {shape}",
                 "a {color} {shape} on a background")
 
@@ -77,7 +86,7 @@ def labelled_scores(scores: DataFrame, bronze: DataFrame) -> DataFrame:
     if "label_kind" not in bronze.columns:
         raise ValueError("filter quality needs a label_kind column in bronze_pairs (the sample "
                          "pool has one); use the induced-dataset comparison on unlabelled pools")
-    score = F.nanvl(F.col("score"), F.lit(None).cast("double"))
+    score = score_value("score")
     return bronze.select("uid", "label_kind").join(
         scores.select("uid", score.alias("score")), "uid", "left")
 
@@ -108,7 +117,7 @@ def filter_quality(labelled: DataFrame, threshold: float | None) -> list[dict[st
     groups.update({k: by.get(k, []) for k in NOISY_KINDS})
     clean = [s for s in groups["clean"] if s is not None]
     predicted = None if threshold is None else labelled.where(
-        F.col("score").isNull() | (F.col("score") < F.lit(threshold))).count()
+        cuts.dropped(F.col("score"), threshold)).count()
     return [_group_row(name, values, clean, predicted, threshold)
             for name, values in groups.items()]
 
@@ -116,7 +125,7 @@ def filter_quality(labelled: DataFrame, threshold: float | None) -> list[dict[st
 def _dropped(values: list[float | None], threshold: float | None) -> int | None:
     if threshold is None:
         return None
-    return sum(1 for s in values if s is None or s < threshold)
+    return sum(1 for s in values if cuts.is_dropped(s, threshold))
 
 
 def _group_row(name: str, values: list[float | None], clean: list[float],
@@ -145,8 +154,8 @@ def chosen_threshold(lake: Lakehouse, cfg: Config) -> float | None:
 
 def run_filter_quality(lake: Lakehouse, cfg: Config, run_id: str) -> list[dict[str, Any]]:
     """Edge: silver_scores x bronze labels -> ``gold_filter_quality`` rows (printed). The model
-    judged is the one select uses (:func:`etl.select.model_id_for`)."""
-    model_id = model_id_for(lake, cfg)
+    judged is the one select uses (:func:`etl.silver.selection_model_id`)."""
+    model_id = selection_model_id(lake, cfg)
     scores = lake.read(SILVER).where(F.col("model_id") == model_id)
     rows = filter_quality(labelled_scores(scores, lake.read(BRONZE)), chosen_threshold(lake, cfg))
     now = _now()
@@ -182,16 +191,14 @@ def selection_uids(lake: Lakehouse, name: str, cfg: Config | None = None) -> Dat
 
 def rule_uids(lake: Lakehouse, cfg: Config, rule: str) -> DataFrame:
     """The uids ``rule`` keeps after the dedup reasons, with ``select``'s pool and scores."""
-    from etl.select import rule_pool, select_pairs
-
     run = replace(cfg, select=replace(cfg.select, rule=rule))
     try:
-        rule_parts(rule, rule_context(run.select))
+        selection_rule(run.select)
     except ConfigError as exc:
         raise ConfigError(f"evaluate.selections: {rule!r} is none of none, basic, dfn, oracle, "
                           f"table:<name>, uids:<file>, and not a selection rule: {exc}") from exc
     dedup = lake.read(DEDUP) if lake.exists(DEDUP) else None
-    return select_pairs(rule_pool(lake, run), dedup, run.select).where("kept").select("uid")
+    return select_pairs(selection_pool(lake, run), dedup, run.select).where("kept").select("uid")
 
 
 def _table_uids(lake: Lakehouse, table: str) -> DataFrame:

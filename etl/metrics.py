@@ -19,8 +19,6 @@ decision with it (``etl.evaluate.filter_quality``).
 
 from __future__ import annotations
 
-import re
-
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -38,18 +36,19 @@ REASON_LABELS = {
     "below-threshold": list(NOISY_KINDS),
 }
 GROUPED = ("duplicate", "near-duplicate")
-SCORE_CUT = re.compile(r"^[A-Za-z0-9_]*(fraction|threshold)\(")  # a rule's score part
+SCORE_CUTS = ("fraction", "threshold")  # rule part kinds that cut on a score
 
 
-def reason_labels(reasons: list[str]) -> dict[str, list[str]]:
-    """The label kinds each of a selection's drop reasons should catch, in reason order: the
-    fixed ones (:data:`REASON_LABELS`), and a rule's score cut (``dfn_fraction(0.7)``) the
-    noisy kinds, as ``below-threshold``."""
+def reason_labels(parts: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """The label kinds each of a selection's drop reasons should catch, in reason order, from
+    its ``(drop reason, part kind)`` pairs (:func:`etl.select.selection_parts`): the fixed ones
+    (:data:`REASON_LABELS`), and a score cut (``dfn_fraction(0.7)``) the noisy kinds, as
+    ``below-threshold``."""
     out = {}
-    for reason in reasons:
+    for reason, kind in parts:
         if reason in REASON_LABELS:
             out[reason] = REASON_LABELS[reason]
-        elif SCORE_CUT.match(reason):
+        elif kind in SCORE_CUTS:
             out[reason] = list(NOISY_KINDS)
     return out
 SCHEMA = ("reason string, label_kinds string, predicted long, expected long, true_pos long, "
@@ -131,11 +130,12 @@ def _pct(v: float | None) -> str:
 
 
 def run_quality(lake: Lakehouse, run_id: str,
-                reasons: list[str] | None = None) -> DataFrame | None:
+                parts: list[tuple[str, str]] | None = None) -> DataFrame | None:
     """Edge: score ``gold_selection`` against its labels, print and record; None if unlabelled.
-    ``reasons``: the selection's drop reasons in order (default: :data:`REASON_LABELS`)."""
+    ``parts``: the selection's ``(drop reason, part kind)`` pairs in order
+    (:func:`etl.select.selection_parts`; default: :data:`REASON_LABELS`)."""
     quality = drop_reason_quality(lake.read(SELECTION),
-                                  reason_labels(reasons) if reasons else None)
+                                  reason_labels(parts) if parts else None)
     if quality is None:
         print("quality: the pool has no label_kind column; precision/recall not computed")
         return None

@@ -20,25 +20,23 @@ from pyspark.sql import functions as F
 
 from etl.config import Config, to_dict
 from etl.fs import join
-from etl.metrics import drop_reason_quality
-from etl.select import funnel, selection_reasons
+from etl.funnel import Funnel
+from etl.metrics import drop_reason_quality, reason_labels
+from etl.select import selection_parts, selection_reasons
 from etl.tables import (
     BRONZE,
     DEDUP,
-    EVAL_EMBEDDINGS,
     EVAL_IMAGES,
-    EVALUATION,
     GOLD,
     QUARANTINE,
     RUN_STATS,
     SELECTION,
     SILVER,
+    TABLES,
     Lakehouse,
 )
 from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
-TABLES = [BRONZE, QUARANTINE, EVAL_IMAGES, SILVER, EVAL_EMBEDDINGS, DEDUP, SELECTION, GOLD,
-          RUN_STATS, EVALUATION]
 THUMB = 128
 OPTIONAL_COLUMNS = {"score": "double", "width": "int", "height": "int", "label_kind": "string",
                     "dup_of": "string", "dup_similarity": "double", "eval_match": "string",
@@ -67,7 +65,7 @@ class Histogram:
 class ReportData:
     """Everything the page shows, gathered from the lakehouse."""
 
-    funnel: list[tuple[str, int, int]]
+    funnel: Funnel
     histogram: Histogram | None
     above: list[Tile] = field(default_factory=list)
     below: list[Tile] = field(default_factory=list)
@@ -162,7 +160,38 @@ def latest_run_stats(lake: Lakehouse) -> list[tuple[str, str, str]]:
 
 def table_versions(lake: Lakehouse) -> list[tuple[str, int | None, str]]:
     """(table, latest Delta version or None, SQL name) for each project table."""
-    return [(t, lake.version(t), lake.name(t)) for t in TABLES]
+    return [(t.name, lake.version(t.name), lake.name(t.name)) for t in TABLES]
+
+
+def selection_funnel(lake: Lakehouse, cfg: Config) -> Funnel:
+    """The funnel of the current ``gold_selection``, drop reasons in the configured order."""
+    return Funnel.of(lake.read(SELECTION), selection_reasons(cfg.select))
+
+
+def example_reasons(funnel: Funnel) -> list[str]:
+    """The drop reasons shown with examples: every one that dropped rows except the score cut
+    (its rows are shown just below the threshold)."""
+    return [s.name for s in funnel.steps if s.name != "below-threshold"]
+
+
+def label_quality(selection: DataFrame, parts: list[tuple[str, str]]) -> list[dict] | None:
+    """Precision/recall per drop reason (of the selection's ``(reason, kind)`` parts, as
+    select prints them) when the pool carries labels, else None."""
+    if not selection.where("label_kind IS NOT NULL").limit(1).count():
+        return None
+    quality = drop_reason_quality(selection, reason_labels(parts))
+    return None if quality is None else [q.asDict() for q in quality.collect()]
+
+
+def example_images(lake: Lakehouse, near: list, examples: dict[str, list]) -> tuple[dict, dict]:
+    """(pool uid -> (image, text), eval key -> (image, text)) for the example rows, the pool
+    rows their duplicates copy and the eval images their leaks match."""
+    rows = near + [r for rs in examples.values() for r in rs]
+    uids = [r["uid"] for r in rows]
+    uids += [r["dup_of"] for rs in examples.values() for r in rs if r["dup_of"]]
+    keys = [r["eval_match"] for r in examples.get("eval-leak", [])]
+    evals = images(lake, EVAL_IMAGES, "key", keys) or images(lake, EVAL_IMAGES, "uid", keys)
+    return images(lake, BRONZE, "uid", uids), evals
 
 
 def gather(lake: Lakehouse, cfg: Config, k: int = 8) -> ReportData:
@@ -179,28 +208,65 @@ def gather(lake: Lakehouse, cfg: Config, k: int = 8) -> ReportData:
 
 
 def _gather(lake: Lakehouse, cfg: Config, sel: DataFrame, k: int) -> ReportData:
-    steps = funnel(sel, selection_reasons(cfg.select))
-    reasons = [name for name, dropped, _ in steps[1:-1] if name != "below-threshold"]
+    funnel = Funnel.of(sel, selection_reasons(cfg.select))
     above, below = near_threshold(sel, k)
-    examples = reason_examples(sel, reasons, k)
-    quality = drop_reason_quality(sel) if sel.where("label_kind IS NOT NULL").limit(1).count() \
-        else None
-    uids = [r["uid"] for r in above + below] + [r["uid"] for rs in examples.values() for r in rs]
-    uids += [r["dup_of"] for rs in examples.values() for r in rs if r["dup_of"]]
-    pool = images(lake, BRONZE, "uid", uids)
-    keys = [r["eval_match"] for r in examples.get("eval-leak", [])]
-    evals = images(lake, EVAL_IMAGES, "key", keys) or images(lake, EVAL_IMAGES, "uid", keys)
+    examples = reason_examples(sel, example_reasons(funnel), k)
+    pool, evals = example_images(lake, above + below, examples)
     return ReportData(
-        funnel=steps, histogram=score_histogram(sel),
+        funnel=funnel, histogram=score_histogram(sel),
         above=[tile(r, pool) for r in above], below=[tile(r, pool) for r in below],
         examples={r: [tile(x, pool) for x in rs] for r, rs in examples.items()
                   if r not in PAIR_REASONS},
         pairs={r: [(tile(x, pool), original(x, PAIR_REASONS[r], pool, evals)) for x in rs]
                for r, rs in examples.items() if r in PAIR_REASONS},
-        quality=[q.asDict() for q in quality.collect()] if quality is not None else None,
-        run_stats=latest_run_stats(lake), versions=table_versions(lake),
-        config=yaml.safe_dump(to_dict(cfg), sort_keys=False),
+        quality=label_quality(sel, selection_parts(cfg.select)), run_stats=latest_run_stats(lake),
+        versions=table_versions(lake), config=yaml.safe_dump(to_dict(cfg), sort_keys=False),
         max_pixels=cfg.score.max_image_pixels)
+
+
+# ---- table summaries (what the notebooks show after each step) -------------------------------
+
+
+def source_counts(lake: Lakehouse) -> DataFrame:
+    """Bronze pairs per source."""
+    return lake.read(BRONZE).groupBy("source").agg(F.count("*").alias("pairs"))
+
+
+def eval_image_count(lake: Lakehouse) -> int | None:
+    """Rows of the evaluation image table (None when there is none)."""
+    return lake.read(EVAL_IMAGES).count() if lake.exists(EVAL_IMAGES) else None
+
+
+def quarantine_counts(lake: Lakehouse) -> DataFrame | None:
+    """Quarantined rows per kind and reason, most first (None before the first ingest)."""
+    if not lake.exists(QUARANTINE):
+        return None
+    return lake.read(QUARANTINE).groupBy("kind", "reason").count().orderBy(F.desc("count"))
+
+
+def score_summary(lake: Lakehouse) -> DataFrame:
+    """Per model: pairs, scored, errors, min / median / max score."""
+    return lake.read(SILVER).groupBy("model_id").agg(
+        F.count("*").alias("pairs"), F.count("score").alias("scored"),
+        F.count("score_error").alias("errors"), F.min("score").alias("min"),
+        F.expr("percentile_approx(score, 0.5)").alias("median"), F.max("score").alias("max"))
+
+
+def score_errors(lake: Lakehouse) -> DataFrame:
+    """Pairs per scoring error."""
+    scores = lake.read(SILVER)
+    return scores.where(F.col("score_error").isNotNull()).groupBy("score_error").count()
+
+
+def dedup_summary(lake: Lakehouse) -> DataFrame:
+    """Pairs and eval leaks per duplicate reason."""
+    return lake.read(DEDUP).groupBy("dup_reason").agg(
+        F.count("*").alias("pairs"), F.count("eval_match").alias("eval_leaks"))
+
+
+def gold_preview(lake: Lakehouse) -> DataFrame:
+    """The exported pairs, best score first."""
+    return lake.read(GOLD).select("uid", "url", "text", "score").orderBy(F.desc("score"))
 
 
 def tile(row, pool: dict[str, tuple]) -> Tile:
@@ -252,15 +318,16 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def funnel_png(funnel: list[tuple[str, int, int]]) -> bytes:
+def funnel_png(funnel: Funnel) -> bytes:
     """Horizontal bars: rows left after each step, with the rows each step dropped."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 0.45 * len(funnel) + 1.2), dpi=100)
+    rows = funnel.rows()[::-1]
+    fig = Figure(figsize=(8, 0.45 * len(rows) + 1.2), dpi=100)
     ax = fig.subplots()
-    names = [name for name, _, _ in funnel][::-1]
-    left = [n for _, _, n in funnel][::-1]
-    dropped = [d for _, d, _ in funnel][::-1]
+    names = [name for name, _, _ in rows]
+    left = [n for _, _, n in rows]
+    dropped = [d for _, d, _ in rows]
     ax.barh(names, left, color="#4c78a8", label="rows left")
     ax.barh(names, dropped, left=left, color="#e45756", label="dropped by this step")
     for y, (n, d) in enumerate(zip(left, dropped, strict=True)):
@@ -353,11 +420,12 @@ def _pct(v) -> str:
 
 def render(data: ReportData, charts: dict[str, bytes], title: str) -> str:
     """The whole page as one HTML string (images inline)."""
-    pool, cap = data.funnel[0][2] or 1, data.max_pixels
-    funnel = [[n, d or "", left, f"{100 * left / pool:.1f}%"] for n, d, left in data.funnel]
+    pool, cap = data.funnel.pool or 1, data.max_pixels
+    funnel = [[n, d or "", left, f"{100 * left / pool:.1f}%"]
+              for n, d, left in data.funnel.rows()]
     parts = [f"<h1>{_e(title)}</h1>",
              f"<p>generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; kept "
-             f"{data.funnel[-1][2]} of {data.funnel[0][2]} pairs</p>",
+             f"{data.funnel.kept} of {data.funnel.pool} pairs</p>",
              "<h2>Funnel</h2>", _chart(charts, "funnel"),
              table_html(["step", "dropped", "left", "of pool"], funnel),
              "<h2>Scores</h2>", _chart(charts, "scores"),

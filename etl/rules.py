@@ -5,7 +5,7 @@ Grammar (keywords ``and`` / ``or`` are case-sensitive; whitespace is ignored)::
     rule := orx      orx := andx ('or' andx)*      andx := atom ('and' atom)*
     atom := '(' orx ')' | NAME | NAME '(' arg (',' arg)* ')'      arg := number | NAME
 
-Atoms: ``fraction(<score>, f)`` (DataComp keep-fraction, :func:`etl.select.fraction_threshold`),
+Atoms: ``fraction(<score>, f)`` (DataComp's keep-fraction, :mod:`etl.cuts`),
 ``threshold(<score>, t)`` (score >= t), ``<alias>_fraction(f)`` / ``<alias>_threshold(t)`` for
 each score alias, ``random(f)`` (exactly int(N * f) rows, by ``xxhash64(seed, uid)``),
 ``no_filter``, a filter name (Spark SQL predicate), a flag name (boolean expression) and a macro
@@ -16,7 +16,9 @@ score argument is an alias or a column of the input. A null predicate, flag or s
 The top-level ``and`` chain (after macro expansion) is a list of *parts* applied in order; a
 row's ``drop_reason`` is its ``pre_reason``, else the canonical text of the first part it fails.
 Fractions count N over the rows reaching their top-level part (``fraction_of: remaining``) or
-over the whole input (``pool``, DataComp's setting for intersections such as clip_and_image).
+over the whole input (``pool``). A part may carry its own drop reason: ``select``'s preset
+compiles to a rule whose score parts drop as ``unscorable`` (kind ``scored``: the score is not
+null) and ``below-threshold`` (:func:`etl.select.preset_rule`).
 
 Canonical text: names as written, numbers in Python's shortest float form without a trailing
 ``.0`` (``0.30`` -> ``0.3``, ``1.0`` -> ``1``), arguments joined by ``", "``, an ``or`` as
@@ -33,8 +35,8 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from etl.config import ConfigError
+from etl.cuts import FRACTION_OF, SMALL, fraction_threshold, kth_largest
 from etl.filters import DATACOMP_BASIC
-from etl.select import SMALL, fraction_threshold, kth_largest
 
 PRESETS: dict[str, str] = {
     "no_filter": "no_filter",
@@ -49,6 +51,7 @@ PRESETS: dict[str, str] = {
 }
 FUNCTIONS = {"fraction": ("score", "f"), "threshold": ("score", "t"), "random": ("f",)}
 RAND = "__rule_random"
+READS = ("fraction", "threshold", "scored", "filter", "flag")  # leaf kinds that read a column
 GRAMMAR = ("NAME, NAME(arg, ...) or (rule), joined by 'and' / 'or'; an arg is a number or a NAME")
 _TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
                     r"|(?P<name>[A-Za-z_][A-Za-z0-9_.:-]*)|(?P<punct>[(),])|(?P<bad>\S))")
@@ -65,6 +68,11 @@ class RuleContext:
     fraction_of: str = "remaining"  # remaining | pool
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.fraction_of not in FRACTION_OF:
+            raise ConfigError(f"fraction_of: {self.fraction_of!r} is not one of "
+                              f"{', '.join(FRACTION_OF)}")
+
 
 @dataclass
 class PartResult:
@@ -77,17 +85,46 @@ class PartResult:
     position: int | None = None  # fraction: n = int(N * f); random: rows kept
     inner: list[PartResult] = field(default_factory=list)  # cuts nested in an ``or``
     column: str | None = None  # the score column of a fraction / threshold part
+    reason: str | None = None  # the drop_reason of rows it drops (default: ``text``)
 
 
 @dataclass(frozen=True)
 class Node:
     """A resolved rule node: a leaf (``column`` = score column or predicate) or and/or."""
 
-    kind: str  # fraction | threshold | filter | flag | random | all | and | or
+    kind: str  # fraction | threshold | scored | filter | flag | random | all | and | or
     text: str
     column: str | None = None
     value: float | None = None
     children: tuple[Node, ...] = ()
+    reason: str | None = None  # drop_reason of a top-level part when not its text
+
+    @property
+    def drop_reason(self) -> str:
+        return self.reason or self.text
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A compiled selection: top-level parts applied in order, the fraction base, the seed."""
+
+    parts: tuple[Node, ...]
+    fraction_of: str = "remaining"
+    seed: int = 0
+
+    @property
+    def reasons(self) -> list[str]:
+        """The drop reasons of the parts, in the order they are assigned."""
+        return [part.drop_reason for part in self.parts]
+
+    def kinds(self) -> list[tuple[str, str]]:
+        """``(drop reason, kind)`` of each part."""
+        return [(part.drop_reason, part.kind) for part in self.parts]
+
+    def columns(self) -> set[str]:
+        """Score columns, flag expressions and filter predicates the rule reads."""
+        return {leaf.column for part in self.parts for leaf in _leaves(part)
+                if leaf.kind in READS and leaf.column}
 
 
 # ---- parsing -----------------------------------------------------------------------------
@@ -250,9 +287,11 @@ def _flat(node: Node) -> Node:
     return Node(node.kind, f"({f' {node.kind} '.join(k.text for k in kids)})", children=tuple(kids))
 
 
-def _parts(rule_text: str, ctx: RuleContext) -> list[Node]:
+def compile_rule(rule_text: str, ctx: RuleContext) -> Rule:
+    """Parse ``rule_text`` against ``ctx`` into its top-level parts."""
     root = parse_rule(rule_text, ctx)
-    return list(root.children) if root.kind == "and" else [root]
+    parts = root.children if root.kind == "and" else (root,)
+    return Rule(tuple(parts), ctx.fraction_of, ctx.seed)
 
 
 def _leaves(node: Node) -> list[Node]:
@@ -261,24 +300,22 @@ def _leaves(node: Node) -> list[Node]:
 
 def rule_parts(rule_text: str, ctx: RuleContext) -> list[str]:
     """Canonical texts of the top-level parts, in the order they assign drop reasons."""
-    return [part.text for part in _parts(rule_text, ctx)]
+    return compile_rule(rule_text, ctx).reasons
 
 
 def rule_columns(rule_text: str, ctx: RuleContext) -> set[str]:
     """Score columns, flag expressions and filter predicates the rule reads."""
-    leaves = [leaf for part in _parts(rule_text, ctx) for leaf in _leaves(part)]
-    return {leaf.column for leaf in leaves
-            if leaf.kind in ("fraction", "threshold", "flag", "filter") and leaf.column}
+    return compile_rule(rule_text, ctx).columns()
 
 
 # ---- evaluation ----------------------------------------------------------------------------
 
 
-def _check_columns(pre: DataFrame, parts: list[Node]) -> None:
+def _check_columns(pre: DataFrame, parts: tuple[Node, ...]) -> None:
     """Fail before any Spark job when a part reads a missing column or a bad predicate."""
     for part in parts:
         for leaf in _leaves(part):
-            if leaf.kind in ("fraction", "threshold") and leaf.column not in pre.columns:
+            if leaf.kind in ("fraction", "threshold", "scored") and leaf.column not in pre.columns:
                 raise ConfigError(f"rule part {part.text!r}: score column {leaf.column!r} is not "
                                   f"in the input; point the score alias at one that is "
                                   f"(select.scores.<alias>: a bronze column, "
@@ -293,8 +330,11 @@ def _check_columns(pre: DataFrame, parts: list[Node]) -> None:
                                       f"({leaf.column!r}) does not resolve: {first}") from exc
 
 
-def _needs_job(node: Node) -> bool:
-    return any(leaf.kind in ("fraction", "random") for leaf in _leaves(node))
+def _cut_columns(node: Node) -> list[str]:
+    """The columns the fraction / random cuts inside ``node`` count over (none: no job)."""
+    leaves = _leaves(node)
+    cols = {leaf.column for leaf in leaves if leaf.kind == "fraction"}
+    return sorted(cols | ({RAND} if any(leaf.kind == "random" for leaf in leaves) else set()))
 
 
 def _cut(node: Node, base: DataFrame, small: int, res: PartResult) -> Column:
@@ -312,72 +352,70 @@ def _cut(node: Node, base: DataFrame, small: int, res: PartResult) -> Column:
     return F.col(RAND) >= F.lit(res.threshold)
 
 
+def _leaf(node: Node, base: DataFrame, small: int, res: PartResult) -> Column:
+    """Whether a row passes one leaf (null when its input is null)."""
+    if node.kind in ("fraction", "random"):
+        return _cut(node, base, small, res)
+    if node.kind == "threshold":
+        res.threshold = node.value
+        return F.col(node.column) >= F.lit(node.value)
+    if node.kind == "scored":
+        return F.col(node.column).isNotNull()
+    if node.kind in ("filter", "flag"):
+        return F.expr(node.column).cast("boolean")
+    return F.lit(True)
+
+
 def _compile(node: Node, base: DataFrame, small: int) -> tuple[Column, PartResult]:
     """(passes, result) of ``node``; fraction / random cuts are computed over ``base``."""
-    res = PartResult(node.text, node.kind, column=node.column
-                     if node.kind in ("fraction", "threshold") else None)
-    if node.kind in ("and", "or"):
-        compiled = [_compile(child, base, small) for child in node.children]
-        res.inner = [r for _, kid in compiled
-                     for r in ([kid] if kid.kind in ("fraction", "random") else kid.inner)]
-        passed = compiled[0][0]
-        for col, _ in compiled[1:]:
-            passed = (passed & col) if node.kind == "and" else (passed | col)
-        return passed, res
-    if node.kind in ("fraction", "random"):
-        passed = _cut(node, base, small, res)
-    elif node.kind == "threshold":
-        passed = F.col(node.column) >= F.lit(node.value)
-    elif node.kind in ("filter", "flag"):
-        passed = F.expr(node.column).cast("boolean")
-    else:
-        passed = F.lit(True)
-    return F.coalesce(passed, F.lit(False)), res
+    res = PartResult(node.text, node.kind, reason=node.reason,
+                     column=node.column if node.kind in ("fraction", "threshold") else None)
+    if node.kind not in ("and", "or"):
+        return F.coalesce(_leaf(node, base, small, res), F.lit(False)), res
+    compiled = [_compile(child, base, small) for child in node.children]
+    res.inner = [r for _, kid in compiled
+                 for r in ([kid] if kid.kind in ("fraction", "random") else kid.inner)]
+    passed = compiled[0][0]
+    for col, _ in compiled[1:]:
+        passed = (passed & col) if node.kind == "and" else (passed | col)
+    return passed, res
 
 
-def apply_rule(pre: DataFrame, rule_text: str, ctx: RuleContext,
+def _compile_part(base: DataFrame, part: Node, small: int) -> tuple[Column, PartResult]:
+    """:func:`_compile` of a top-level part; the columns its cuts count over are cached
+    (narrow: the rows' other columns are read once, by the final write) while they run."""
+    cols = _cut_columns(part)
+    if not cols:
+        return _compile(part, base, small)
+    narrow = base.select(*cols).persist()
+    try:
+        return _compile(part, narrow, small)
+    finally:
+        narrow.unpersist()
+
+
+def apply_rule(pre: DataFrame, rule: Rule | str, ctx: RuleContext | None = None,
                small: int = SMALL) -> tuple[DataFrame, list[PartResult]]:
-    """Apply ``rule_text`` to ``pre`` (uid, pre_reason, the columns the rule reads).
+    """Apply ``rule`` (a :class:`Rule`, or rule text resolved against ``ctx``) to ``pre``
+    (uid, pre_reason, the columns the rule reads).
 
     Returns pre's columns without ``pre_reason`` plus ``drop_reason`` and ``kept``, and one
-    :class:`PartResult` per top-level part. Runs a Spark job per fraction / random part.
+    :class:`PartResult` per top-level part. Runs Spark jobs for each fraction / random part.
     """
-    if ctx.fraction_of not in ("remaining", "pool"):
-        raise ConfigError(f"fraction_of: {ctx.fraction_of!r} is not one of remaining, pool")
-    parts = _parts(rule_text, ctx)
-    _check_columns(pre, parts)
+    if isinstance(rule, str):
+        rule = compile_rule(rule, ctx or RuleContext())
+    _check_columns(pre, rule.parts)
     df = pre if "pre_reason" in pre.columns else pre.withColumn("pre_reason", F.lit(None))
-    if any(leaf.kind == "random" for part in parts for leaf in _leaves(part)):
-        df = df.withColumn(RAND, F.xxhash64(F.lit(ctx.seed), F.col("uid")).cast("double"))
-    pool, cache = ctx.fraction_of == "pool", not pre.is_cached  # a cached pre is the caller's
-    shared = cache and pool and any(map(_needs_job, parts))
+    if any(leaf.kind == "random" for part in rule.parts for leaf in _leaves(part)):
+        df = df.withColumn(RAND, F.xxhash64(F.lit(rule.seed), F.col("uid")).cast("double"))
     reason: Column = F.col("pre_reason").cast("string")
     alive: Column = F.col("pre_reason").isNull()
     results: list[PartResult] = []
-    if shared:
-        df.persist()
-    try:
-        for part in parts:
-            passed, res = _compile_part(df if pool else df.where(alive), part, small,
-                                        cache and not pool)
-            reason = F.coalesce(reason, F.when(~passed, F.lit(part.text)))
-            alive = alive & passed
-            results.append(res)
-    finally:
-        if shared:
-            df.unpersist()
+    for part in rule.parts:
+        base = df if rule.fraction_of == "pool" else df.where(alive)
+        passed, res = _compile_part(base, part, small)
+        reason = F.coalesce(reason, F.when(~passed, F.lit(part.drop_reason)))
+        alive = alive & passed
+        results.append(res)
     out = df.withColumn("drop_reason", reason).withColumn("kept", F.col("drop_reason").isNull())
     return out.drop("pre_reason", RAND), results
-
-
-def _compile_part(base: DataFrame, part: Node, small: int,
-                  cache: bool) -> tuple[Column, PartResult]:
-    """:func:`_compile` with ``base`` persisted while a fraction / random cut is computed."""
-    cache = cache and _needs_job(part)
-    if cache:
-        base.persist()
-    try:
-        return _compile(part, base, small)
-    finally:
-        if cache:
-            base.unpersist()

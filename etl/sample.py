@@ -232,12 +232,14 @@ class SampleBuilder:
     def _add_blank(self) -> Pair:
         w, h = _size(self.rng)
         img = Image.new("RGB", (w, h), tuple(self.rng.randint(0, 255) for _ in range(3)))
-        return self._add(random_attrs(self.rng).caption(self.rng), encode(img, "jpg"), "jpg", "blank", None)
+        caption = random_attrs(self.rng).caption(self.rng)
+        return self._add(caption, encode(img, "jpg"), "jpg", "blank", None)
 
     def _add_noise(self) -> Pair:
         w, h = _size(self.rng)
         img = Image.frombytes("RGB", (w, h), self.rng.randbytes(w * h * 3))
-        return self._add(random_attrs(self.rng).caption(self.rng), encode(img, "png"), "png", "noise", None)
+        caption = random_attrs(self.rng).caption(self.rng)
+        return self._add(caption, encode(img, "png"), "png", "noise", None)
 
     def _add_exact_dup(self) -> Pair:
         a, data, url = self.rng.choice(self.recent)
@@ -247,8 +249,8 @@ class SampleBuilder:
     def _add_near_dup(self) -> Pair:
         a, data, url = self.rng.choice(self.recent)
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        return self._add(a.caption(self.rng), encode(self._perturb(img), "jpg", 70), "jpg", "near_dup", a,
-                  of=url)
+        return self._add(a.caption(self.rng), encode(self._perturb(img), "jpg", 70), "jpg",
+                         "near_dup", a, of=url)
 
     def _perturb(self, img: Image.Image) -> Image.Image:
         w, h = img.size
@@ -283,8 +285,8 @@ class SampleBuilder:
         img = Image.open(io.BytesIO(ev.image)).convert("RGB")
         data = encode(img, "jpg", 85) if self.rng.random() < 0.5 else ev.image
         a = Attrs(ev.meta["label_shape"], ev.meta["label_color"], "white", 1, "large")
-        return self._add(ev.text, data, "jpg" if data[:2] == b"\xff\xd8" else ev.ext, "eval_leak", a,
-                  of=ev.key)
+        ext = "jpg" if data[:2] == b"\xff\xd8" else ev.ext
+        return self._add(ev.text, data, ext, "eval_leak", a, of=ev.key)
 
     def _eval_pair(self, i: int) -> Pair:
         a = random_attrs(self.rng)
@@ -341,7 +343,8 @@ def _write_shard(store: Store, pool_dir: str, n: int, shard: Iterable[Pair],
         _add_member(tar, f"{orphan}.json", json.dumps({"key": orphan, "url":
                     f"https://img.example.com/orphan{n}.jpg", "status": "success"}).encode())
     for j in range(2):
-        rows.append({"key": f"{n:05d}9999{j}", "url": f"https://dead.example.com/{rng.getrandbits(32)}.jpg",
+        url = f"https://dead.example.com/{rng.getrandbits(32)}.jpg"
+        rows.append({"key": f"{n:05d}9999{j}", "url": url,
                      "caption": "a photo that could not be downloaded", "status": "failed_to_download",
                      "error_message": "HTTP Error 404: Not Found"})
     with store.open(join(pool_dir, f"{n:05d}.parquet"), "wb") as fh:

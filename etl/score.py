@@ -8,7 +8,9 @@ each scored chunk with Delta's idempotent writes (``txnAppId`` = the checkpoint'
 resumes from the checkpoint, and a chunk replayed after a crash is skipped by Delta itself, so
 no commit reads silver and the cost of a commit does not grow with the table. Only a stream
 that starts over (new or reset checkpoint) while silver already holds rows for the model
-anti-joins its chunks against silver, so every pair is still scored exactly once.
+anti-joins its chunks against silver, so every pair is still scored exactly once. The rows
+a stream added are read back from the Delta history (its appends are tagged), since the
+``foreachBatch`` function may run elsewhere (on the server under Spark Connect).
 
 Weights: every silver row records ``weights_sha256``, the digest of the weights that scored it
 (:func:`udfs.models.weights_digest`: a checkpoint's sha256, ``revision:<rev>`` for a pinned hub
@@ -29,6 +31,7 @@ import hashlib
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +47,6 @@ from udfs.score import ScoreOptions, make_score_udf
 
 log = logging.getLogger(__name__)
 
-SILVER_COLUMNS = ["uid", "model_id", "score", "score_error", "image_embedding",
-                  "text_embedding", "scored_at", "run_id", "weights_sha256"]
 DIGEST = "weights_sha256"
 WEIGHTS_PROPERTY = "dfn.weights_sha256."  # + model_slug(model_id): see weights_property
 
@@ -85,15 +86,6 @@ def model_digest(spark: SparkSession, spec: ModelSpec) -> str:
     return spark.range(1, numPartitions=1).mapInPandas(digest, "d string").first()["d"]
 
 
-@dataclass(frozen=True)
-class WeightsCheck:
-    """What :func:`check_weights` found: rows it dropped (``score.replace``) and whether the
-    model's digest is to be recorded on the table once this run's rows are in."""
-
-    dropped: int = 0
-    record: bool = False
-
-
 def model_slug(model_id: str) -> str:
     """``model_id`` as a name safe in paths and property keys: its safe characters (up to 60)
     and a hash of the whole id, so distinct ids never share a slug."""
@@ -107,58 +99,100 @@ def weights_property(model_id: str) -> str:
     return WEIGHTS_PROPERTY + model_slug(model_id)
 
 
+@dataclass(frozen=True)
+class WeightsCheck:
+    """What to do about a model's rows in the target before it scores (:func:`decide_weights`),
+    and so what :func:`check_weights` did."""
+
+    refuse: str | None = None  # the error to stop with: rows scored with other weights
+    unset: bool = False  # unset the recorded digest (it is about to stop holding) before writing
+    unknown_kept: int = 0  # rows with no digest, kept unchecked (reported)
+    dropped: int = 0  # rows scored with other or unknown weights to delete (``score.replace``)
+    record: bool = False  # record the digest on the table once this run's rows are in
+
+
+def decide_weights(target: str, model_id: str, digest: str, replace: bool, exists: bool = True,
+                   recorded: str | None = None,
+                   found: Mapping[str | None, int] | None = None) -> WeightsCheck:
+    """Decide whether rows for ``model_id`` scored with ``digest`` may go into ``target``.
+
+    ``recorded`` is the digest the table records for the model (:func:`weights_property`),
+    ``found`` the model's row count per digest in ``target`` (key None: rows written before
+    digests were recorded); it is not looked at when ``recorded`` is ``digest``. Rows scored
+    with other weights refuse the run unless ``replace``, which drops them (and rows without a
+    digest) instead. While rows without a digest remain, no digest is recorded.
+    """
+    if not exists:
+        return WeightsCheck(record=True)
+    if recorded == digest:
+        return WeightsCheck()
+    found = found or {}
+    other = {d: n for d, n in found.items() if d is not None and d != digest}
+    unknown = found.get(None, 0)
+    if other and not replace:
+        return WeightsCheck(refuse=_mixed_weights(target, model_id, digest, other))
+    unset = recorded is not None
+    if not other and not (unknown and replace):
+        return WeightsCheck(unset=unset, unknown_kept=unknown, record=not unknown)
+    return WeightsCheck(unset=unset, dropped=sum(other.values()) + unknown, record=True)
+
+
+def _mixed_weights(target: str, model_id: str, digest: str, other: Mapping[str, int]) -> str:
+    shown = ", ".join(f"{d[:16]} ({n} rows)" for d, n in sorted(other.items())[:3])
+    return (f"score: {target} already has rows for model_id {model_id!r} scored with other "
+            f"weights ({DIGEST} {shown}); the configured weights are {digest[:16]}. Mixing them "
+            f"would make scores incomparable. Give these weights a new model_id "
+            f"(score.models[].model_id), or rescore with --set score.replace=true (drops this "
+            f"model_id's rows scored with other weights, then scores them again)")
+
+
 def check_weights(lake: Lakehouse, target: str, spec: ModelSpec, digest: str,
                   conf: ScoreConf) -> WeightsCheck:
     """Refuse to add rows for ``spec.model_id`` to ``target`` when its rows there were scored
-    with other weights; with ``score.replace`` drop those rows instead.
+    with other weights; with ``score.replace`` drop those rows instead (:func:`decide_weights`).
 
     O(1) when the table records ``digest`` for the model (:func:`weights_property`, read from
-    the Delta log): the runs that wrote its rows recorded it, after a scan like the one below
+    the Delta log): the runs that wrote its rows recorded it, after a scan like the one here
     found no other weights. Otherwise the model's (model_id, digest) column pair is scanned;
     a recorded digest that is about to stop holding is unset before any row is written, so it
-    never claims rows it does not describe, even if this run is killed. Rows without a digest
-    (written before ``weights_sha256`` existed) are reported as unknown and kept, unless
-    ``score.replace`` drops them too; while they remain no digest is recorded.
+    never claims rows it does not describe, even if this run is killed.
     """
-    if not lake.exists(target):
-        return WeightsCheck(record=True)
     mid = spec.model_id
-    key = weights_property(mid)
-    recorded = lake.properties(target).get(key)
-    if recorded == digest:
-        return WeightsCheck()
-    rows = lake.read(target).filter(F.col("model_id") == mid)
-    has_col = DIGEST in rows.columns
-    found = {r[0]: r[1] for r in (rows.groupBy(DIGEST).count() if has_col
-                                  else rows.groupBy(F.lit(None).cast("string")).count()).collect()}
-    other = {d: n for d, n in found.items() if d is not None and d != digest}
-    unknown = found.get(None, 0)
-    if other and not conf.replace:
-        shown = ", ".join(f"{d[:16]} ({n} rows)" for d, n in sorted(other.items())[:3])
-        raise ConfigError(
-            f"score: {target} already has rows for model_id {mid!r} scored with other weights "
-            f"({DIGEST} {shown}); the configured weights are {digest[:16]}. Mixing them would "
-            f"make scores incomparable. Give these weights a new model_id (score.models[].model_id)"
-            f", or rescore with --set score.replace=true (drops this model_id's rows scored with "
-            f"other weights, then scores them again)")
-    if recorded is not None:
-        lake.set_properties(target, {key: None})  # before any write under other weights
-    if not other and not (unknown and conf.replace):
-        if unknown:
-            print(f"score: {unknown} {target} rows of model_id {mid!r} have no {DIGEST} "
-                  f"(scored before it was recorded): their weights are unknown and not checked; "
-                  f"--set score.replace=true rescores them")
-        return WeightsCheck(record=not unknown)
-    cond = F.col("model_id") == mid
-    if has_col:
-        cond = cond & ~F.col(DIGEST).eqNullSafe(F.lit(digest))
-    dropped = sum(other.values()) + unknown
-    lake.delta(target).delete(cond)
-    checkpoint = checkpoint_dir(lake, target, mid)
-    lake.store.rm(checkpoint)
-    print(f"score: score.replace: dropped {dropped} {target} rows of model_id {mid!r} scored with "
-          f"other or unknown weights; rescoring them")
-    return WeightsCheck(dropped, record=True)
+    exists = lake.exists(target)
+    recorded = lake.properties(target).get(weights_property(mid)) if exists else None
+    found = digest_counts(lake, target, mid) if exists and recorded != digest else {}
+    check = decide_weights(target, mid, digest, conf.replace, exists, recorded, found)
+    _apply_weights_check(lake, target, mid, digest, check)
+    return check
+
+
+def digest_counts(lake: Lakehouse, target: str, model_id: str) -> dict[str | None, int]:
+    """``model_id``'s rows in ``target`` per weights digest (None: no digest recorded)."""
+    rows = lake.read(target).filter(F.col("model_id") == model_id)
+    by = F.col(DIGEST) if DIGEST in rows.columns else F.lit(None).cast("string")
+    return {r[0]: r[1] for r in rows.groupBy(by).count().collect()}
+
+
+def _apply_weights_check(lake: Lakehouse, target: str, model_id: str, digest: str,
+                         check: WeightsCheck) -> None:
+    """The side effects of ``check``, in a safe order: stop, unset the stale digest, report
+    kept rows of unknown weights, or drop rows and the stream checkpoint that covered them."""
+    if check.refuse:
+        raise ConfigError(check.refuse)
+    if check.unset:
+        lake.set_properties(target, {weights_property(model_id): None})
+    if check.unknown_kept:
+        print(f"score: {check.unknown_kept} {target} rows of model_id {model_id!r} have no "
+              f"{DIGEST} (scored before it was recorded): their weights are unknown and not "
+              f"checked; --set score.replace=true rescores them")
+    if check.dropped:
+        cond = F.col("model_id") == model_id
+        if DIGEST in lake.read(target).columns:
+            cond = cond & ~F.col(DIGEST).eqNullSafe(F.lit(digest))
+        lake.delta(target).delete(cond)
+        lake.store.rm(checkpoint_dir(lake, target, model_id))
+        print(f"score: score.replace: dropped {check.dropped} {target} rows of model_id "
+              f"{model_id!r} scored with other or unknown weights; rescoring them")
 
 
 def pending(bronze: DataFrame, silver: DataFrame | None, model_id: str) -> DataFrame:
@@ -196,44 +230,79 @@ def score_table(lake: Lakehouse, source_table: str, target_table: str, cfg: Conf
     counts = {"source_rows": lake.read(source_table).count()}
     for spec in specs:
         mid = spec.model_id
-        counts.update(_score_model(lake, source_table, target_table, spec, cfg.score, run_id,
-                                   counts["source_rows"], digests[mid]))
+        job = ScoreJob(lake, source_table, target_table, spec, cfg.score, run_id, digests[mid])
+        counts.update(_score_model(job, counts["source_rows"]))
         if checks[mid].dropped:
             counts[f"replaced[{mid}]"] = checks[mid].dropped
         if checks[mid].record and lake.exists(target_table):
             lake.set_properties(target_table, {weights_property(mid): digests[mid]})
-        lake.record_source(run_id, f"score:{target_table}", source_table, version,
-                           metric=f"source_version[{mid}]")
+        lake.record_built(run_id, target_table, version, model_id=mid)
     lake.record_stats(run_id, f"score:{target_table}", counts)
     return counts
 
 
-def _score_model(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: ScoreConf,
-                 run_id: str, source_rows: int, digest: str | None = None) -> dict[str, int]:
-    mid = spec.model_id
-    before = pending_count(lake, source, target, mid)
-    inserted = 0
-    if before:
-        try:
-            inserted = _stream(lake, source, target, spec, conf, run_id,
-                               has_rows=before != source_rows, digest=digest)
-        except StreamingQueryException as exc:
-            if "DELTA_" not in str(exc):  # only source-side changes are recoverable here
-                raise
-            log.warning("score: %s was rewritten since the last run (%s); resetting the %s "
-                        "checkpoint and scoring what is missing", source, str(exc)[:200], mid)
-            inserted = _stream(lake, source, target, spec, conf, run_id, reset=True,
-                               has_rows=True, digest=digest)
-        if inserted < before and pending_count(lake, source, target, mid):
-            # the checkpoint is ahead of the target table (rows deleted, table replaced)
-            inserted += _stream(lake, source, target, spec, conf, run_id, reset=True,
-                                has_rows=True, digest=digest)
-    errors = 0
-    if lake.exists(target):
-        errors = lake.read(target).filter(
-            (F.col("model_id") == mid) & (F.col("run_id") == run_id) & F.col("score").isNull()
-        ).count()
-    return {f"pending[{mid}]": before, f"scored[{mid}]": inserted, f"errors[{mid}]": errors}
+@dataclass(frozen=True)
+class ScoreJob:
+    """One model scoring ``source`` into ``target`` in one run: what each stream needs."""
+
+    lake: Lakehouse
+    source: str
+    target: str
+    spec: ModelSpec
+    conf: ScoreConf
+    run_id: str
+    digest: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+
+def _score_model(job: ScoreJob, source_rows: int) -> dict[str, int]:
+    """Score the source rows the model has no row for yet; its ``pending``, ``scored`` and
+    ``errors`` counts."""
+    mid = job.model_id
+    before = pending_count(job.lake, job.source, job.target, mid)
+    inserted = _score_pending(job, before, had_rows=before != source_rows) if before else 0
+    return {f"pending[{mid}]": before, f"scored[{mid}]": inserted,
+            f"errors[{mid}]": _errors(job)}
+
+
+def _score_pending(job: ScoreJob, before: int, had_rows: bool) -> int:
+    """Stream the ``before`` pending rows into the target; rows inserted.
+
+    First the stream resumes from its checkpoint. It restarts from a new checkpoint (every
+    chunk anti-joined against the target) when the source was rewritten under it, and once
+    more when rows are still missing afterwards: the checkpoint was ahead of the target (rows
+    deleted, table replaced).
+    """
+    try:
+        inserted = _stream(job, restart=False, had_rows=had_rows)
+    except StreamingQueryException as exc:
+        if not source_rewritten(exc):
+            raise
+        log.warning("score: %s was rewritten since the last run (%s); resetting the %s "
+                    "checkpoint and scoring what is missing", job.source, str(exc)[:200],
+                    job.model_id)
+        inserted = _stream(job, restart=True)
+    if inserted < before and pending_count(job.lake, job.source, job.target, job.model_id):
+        inserted += _stream(job, restart=True)
+    return inserted
+
+
+def source_rewritten(exc: Exception) -> bool:
+    """True for a stream failure a restart recovers from: a Delta error about the source
+    (only source-side changes are recoverable here)."""
+    return "DELTA_" in str(exc)
+
+
+def _errors(job: ScoreJob) -> int:
+    """This run's rows for the model with a null score."""
+    if not job.lake.exists(job.target):
+        return 0
+    return job.lake.read(job.target).filter(
+        (F.col("model_id") == job.model_id) & (F.col("run_id") == job.run_id)
+        & F.col("score").isNull()).count()
 
 
 def pending_count(lake: Lakehouse, source: str, target: str, model_id: str) -> int:
@@ -250,34 +319,56 @@ def checkpoint_dir(lake: Lakehouse, target: str, model_id: str) -> str:
     return lake.under("_checkpoints", f"score-{target}", model_slug(model_id))
 
 
-def _stream(lake: Lakehouse, source: str, target: str, spec: ModelSpec, conf: ScoreConf,
-            run_id: str, reset: bool = False, has_rows: bool = True,
-            digest: str | None = None) -> int:
-    """Score ``source`` -> ``target`` in chunks, one idempotent Delta append per chunk; rows added.
+def skips_done(fresh: bool, had_rows: bool) -> bool:
+    """Whether a stream anti-joins each chunk against the target: only one starting from a new
+    checkpoint (``fresh``) while the target may hold rows for the model (``had_rows``). A
+    resumed stream needs none: Delta skips a chunk whose batch id it committed already."""
+    return fresh and had_rows
 
-    A stream that starts from a new checkpoint while ``target`` already has rows for the model
-    (``has_rows``) anti-joins each chunk against ``target`` first; a resumed one needs no
-    anti-join, since Delta skips a chunk whose batch id it has committed already.
+
+def _stream(job: ScoreJob, restart: bool, had_rows: bool = True) -> int:
+    """Score the source into the target in chunks, one idempotent Delta append per chunk
+    (``txnAppId`` + batch id); the rows those appends added, read from the Delta history.
+
+    ``restart`` drops the checkpoint first (the target may then hold rows this stream's
+    chunks cover, so they are anti-joined). The chunk writer runs wherever Spark runs
+    ``foreachBatch`` (on the server under Spark Connect), so it keeps no count itself: every
+    append is tagged (``userMetadata``) and the tagged commits' ``numOutputRows`` are summed.
     """
-    checkpoint = checkpoint_dir(lake, target, spec.model_id)
-    if reset:
+    lake, target, mid = job.lake, job.target, job.model_id
+    checkpoint = checkpoint_dir(lake, target, mid)
+    if restart:
         lake.store.rm(checkpoint)
     app_id, fresh = stream_app_id(lake, checkpoint)
-    skip_done = has_rows and fresh
-    inserted = [0]
+    skip_done = skips_done(fresh, had_rows)
+    tag = f"dfn-score:{uuid.uuid4().hex}"
+    since = lake.version(target)
+    spec, conf, run_id, digest = job.spec, job.conf, job.run_id, job.digest
 
     def write_chunk(batch: DataFrame, batch_id: int) -> None:
         todo = batch.select("uid", "image", "text")
         if skip_done and lake.exists(target):
-            todo = pending(todo, lake.read(target), spec.model_id)
-        inserted[0] += lake.append_once(score_pairs(todo, spec, conf, run_id, digest), target,
-                                        app_id, batch_id)
+            todo = pending(todo, lake.read(target), mid)
+        lake.append(score_pairs(todo, spec, conf, run_id, digest), target, txnAppId=app_id,
+                    txnVersion=batch_id, userMetadata=tag)
 
-    query = (_read_stream(lake, source, conf).writeStream.foreachBatch(write_chunk)
+    query = (_read_stream(lake, job.source, conf).writeStream.foreachBatch(write_chunk)
              .option("checkpointLocation", checkpoint).trigger(availableNow=True)
-             .queryName(f"score-{target}-{spec.model_id}"[:100]).start())
+             .queryName(f"score-{target}-{mid}"[:100]).start())
     query.awaitTermination()
-    return inserted[0]
+    return rows_committed(lake, target, tag, since)
+
+
+def rows_committed(lake: Lakehouse, table: str, tag: str, since: int | None) -> int:
+    """Rows added by the commits of ``table`` after version ``since`` (None: all) tagged
+    ``tag``: the sum of their ``numOutputRows``. Only those commits' history is read."""
+    current = lake.version(table)
+    if current is None or (since is not None and current <= since):
+        return 0
+    newer = current - (-1 if since is None else since)
+    history = (lake.delta(table).history(newer).where(F.col("userMetadata") == tag)
+               .select("operationMetrics"))
+    return sum(int((r[0] or {}).get("numOutputRows", "0")) for r in history.collect())
 
 
 def stream_app_id(lake: Lakehouse, checkpoint: str) -> tuple[str, bool]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,85 @@ S3A_DEFAULTS = {
 }
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How this Python process came to run, as far as the session factory cares."""
+
+    submitted: bool = False  # spark-submit (or a pyspark shell) started the driver JVM already
+    delta_given: bool = False  # spark-submit was handed Delta (--packages / --jars)
+
+
+def launch(env: Mapping[str, str]) -> Launch:
+    """Read :class:`Launch` from the process environment ``env`` (the one place that knows how
+    spark-submit announces itself to the Python it starts)."""
+    args = env.get("PYSPARK_SUBMIT_ARGS", "")
+    return Launch(submitted="PYSPARK_GATEWAY_PORT" in env or "SPARK_SUBMIT_OPTS" in env,
+                  delta_given="delta-spark" in args or "delta-core" in args)
+
+
+def java_given(conf: SparkConf) -> str:
+    """The driver Java options ``spark.conf`` sets itself (they decide the collector)."""
+    return " ".join(conf.conf.get(k, "") for k in ("spark.driver.extraJavaOptions", KEY))
+
+
+def session_options(conf: SparkConf, how: Launch, s3a: bool = False, preload_models: bool = True,
+                    driver: Mapping[str, str] | None = None,
+                    given: Collection[str] = ()) -> dict[str, str]:
+    """Every Spark conf a new session is built with, ``spark.jars`` aside (:func:`jar_plan`).
+
+    The laptop defaults (and, for ``s3a`` URLs, fail-fast s3a retries) minus the keys
+    spark-submit was ``given`` already, so its ``--conf`` wins; ``driver`` (the driver JVM's
+    options, :func:`etl.jvmarchive.driver_options`) only when no JVM has started yet; Delta's
+    extension and catalog; then ``conf.conf``, which overrides everything. A local master
+    started here with ``preload_models`` forks its Python workers from ``udfs.daemon``
+    (torch + open_clip imported once).
+    """
+    opts: dict[str, str] = {}
+    if not how.submitted and conf.master.startswith("local") and preload_models:
+        opts["spark.python.daemon.module"] = "udfs.daemon"
+    wanted = {**LOCAL_DEFAULTS, **(S3A_DEFAULTS if s3a else {}),
+              **({} if how.submitted else dict(driver or {}))}
+    opts.update({k: v for k, v in wanted.items() if k not in given})
+    return {**opts, **DELTA_CONF, **conf.conf}
+
+
+@dataclass(frozen=True)
+class JarPlan:
+    """Where a new session's jars come from: ``jars`` for ``spark.jars`` (None: leave it), or
+    Maven through ``configure_spark_with_delta_pip`` (``maven``; ``hadoop_aws`` adds the
+    ``hadoop-aws`` matching pyspark's Hadoop)."""
+
+    jars: tuple[str, ...] | None = None
+    maven: bool = False
+    hadoop_aws: bool = False
+
+
+def jar_plan(conf: SparkConf, how: Launch, s3a: bool = False,
+             listed: Sequence[str] = ()) -> JarPlan:
+    """Choose among the four jar sources, in order: ``conf.jars`` (local jars, air-gapped
+    clusters); Delta handed to spark-submit already (nothing to add); the Delta jars ``make
+    venv`` ``listed`` (:func:`etl.jvmarchive.delta_jars`: no Ivy resolution per start; not
+    under spark-submit, nor with s3a, which needs hadoop-aws too); else Maven. Jars that
+    ``spark.conf`` lists under ``spark.jars`` are kept alongside local ones."""
+    own = tuple(j for j in conf.conf.get("spark.jars", "").split(",") if j)
+    if conf.jars:
+        return JarPlan(jars=(*conf.jars, *own))
+    if how.delta_given:
+        return JarPlan()
+    if listed and not (s3a or how.submitted):
+        return JarPlan(jars=(*listed, *own))
+    return JarPlan(maven=True, hadoop_aws=s3a)
+
+
 def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
               preload_models: bool = True) -> SparkSession:
     """Return the active SparkSession untouched, or build a local one with Delta configured.
 
     On Databricks or under spark-submit a session already exists and is used as is. Otherwise
-    a session is built from ``conf``: Delta jars come from Maven (``configure_spark_with_delta_pip``)
-    unless ``conf.jars`` lists local jar files (air-gapped clusters), or ``make venv`` listed
-    the ones Maven gave it before (:func:`etl.jvmarchive.delta_jars`). When any of ``urls`` is
-    ``s3a://``, ``hadoop-aws`` matching pyspark's bundled Hadoop is resolved the same way, and
-    fail-fast s3a retry settings are added (each overridable). A driver JVM started here maps
-    the class archive ``make venv`` built (:mod:`etl.jvmarchive`). ``preload_models`` forks local
-    Python workers from ``udfs.daemon`` (torch + open_clip imported once); commands that run
-    no model leave it off and skip that import (~7 s).
+    a session is built from ``conf`` with :func:`session_options` and the jars of
+    :func:`jar_plan`; ``urls`` tell whether any is ``s3a://``. A driver JVM started here maps
+    the class archive ``make venv`` built (:mod:`etl.jvmarchive`). ``preload_models`` off
+    (commands that run no model) keeps torch and open_clip out of the Python workers.
     """
     active = SparkSession.getActiveSession()
     if active is not None:
@@ -69,36 +136,30 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
     # Python workers must run the same interpreter (the venv) as the driver.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName(conf.app_name)
-    submitted = _launched_by_spark_submit()
-    if not submitted:
-        builder = builder.master(conf.master)
-        if conf.master.startswith("local") and preload_models:
-            # workers fork from a daemon that has torch + open_clip imported already
-            builder = builder.config("spark.python.daemon.module", "udfs.daemon")
+    how = launch(os.environ)
     s3a = any(scheme(u) == "s3a" for u in urls)
-    wanted = {**LOCAL_DEFAULTS, **(S3A_DEFAULTS if s3a else {})}
-    if not submitted:  # under spark-submit the driver JVM has started already
-        java = " ".join(conf.conf.get(k, "") for k in ("spark.driver.extraJavaOptions", KEY))
-        wanted.update(driver_options(conf.master.startswith("local"), java))
-    defaults = _unset(wanted) if submitted else wanted
-    for key, value in {**defaults, **DELTA_CONF, **conf.conf}.items():
+    driver = {} if how.submitted else driver_options(conf.master.startswith("local"),
+                                                     java_given(conf))
+    given = _submit_conf_keys() if how.submitted else frozenset()
+    builder = SparkSession.builder.appName(conf.app_name)
+    if not how.submitted:  # under spark-submit the master is spark-submit's
+        builder = builder.master(conf.master)
+    for key, value in session_options(conf, how, s3a, preload_models, driver, given).items():
         builder = builder.config(key, value)
-    own = [j for j in conf.conf.get("spark.jars", "").split(",") if j]  # kept alongside
-    if conf.jars:
-        builder = builder.config("spark.jars", ",".join([*conf.jars, *own]))
-    elif not _delta_on_classpath():
-        listed = [] if s3a or submitted else delta_jars()
-        if listed:  # what Ivy resolved at `make venv`: no resolution at each start
-            builder = builder.config("spark.jars", ",".join([*listed, *own]))
-        else:
-            from delta import configure_spark_with_delta_pip
-
-            extra = [f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"] if s3a else []
-            builder = configure_spark_with_delta_pip(builder, extra_packages=extra)
-    spark = builder.getOrCreate()
+    spark = _with_jars(builder, jar_plan(conf, how, s3a, delta_jars())).getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("DFN_SPARK_LOG_LEVEL", "ERROR"))
     return spark
+
+
+def _with_jars(builder: SparkSession.Builder, plan: JarPlan) -> SparkSession.Builder:
+    if plan.jars is not None:
+        return builder.config("spark.jars", ",".join(plan.jars))
+    if not plan.maven:
+        return builder
+    from delta import configure_spark_with_delta_pip
+
+    extra = [f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"] if plan.hadoop_aws else []
+    return configure_spark_with_delta_pip(builder, extra_packages=extra)
 
 
 def local_frame(spark: SparkSession, rows: Sequence[Sequence[Any] | Mapping[str, Any]],
@@ -140,24 +201,13 @@ def session_conf(spark: SparkSession, values: dict[str, str]) -> Iterator[None]:
                 spark.conf.set(key, value)
 
 
-def _launched_by_spark_submit() -> bool:
-    return "PYSPARK_GATEWAY_PORT" in os.environ or "SPARK_SUBMIT_OPTS" in os.environ
-
-
-def _unset(defaults: dict[str, str]) -> dict[str, str]:
-    """The defaults spark-submit (``--conf``, spark-defaults.conf) did not already set."""
+def _submit_conf_keys() -> frozenset[str]:
+    """The conf keys spark-submit (``--conf``, spark-defaults.conf) set already."""
     from pyspark import SparkConf as JvmConf
     from pyspark import SparkContext
 
     SparkContext._ensure_initialized()  # the gateway to spark-submit's JVM, holding its conf
-    given = JvmConf()
-    return {k: v for k, v in defaults.items() if not given.contains(k)}
-
-
-def _delta_on_classpath() -> bool:
-    """True when spark-submit was already given Delta (--packages / --jars)."""
-    args = os.environ.get("PYSPARK_SUBMIT_ARGS", "")
-    return "delta-spark" in args or "delta-core" in args
+    return frozenset(k for k, _ in JvmConf().getAll())
 
 
 def hadoop_version() -> str:

@@ -1,19 +1,22 @@
-"""Delta table locations and the few write patterns every step uses.
+"""Every Delta table of the project (:data:`TABLES`), where it lives, and the few write
+patterns every step uses.
 
 Tables live either under a folder (``lakehouse.root``, addressed as ``delta.`/path```) or in a
 metastore (``catalog.schema.table``), chosen by config. Steps never build paths themselves.
 
-Lineage: a step that derives a table from bronze records the bronze version it read in
-``run_stats`` (metric ``source_version[...]``, :meth:`Lakehouse.record_source`), once its
-output is complete. :meth:`Lakehouse.stale` compares that with bronze now (commits that change
-no data, e.g. OPTIMIZE, do not count) so later steps can refuse a derived table that no longer
-covers bronze (:class:`StaleTableError`).
+Versions: a step that derives a table from bronze records the bronze version it read in
+``run_stats`` once its output is complete (:meth:`Lakehouse.record_built`, under the run-stats
+step and metric of the table's registry entry). :meth:`Lakehouse.stale_table` compares that
+with bronze now (commits that change no data, e.g. OPTIMIZE, do not count), so a derived table
+that no longer covers bronze can be refused (:class:`StaleTableError`). Which step reads which
+table is declared in :mod:`etl.lineage`.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,6 +40,67 @@ SELECTION = "gold_selection"
 GOLD = "gold_pairs"
 RUN_STATS = "run_stats"
 EVALUATION = "gold_evaluation"
+FILTER_QUALITY = "gold_filter_quality"
+
+
+@dataclass(frozen=True)
+class Table:
+    """One Delta table: its name, medallion layer, the step that writes it, what it holds, and
+    the table whose version a build records (``source``; None: not recorded)."""
+
+    name: str
+    layer: str  # bronze | silver | gold | ops
+    step: str  # the ``dfn-curate`` step that writes it
+    description: str
+    source: str | None = None
+    per_model: bool = False  # one recorded source version per scoring model
+
+    @property
+    def stats_step(self) -> str:
+        """The run-stats step under which a build records its source version."""
+        return f"{self.step}:{self.name}" if self.per_model else self.step
+
+    def version_metric(self, model_id: str | None = None) -> str:
+        """The run-stats metric holding the source version a build of this table covers."""
+        if self.source is None:
+            raise ValueError(f"{self.name} records no source version")
+        if not self.per_model:
+            return source_metric(self.source)
+        if model_id is None:
+            raise ValueError(f"{self.name} records one source version per model: name the model")
+        return f"source_version[{model_id}]"
+
+
+# every table, in pipeline order
+TABLES: tuple[Table, ...] = (
+    Table(BRONZE, "bronze", "ingest", "the pool: one row per image-text pair, with image bytes"),
+    Table(QUARANTINE, "bronze", "ingest", "input rows refused by ingest, with the reason"),
+    Table(EVAL_IMAGES, "bronze", "ingest", "evaluation images, kept out of the selection"),
+    Table(SILVER, "silver", "score", "filter-model scores and image embeddings per uid and model",
+          source=BRONZE, per_model=True),
+    Table(EVAL_EMBEDDINGS, "silver", "score", "image embeddings of the evaluation images per "
+          "model", source=EVAL_IMAGES, per_model=True),
+    Table(DEDUP, "silver", "dedup", "duplicate, near-duplicate and eval-leak flags per uid",
+          source=BRONZE),
+    Table(TARGETS, "silver", "targets", "image clusters and target-set similarity per uid",
+          source=BRONZE),
+    Table(SELECTION, "gold", "select", "every pool uid once: kept, first drop reason, score",
+          source=BRONZE),
+    Table(GOLD, "gold", "export", "the kept pairs with their bronze columns, as exported"),
+    Table(FILTER_QUALITY, "gold", "evaluate", "ROC-AUC, precision and recall of the filter on "
+          "labelled pairs"),
+    Table(EVALUATION, "gold", "evaluate", "a small CLIP trained on each induced selection"),
+    Table(RUN_STATS, "ops", "every step", "metrics and source versions recorded by each run"),
+)
+TABLE_NAMES: tuple[str, ...] = tuple(t.name for t in TABLES)
+
+
+def table_info(name: str) -> Table:
+    """The registry entry of table ``name``."""
+    for table in TABLES:
+        if table.name == name:
+            return table
+    raise KeyError(f"{name} is not a table of this project ({', '.join(TABLE_NAMES)})")
 
 # Delta operations that rewrite files without changing the rows a reader sees
 NO_DATA_CHANGE = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES",
@@ -69,7 +133,8 @@ class Lakehouse:
 
     @property
     def root(self) -> str:
-        """The root as given when it is a URL (``s3a://``, ``abfss://``, ``dbfs:``), else absolute."""
+        """The root as given when it is a URL (``s3a://``, ``abfss://``, ``dbfs:``), else
+        absolute."""
         root = self.conf.root
         return root.rstrip("/") if is_url(root) else str(Path(root).expanduser().resolve())
 
@@ -118,7 +183,7 @@ class Lakehouse:
 
     def ensure(self, table: str, schema: T.StructType) -> None:
         """Create ``table`` empty with ``schema`` unless it exists: one metadata-only commit,
-        no Spark job (an empty append runs one, and a new session's first costs ~0.5 s)."""
+        no Spark job (an empty append runs one, and a new session's first job is slow)."""
         if self.exists(table):
             return
         # nullable, as a DataFrame write makes every column: a NOT NULL taken from the first
@@ -203,7 +268,7 @@ class Lakehouse:
 
         The commit is tagged with a one-off ``userMetadata`` and found by it, so a writer that
         created the table first cannot be mistaken for this one. In a folder lakehouse its
-        log entry is read directly (no history query, ~0.3-0.8 s less on a new session).
+        log entry is read directly (no history query, which is slow on a new session).
         """
         tag = f"dfn-curate:{uuid.uuid4().hex}"
         self.append(df, table, userMetadata=tag)
@@ -231,24 +296,13 @@ class Lakehouse:
                     return info
         return None
 
-    def append_once(self, df: DataFrame, table: str, app_id: str, version: int) -> int:
-        """Append ``df`` unless ``(app_id, version)`` was committed to ``table`` before; rows added.
-
-        Delta's idempotent writes (``txnAppId``/``txnVersion``) skip a replayed write, so a
-        streaming chunk re-run after a crash is not added twice, and no commit reads the table
-        (its cost does not grow with the table, unlike a MERGE).
-        """
-        before = self.version(table)
-        self.append(df, table, txnAppId=app_id, txnVersion=version)
-        return _rows_added(self.delta(table), before, "numOutputRows")
-
     def record_stats(self, run_id: str, step: str, counts: dict[str, int]) -> None:
         """Append one row per metric to the run-stats table."""
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         rows = [(run_id, step, k, int(v), now) for k, v in counts.items()]
         self.append(local_frame(self.spark, rows, RUN_STATS_SCHEMA), RUN_STATS)
 
-    # ---- lineage ------------------------------------------------------------------------
+    # ---- source versions (see etl.lineage) -------------------------------------------------
 
     def record_source(self, run_id: str, step: str, source: str, version: int | None,
                       metric: str | None = None) -> None:
@@ -256,6 +310,21 @@ class Lakehouse:
         step read it: a commit landing meanwhile makes the output look stale, never fresh)."""
         if version is not None:
             self.record_stats(run_id, step, {metric or source_metric(source): version})
+
+    def record_built(self, run_id: str, table: str, version: int | None,
+                     model_id: str | None = None) -> None:
+        """Record that ``table`` (of ``model_id``, for a per-model table) now covers its source
+        (:attr:`Table.source`) at ``version``, read before the build read the source."""
+        info = table_info(table)
+        self.record_source(run_id, info.stats_step, info.source, version,
+                           metric=info.version_metric(model_id))
+
+    def stale_table(self, table: str, needed_by: str,
+                    model_id: str | None = None) -> StaleTableError | None:
+        """:meth:`stale` for a registered table: its recorded source version, per the registry."""
+        info = table_info(table)
+        return self.stale(info.name, info.stats_step, needed_by, info.source,
+                          info.version_metric(model_id), command=info.step)
 
     def built_from(self, step: str, metric: str) -> int | None:
         """The source version ``step`` last recorded under ``metric`` (None: never recorded)."""
@@ -328,6 +397,3 @@ def new_run_id() -> str:
     """A sortable, unique id for one job run."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
-
-def with_ingest_time(df: DataFrame) -> DataFrame:
-    return df.withColumn("ingest_time", F.current_timestamp())

@@ -40,6 +40,7 @@ from pyspark.sql.functions import pandas_udf
 
 from etl.config import Config, ConfigError, TargetsConf, resolve_path
 from etl.fs import is_url
+from etl.silver import score_value, selection_model_id
 from etl.tables import BRONZE, EVAL_EMBEDDINGS, SILVER, TARGETS, Lakehouse
 from etl.vectors import fit_centers, nearest, unit_rows
 
@@ -197,10 +198,8 @@ def target_signals(pool: DataFrame, targets: np.ndarray, conf: TargetsConf,
 
 
 def target_model_id(lake: Lakehouse, cfg: Config) -> str:
-    """``targets.model_id``, else the selection model (:func:`etl.select.model_id_for`)."""
-    from etl.select import model_id_for
-
-    return cfg.targets.model_id or model_id_for(lake, cfg)
+    """``targets.model_id``, else the selection model (:func:`etl.silver.selection_model_id`)."""
+    return cfg.targets.model_id or selection_model_id(lake, cfg)
 
 
 def target_frame(lake: Lakehouse, cfg: Config, model_id: str) -> tuple[DataFrame, str]:
@@ -275,7 +274,7 @@ def target_columns(lake: Lakehouse, cfg: Config) -> DataFrame:
                           f"model is {model_id!r}: run `dfn-curate targets` again")
     return lake.read(TARGETS).select(
         "uid", "in_target_cluster",
-        F.nanvl("target_similarity", F.lit(None).cast("double")).alias("target_similarity"))
+        score_value("target_similarity").alias("target_similarity"))
 
 
 def run_targets(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
@@ -301,5 +300,5 @@ def run_targets(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
           f"{counts['target_clusters']} of {cfg.targets.n_clusters} pool clusters holding "
           f"{counts['in_target_cluster']} of {counts['rows']} pool rows")
     lake.record_stats(run_id, "targets", counts)
-    lake.record_source(run_id, "targets", BRONZE, version)
+    lake.record_built(run_id, TARGETS, version)
     return counts

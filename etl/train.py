@@ -23,11 +23,10 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from etl.config import TrainConf, resolve_path
+from etl.config import MIN_ROWS_FOR_VAL, TrainConf, resolve_path
 from etl.tables import Lakehouse
 
 MAX_VAL_PAIRS = 2000  # held-out pairs brought to the driver (lowest uids of the held-out slice)
-MIN_ROWS_FOR_VAL = 200  # smaller tables train on every row
 ROWS_PER_FILE = 2000  # staged parquet rows per file (at least 4 files per process)
 
 
@@ -87,7 +86,8 @@ def held_out(seed: int, fraction: float):
 def stage_pairs(lake: Lakehouse, pairs: DataFrame, folder: str, seed: int, fraction: float,
                 world: int) -> Staged:
     """Split ``pairs`` on the executors, write the training rows to ``folder`` as parquet and
-    collect (at most ``MAX_VAL_PAIRS``) held-out pairs. No validation below 200 rows."""
+    collect (at most ``MAX_VAL_PAIRS``) held-out pairs. No validation below
+    ``MIN_ROWS_FOR_VAL`` rows."""
     flagged = pairs.withColumn("_val", held_out(seed, fraction))
     counts = {r["_val"]: r["count"] for r in flagged.groupBy("_val").count().collect()}
     rows = sum(counts.values())

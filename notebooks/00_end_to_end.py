@@ -10,13 +10,12 @@
 
 # COMMAND ----------
 
-from pyspark.sql import functions as F
-
 from etl.jobs import report, run
-from etl.notebook import context, job_argv, show, show_html, widget
-from etl.tables import SELECTION
+from etl.notebook import context, job_argv, show_html, widget
+from etl.report import selection_funnel
+from etl.steps import PIPELINE
 
-steps = widget("steps", ",".join(run.STEPS))
+steps = widget("steps", ",".join(PIPELINE))
 out = widget("out", "")
 argv = job_argv(widget("conf", "conf/local.yaml"), widget("overrides", ""), widget("run_id", ""))
 ctx = context(argv)
@@ -27,7 +26,7 @@ results = run.main([*argv, "--steps", steps])
 
 # COMMAND ----------
 
-show(ctx.lake.read(SELECTION).groupBy("kept", "drop_reason").count().orderBy(F.desc("count")))
+selection_funnel(ctx.lake, ctx.cfg).print()
 
 # COMMAND ----------
 

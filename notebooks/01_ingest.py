@@ -11,11 +11,9 @@
 
 # COMMAND ----------
 
-from pyspark.sql import functions as F
-
 from etl.jobs import ingest
 from etl.notebook import context, job_argv, show, widget
-from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE
+from etl.report import eval_image_count, quarantine_counts, source_counts
 
 argv = job_argv(widget("conf", "conf/local.yaml"), widget("overrides", ""), widget("run_id", ""))
 ctx = context(argv)
@@ -27,11 +25,13 @@ print(counts)
 
 # COMMAND ----------
 
-show(ctx.lake.read(BRONZE).groupBy("source").agg(F.count("*").alias("pairs")))
-if ctx.lake.exists(EVAL_IMAGES):
-    print(f"eval images: {ctx.lake.read(EVAL_IMAGES).count()}")
+show(source_counts(ctx.lake))
+evals = eval_image_count(ctx.lake)
+if evals is not None:
+    print(f"eval images: {evals}")
 
 # COMMAND ----------
 
-if ctx.lake.exists(QUARANTINE):
-    show(ctx.lake.read(QUARANTINE).groupBy("kind", "reason").count().orderBy(F.desc("count")))
+quarantined = quarantine_counts(ctx.lake)
+if quarantined is not None:
+    show(quarantined)

@@ -10,11 +10,9 @@
 
 # COMMAND ----------
 
-from pyspark.sql import functions as F
-
 from etl.jobs import score
 from etl.notebook import context, job_argv, show, widget
-from etl.tables import SILVER
+from etl.report import score_errors, score_summary
 
 argv = job_argv(widget("conf", "conf/local.yaml"), widget("overrides", ""), widget("run_id", ""))
 ctx = context(argv)
@@ -25,13 +23,8 @@ score.main(argv)
 
 # COMMAND ----------
 
-scores = ctx.lake.read(SILVER)
-summary = scores.groupBy("model_id").agg(
-    F.count("*").alias("pairs"), F.count("score").alias("scored"),
-    F.count("score_error").alias("errors"), F.min("score").alias("min"),
-    F.expr("percentile_approx(score, 0.5)").alias("median"), F.max("score").alias("max"))
-show(summary)
+show(score_summary(ctx.lake))
 
 # COMMAND ----------
 
-show(scores.where(F.col("score_error").isNotNull()).groupBy("score_error").count())
+show(score_errors(ctx.lake))

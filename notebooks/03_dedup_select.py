@@ -3,20 +3,18 @@
 # MAGIC # 03 · Dedup and select
 # MAGIC Flags exact and near duplicates and eval-set leaks (`silver_dedup`), computes the target
 # MAGIC signals when `select.rule` reads them (`silver_targets`), then applies the basic filters
-# MAGIC and the score threshold, or the selection rule: `gold_selection` holds every pool uid once with `kept`
-# MAGIC and the first `drop_reason`. With the sample pool's labels, precision and recall per drop
-# MAGIC reason are printed too.
+# MAGIC and the score threshold, or the selection rule: `gold_selection` holds every pool uid
+# MAGIC once with `kept` and the first `drop_reason`. With the sample pool's labels, precision
+# MAGIC and recall per drop reason are printed too.
 # MAGIC
 # MAGIC Parameters: `conf`, `overrides`, `run_id` (see 01_ingest).
 
 # COMMAND ----------
 
-from pyspark.sql import functions as F
-
 from etl.jobs import dedup, select_pairs, targets
 from etl.notebook import context, job_argv, show, widget
+from etl.report import dedup_summary, selection_funnel
 from etl.select import needs_targets
-from etl.tables import DEDUP, SELECTION
 
 argv = job_argv(widget("conf", "conf/local.yaml"), widget("overrides", ""), widget("run_id", ""))
 ctx = context(argv)
@@ -24,8 +22,7 @@ ctx = context(argv)
 # COMMAND ----------
 
 dedup.main(argv)
-show(ctx.lake.read(DEDUP).groupBy("dup_reason").agg(
-    F.count("*").alias("pairs"), F.count("eval_match").alias("eval_leaks")))
+show(dedup_summary(ctx.lake))
 
 # COMMAND ----------
 
@@ -38,6 +35,5 @@ select_pairs.main(argv)
 
 # COMMAND ----------
 
-selection = ctx.lake.read(SELECTION)
-funnel = selection.groupBy("kept", "drop_reason").count().orderBy(F.desc("count"))
-show(funnel)
+funnel = selection_funnel(ctx.lake, ctx.cfg)
+funnel.print()

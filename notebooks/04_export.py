@@ -14,7 +14,7 @@ import json
 from etl.export import output_dir, read_export
 from etl.jobs import export
 from etl.notebook import context, job_argv, show, widget
-from etl.tables import GOLD
+from etl.report import gold_preview
 
 argv = job_argv(widget("conf", "conf/local.yaml"), widget("overrides", ""), widget("run_id", ""))
 ctx = context(argv)
@@ -31,4 +31,4 @@ print("open_clip --train-data", (manifest.get("webdataset") or {}).get("train_da
 
 # COMMAND ----------
 
-show(ctx.lake.read(GOLD).select("uid", "url", "text", "score").orderBy("score", ascending=False))
+show(gold_preview(ctx.lake))

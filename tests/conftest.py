@@ -47,17 +47,6 @@ def read_on(request, monkeypatch):
     return request.param
 
 
-def assert_same_rows(actual, expected, columns=None):
-    """Compare two DataFrames (or a DataFrame and a list of tuples) ignoring row order."""
-    cols = columns or actual.columns
-    got = sorted(tuple(r[c] for c in cols) for r in actual.select(*cols).collect())
-    if hasattr(expected, "collect"):
-        exp = sorted(tuple(r[c] for c in cols) for r in expected.select(*cols).collect())
-    else:
-        exp = sorted(tuple(e) for e in expected)
-    assert got == exp
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny batches run far faster on one intra-op thread when the cores are shared."""

@@ -57,6 +57,14 @@ def decode_rgb(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
         return None, f"decode_error: {type(exc).__name__}: {exc}"[:500]
 
 
+def decode(blob: bytes, preprocess):
+    """Image bytes -> ``preprocess(image)`` (a model input tensor), or None when the bytes do not
+    decode. Decoding is :func:`decode_rgb`'s, the scoring step's, so training sees what scoring
+    sees."""
+    img, _ = decode_rgb(blob)
+    return None if img is None else preprocess(img)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (alpha on white, high bit depths scaled down)."""
     if getattr(img, "is_animated", False):

@@ -318,9 +318,3 @@ def _probe_dim(model: Any, tokenizer: Any, device: str) -> int:
 
     with torch.inference_mode():
         return int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
-
-
-def clear_cache() -> None:
-    """Forget loaded models (tests, or to free accelerator memory)."""
-    with _LOCK:
-        _CACHE.clear()

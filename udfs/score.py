@@ -29,7 +29,6 @@ from udfs.models import LoadedModel, ModelSpec, get_model
 
 RESULT_DDL = ("score double, score_error string, image_embedding array<float>, "
               "text_embedding array<float>")
-RESULT_COLUMNS = ["score", "score_error", "image_embedding", "text_embedding"]
 
 _SCORERS: dict[tuple, PairScorer] = {}
 _LOCK = threading.Lock()

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etl.config import MIN_ROWS_FOR_VAL, TrainConf
+
 CARD_SUFFIX = ".card.json"
 MAX_LOGIT_SCALE = math.log(100.0)
 SHIFT = 0.1  # largest random translation, as a fraction of the image side
@@ -34,21 +36,22 @@ SHIFT = 0.1  # largest random translation, as a fraction of the image side
 
 @dataclass
 class TrainSpec:
-    """One training run: plain values only, so it pickles into TorchDistributor processes."""
+    """One training run: plain values only, so it pickles into TorchDistributor processes.
+    Defaults are ``train:``'s (:class:`etl.config.TrainConf`)."""
 
     model: str
     init_checkpoint: str | None = None
     out: str | None = None
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.1
+    steps: int = TrainConf.steps
+    batch_size: int = TrainConf.batch_size
+    lr: float = TrainConf.lr
+    weight_decay: float = TrainConf.weight_decay
     warmup: int | None = None  # default: 10% of steps, at most 100
-    seed: int = 0
-    device: str = "cpu"
-    val_fraction: float = 0.05
+    seed: int = TrainConf.seed
+    device: str = TrainConf.device
+    val_fraction: float = TrainConf.val_fraction
     augment: bool = True  # random horizontal flips and translations (never colour changes)
-    shuffle_buffer: int = 4096  # rows per process in the streaming shuffle buffer
+    shuffle_buffer: int = TrainConf.shuffle_buffer  # rows per process in the shuffle buffer
     progress: bool = True
     card: dict[str, Any] = field(default_factory=dict)  # provenance copied into the card
 
@@ -134,18 +137,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def decode(blob: bytes, preprocess):
-    """Image bytes -> preprocessed tensor, or None when the bytes do not decode. Decoding is
-    the scoring step's (:func:`udfs.imaging.decode_rgb`), so training sees what scoring sees."""
-    from udfs.imaging import decode_rgb
-
-    img, _ = decode_rgb(blob)
-    return None if img is None else preprocess(img)
-
-
 def prepare(blobs: list[bytes], texts: list[str], preprocess, tokenizer):
     """Decode and tokenize once; returns ``(images, tokens, kept_indices)``."""
     import torch
+
+    from udfs.imaging import decode
 
     pairs = [(i, decode(b, preprocess)) for i, b in enumerate(blobs) if b is not None]
     kept = [i for i, t in pairs if t is not None]
@@ -156,10 +152,10 @@ def prepare(blobs: list[bytes], texts: list[str], preprocess, tokenizer):
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded train/validation split of ``range(n)`` (no validation below 200 rows)."""
+    """Seeded train/validation split of ``range(n)`` (no validation below ``MIN_ROWS_FOR_VAL``)."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_val = int(n * fraction) if n >= 200 else 0
+    n_val = int(n * fraction) if n >= MIN_ROWS_FOR_VAL else 0
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
@@ -410,14 +406,6 @@ def model_card(spec: TrainSpec, model, data: dict[str, Any], world_size: int,
             "metrics": metrics, **extra,
             "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def train_and_save(spec: TrainSpec, blobs: list[bytes], texts: list[str]) -> TrainResult:
-    """Single-process training; writes ``spec.out`` and its card when ``spec.out`` is set."""
-    result = train(spec, blobs, texts)
-    if spec.out:
-        write_checkpoint(checkpoint_bytes(result.model), result.card, spec.out)
-    return result
 
 
 def distributed_main(spec: dict[str, Any], files: list[str], val: tuple[list, list],

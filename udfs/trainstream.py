@@ -15,7 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-SHUFFLE_BUFFER = 4096  # rows (still encoded) held per process for shuffling
+from etl.config import SHUFFLE_BUFFER
+
 READ_BATCH = 256  # rows per parquet record batch: bounds what one read holds in memory
 
 Row = tuple[str, bytes | None, str]
@@ -108,7 +109,7 @@ def stream_batches(files: list[str], prep: tuple, spec: Any, rank: int = 0, worl
 
 
 def _decoded(rows: Iterable[Row], preprocess, stats: StreamStats, first: bool) -> Iterator:
-    from udfs.train import decode
+    from udfs.imaging import decode
 
     for _, blob, text in rows:
         image = decode(blob, preprocess) if blob is not None else None

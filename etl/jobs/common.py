@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
@@ -14,6 +15,9 @@ from etl.tables import Lakehouse, new_run_id
 
 @dataclass
 class JobContext:
+    """What a step runs with. ``spark`` and ``lake`` are None only for a step declared
+    ``spark=False`` (:class:`etl.steps.Step`)."""
+
     cfg: Config
     spark: SparkSession
     lake: Lakehouse
@@ -31,22 +35,31 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def start(p: argparse.ArgumentParser, argv: list[str] | None, models: bool = True) -> JobContext:
-    """Parse ``argv``, load and validate config (failing fast), then get Spark.
+def start(p: argparse.ArgumentParser, argv: list[str] | None, models: bool = True,
+          spark: bool = True,
+          check: Callable[[argparse.Namespace], str | None] | None = None) -> JobContext:
+    """Parse ``argv`` (``check`` returns an argument error, or None), load and validate config
+    (failing fast), then get Spark unless ``spark`` is False.
 
     ``models=False`` (steps that run no model) keeps torch/open_clip out of the Python workers.
     """
     args = p.parse_args(argv)
+    error = check(args) if check is not None else None
+    if error:
+        p.exit(2, error)
     try:
         cfg = load_config(args.conf, args.overrides)
     except ConfigError as exc:
         p.exit(2, f"{p.prog}: config error: {exc}\n")
+    run_id = args.run_id or new_run_id()
+    if not spark:
+        return JobContext(cfg, None, None, run_id, args)
     from etl.spark import check_connectors, get_spark
 
     urls = config_urls(cfg)
-    spark = get_spark(cfg.spark, urls.values(), preload_models=models)
-    check_connectors(spark, urls)
-    return JobContext(cfg, spark, Lakehouse(spark, cfg.lakehouse), args.run_id or new_run_id(), args)
+    session = get_spark(cfg.spark, urls.values(), preload_models=models)
+    check_connectors(session, urls)
+    return JobContext(cfg, session, Lakehouse(session, cfg.lakehouse), run_id, args)
 
 
 def run_job(main_fn, argv: list[str] | None = None) -> None:

@@ -1,16 +1,17 @@
-"""``dfn-curate dedup``: exact and near duplicates, evaluation-set decontamination."""
+"""``dfn-curate dedup``: exact and near duplicates, evaluation-set decontamination.
+
+Spark-submit-able; the step itself is declared in :mod:`etl.steps`.
+"""
 
 from __future__ import annotations
 
-from etl.dedup import run_dedup
-from etl.jobs.common import parser, run_job, start
+from etl import steps
+from etl.jobs.common import run_job
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Rewrite silver_dedup from bronze_pairs, silver_scores and the evaluation images."""
-    p = parser("dfn-curate dedup", "Flag duplicate, near-duplicate and eval-leaking pairs.")
-    ctx = start(p, argv, models=False)
-    run_dedup(ctx.lake, ctx.cfg, ctx.run_id)
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    """``dfn-curate dedup`` with ``argv`` (see :data:`etl.steps.STEPS`)."""
+    return steps.main("dedup", argv)
 
 
 if __name__ == "__main__":

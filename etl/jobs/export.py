@@ -1,16 +1,17 @@
-"""``dfn-curate export``: gold_pairs, DataComp uids.npy, WebDataset shards, url parquet."""
+"""``dfn-curate export``: gold_pairs, DataComp uids.npy, WebDataset shards, url parquet.
+
+Spark-submit-able; the step itself is declared in :mod:`etl.steps`.
+"""
 
 from __future__ import annotations
 
-from etl.export import run_export
-from etl.jobs.common import parser, run_job, start
+from etl import steps
+from etl.jobs.common import run_job
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Rewrite gold_pairs and replace the export folder atomically."""
-    p = parser("dfn-curate export", "Write the kept pairs for training and re-download.")
-    ctx = start(p, argv, models=False)
-    run_export(ctx.lake, ctx.cfg, ctx.run_id)
+def main(argv: list[str] | None = None) -> dict:
+    """``dfn-curate export`` with ``argv`` (see :data:`etl.steps.STEPS`)."""
+    return steps.main("export", argv)
 
 
 if __name__ == "__main__":

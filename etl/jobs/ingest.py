@@ -1,16 +1,17 @@
-"""Job: ingest raw sources into bronze (``dfn-curate ingest``; spark-submit-able)."""
+"""Job: ingest raw sources into bronze (``dfn-curate ingest``).
+
+Spark-submit-able; the step itself is declared in :mod:`etl.steps`.
+"""
 
 from __future__ import annotations
 
-from etl.jobs.common import parser, run_job, start
+from etl import steps
+from etl.jobs.common import run_job
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    """Ingest ``ingest.sources`` into bronze_pairs and ``ingest.eval_sources`` into the eval table."""
-    from etl.ingest import ingest
-
-    ctx = start(parser("dfn-curate ingest", main.__doc__), argv, models=False)
-    return ingest(ctx.spark, ctx.cfg, ctx.lake, ctx.run_id)
+    """``dfn-curate ingest`` with ``argv`` (see :data:`etl.steps.STEPS`)."""
+    return steps.main("ingest", argv)
 
 
 if __name__ == "__main__":

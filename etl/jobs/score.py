@@ -1,17 +1,17 @@
-"""``dfn-curate score``: score bronze pairs (and eval images) with the configured filter models."""
+"""``dfn-curate score``: score bronze pairs (and eval images) with the configured filter models.
+
+Spark-submit-able; the step itself is declared in :mod:`etl.steps`.
+"""
 
 from __future__ import annotations
 
-from etl.jobs.common import parser, run_job, start
-from etl.score import score_all
+from etl import steps
+from etl.jobs.common import run_job
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Fill silver_scores (and silver_eval_embeddings); re-runs score only what is missing."""
-    p = parser("dfn-curate score", "Score every (image, text) pair with the DFN filter model(s).")
-    ctx = start(p, argv)
-    for table, counts in score_all(ctx.lake, ctx.cfg, ctx.run_id).items():
-        print(f"{table}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """``dfn-curate score`` with ``argv`` (see :data:`etl.steps.STEPS`)."""
+    return steps.main("score", argv)
 
 
 if __name__ == "__main__":

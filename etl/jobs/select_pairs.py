@@ -1,18 +1,18 @@
-"""``dfn-curate select``: basic filters and the score threshold -> gold_selection."""
+"""``dfn-curate select``: dedup flags, basic filters and the score threshold, or
+``select.rule`` -> gold_selection.
+
+Spark-submit-able; the step itself is declared in :mod:`etl.steps`.
+"""
 
 from __future__ import annotations
 
-from etl.jobs.common import parser, run_job, start
-from etl.metrics import run_quality
-from etl.select import run_select, selection_reasons
+from etl import steps
+from etl.jobs.common import run_job
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Rewrite gold_selection; print the funnel (and precision/recall when labelled)."""
-    p = parser("dfn-curate select", "Apply dedup flags, basic filters and the score threshold.")
-    ctx = start(p, argv, models=False)
-    run_select(ctx.lake, ctx.cfg, ctx.run_id)
-    run_quality(ctx.lake, ctx.run_id, selection_reasons(ctx.cfg.select))
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    """``dfn-curate select`` with ``argv`` (see :data:`etl.steps.STEPS`)."""
+    return steps.main("select", argv)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
-"""``dfn-curate targets``: image clusters, target clusters and target similarity per pool uid."""
+"""``dfn-curate targets``: image clusters, target clusters and target similarity per pool uid.
+
+Spark-submit-able; the step itself is declared in :mod:`etl.steps`.
+"""
 
 from __future__ import annotations
 
-from etl.jobs.common import parser, run_job, start
-from etl.targets import run_targets
+from etl import steps
+from etl.jobs.common import run_job
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    """Rewrite silver_targets from silver image embeddings and the configured target set."""
-    p = parser("dfn-curate targets", "Cluster the pool's image embeddings and compare it with a "
-               "target image set (DataComp's image-based filter, targeted ranking).")
-    ctx = start(p, argv, models=False)
-    return run_targets(ctx.lake, ctx.cfg, ctx.run_id)
+    """``dfn-curate targets`` with ``argv`` (see :data:`etl.steps.STEPS`)."""
+    return steps.main("targets", argv)
 
 
 if __name__ == "__main__":
