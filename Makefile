@@ -41,7 +41,7 @@ test: $(STAMP) sysdeps $(JSA)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 # The inner loop: every test but those marked slow (they start another JVM, process, cluster
-# or browser). `make test` runs those too.
+# or browser, or run a step end to end for over ~10 s). `make test` runs those too.
 test-fast: $(STAMP) sysdeps $(JSA)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 

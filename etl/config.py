@@ -145,13 +145,18 @@ class DedupConf:
     near_signals: list[str] = field(default_factory=lambda: ["model"])
 
 
+FRACTION_OF = ("remaining", "pool")  # what a keep-fraction's N counts (etl/cuts.py)
+
+
 @dataclass
 class SelectConf:
     preset: str | None = "datacomp_basic"  # datacomp_basic | none
     filters: dict[str, str] = field(default_factory=dict)  # name -> Spark SQL predicate (keep if true)
     # the score the cut reads: score (the selection model's) or a bronze column
     score_column: str = "score"
-    model_id: str | None = None  # the selection model (default: the first of score.models)
+    # the selection model (default: the first of score.models, else the only model in
+    # silver_scores)
+    model_id: str | None = None
     min_score: float | None = None  # keep score >= this (instead of keep_fraction)
     keep_fraction: float | None = 0.3  # keep this fraction by DataComp's cut (etl/cuts.py)
     fraction_of: str = "remaining"  # remaining | pool
@@ -373,7 +378,7 @@ def validate(cfg: Config) -> None:
            f"select.keep_fraction: a fraction in [0, 1], got {sel.keep_fraction}")
     _check(sel.min_score is None or sel.keep_fraction is None,
            "select: set min_score or keep_fraction, not both (null the other)")
-    _check(sel.fraction_of in ("remaining", "pool"), "select.fraction_of: one of remaining, pool")
+    _check(sel.fraction_of in FRACTION_OF, "select.fraction_of: one of remaining, pool")
     _check(cfg.export.shard_size > 0, "export.shard_size: must be > 0")
     tg = cfg.targets
     kind, _, rest = tg.source.partition(":")

@@ -20,7 +20,6 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 SMALL = 200_000  # below this many values the exact top-k is taken directly
-FRACTION_OF = ("remaining", "pool")
 
 
 @dataclass

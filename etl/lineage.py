@@ -51,12 +51,10 @@ def always(lake: Lakehouse, cfg: Config) -> bool:
 
 
 def select_reads_scores(lake: Lakehouse, cfg: Config) -> bool:
-    """select reads the selection model's silver score: its rule reads ``score``
-    (:func:`etl.select.needs_scores`) and ``select.score_column`` is the model score, not a
-    bronze column."""
+    """select reads the selection model's silver score (:func:`etl.select.needs_scores`)."""
     from etl.select import needs_scores
 
-    return cfg.select.score_column == "score" and needs_scores(cfg.select)
+    return needs_scores(cfg.select)
 
 
 def select_reads_targets(lake: Lakehouse, cfg: Config) -> bool:

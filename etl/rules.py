@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from etl.config import ConfigError
-from etl.cuts import FRACTION_OF, SMALL, fraction_threshold, kth_largest
+from etl.config import FRACTION_OF, ConfigError
+from etl.cuts import SMALL, fraction_threshold, kth_largest
 from etl.filters import DATACOMP_BASIC
 
 PRESETS: dict[str, str] = {

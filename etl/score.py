@@ -22,7 +22,8 @@ costs O(1) once a run has recorded the model's digest as a property of the targe
 one scan of the (model_id, digest) columns otherwise.
 
 Lineage: once a model's rows cover the source, the source version read at the start is recorded
-(``source_version[<model_id>]`` under step ``score:<target>``) for ``select`` to check.
+(:meth:`etl.tables.Lakehouse.record_built`), so the steps that read the scores can refuse them
+once bronze has moved on (:mod:`etl.lineage`).
 """
 
 from __future__ import annotations

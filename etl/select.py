@@ -90,8 +90,9 @@ def selection_parts(conf: SelectConf) -> list[tuple[str, str]]:
 
 
 def needs_scores(conf: SelectConf) -> bool:
-    """True when the selection reads the selection model's score (column ``score``)."""
-    return "score" in selection_rule(conf).columns()
+    """True when the selection reads the selection model's silver score: its rule reads
+    ``score`` and ``select.score_column`` is the model score, not a bronze column."""
+    return conf.score_column == "score" and "score" in selection_rule(conf).columns()
 
 
 def needs_targets(conf: SelectConf) -> bool:
@@ -174,7 +175,7 @@ def selection_pool(lake: Lakehouse, cfg: Config) -> DataFrame:
     ``caption_in_vocab``."""
     conf = cfg.select
     cols = selection_rule(conf).columns()
-    pool = scored_pool(lake, cfg, with_scores="score" in cols)
+    pool = scored_pool(lake, cfg, with_scores=needs_scores(conf))
     for alias, src in conf.scores.items():
         if src.startswith("model:") and _alias_column(alias, src) in cols:
             pool = pool.join(alias_scores(lake, src[len("model:"):], _alias_column(alias, src)),

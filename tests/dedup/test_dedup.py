@@ -101,6 +101,7 @@ def test_near_duplicates_with_kmeans_clusters(spark):
     assert {r.dup_reason for r in got.collect()} == {"near_model"}
 
 
+@pytest.mark.slow
 def test_a_big_cluster_is_compared_in_bounded_parts(spark):
     from pyspark.sql import functions as F
 
@@ -200,6 +201,7 @@ def test_thumbnail_signal_finds_reencoded_resized_cropped(spark):
     assert {"orig", "jpeg", "resized", "cropped"} <= leaks and "other" not in leaks
 
 
+@pytest.mark.slow
 def test_run_dedup_edge_writes_every_uid(spark, lake):
     vec_rows = grouped_vectors(np.random.default_rng(1), n_groups=3, per_group=3)
     vec_rows += [("leak", 0.5, unit(5, 4, 0)), ("vleak", 0.5, unit(-1, 0.05, 0))]

@@ -178,6 +178,7 @@ def build_tiny_lake(spark, lake, tmp_path):
     return pool
 
 
+@pytest.mark.slow
 def test_evaluate_job_on_a_tiny_pool(spark, lake, tmp_path):
     from etl.jobs.evaluate import main
 

@@ -119,6 +119,7 @@ def read_manifest(out):
     return json.loads((out / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_export_publishes_by_manifest_and_survives_a_crash(spark, tmp_path, monkeypatch):
     out = tmp_path / "export"
     conf = ExportConf(out_dir=str(out), shard_size=5)
@@ -182,6 +183,7 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
             for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_run_export_refuses_folders_that_are_not_exports_before_any_write(spark, lake, tmp_path):
     rows = gold_rows(4)
     lake.overwrite(gold_df(spark, rows).drop("score"), BRONZE)

@@ -66,7 +66,7 @@ def start_server() -> S3Server:
 
 def write_conf(path: Path, server: S3Server, extra_spark: dict[str, str] | None = None) -> Path:
     """conf/local.yaml with the s3a keys for ``server`` added under ``spark.conf``."""
-    base = Path(__file__).resolve().parent.parent / "conf" / "local.yaml"
+    base = Path(__file__).resolve().parents[2] / "conf" / "local.yaml"
     conf = yaml.safe_load(base.read_text())
     conf["spark"]["conf"] = {**conf["spark"].get("conf", {}), **server.spark_conf(),
                              **(extra_spark or {})}
@@ -94,7 +94,7 @@ def cli(args: list[str], log: Path, timeout: float = 900) -> tuple[str, float]:
     t0 = time.perf_counter()
     cmd = [str(Path(sys.executable).parent / "dfn-curate"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(),
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parents[2])
     out = proc.stdout + proc.stderr
     log.write_text(out)
     if proc.returncode:

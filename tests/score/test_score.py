@@ -299,6 +299,7 @@ def test_only_a_new_checkpoint_over_existing_rows_anti_joins():
     assert not source_rewritten(RuntimeError("Python worker exited unexpectedly"))
 
 
+@pytest.mark.slow
 def test_score_all_models_side_by_side_and_resume(lake, weights):
     rows = pool_rows(9) + [("u-bad", b"\x00\x01broken", "caption bad")]
     write_pairs(lake, BRONZE, rows, files=2)

@@ -191,6 +191,7 @@ def test_a_rule_reads_only_what_it_names(spark, lake, tmp_path):
     cfg.targets.vocabulary = str(tmp_path / "vocab.txt")
     assert not needs_scores(cfg.select) and not needs_targets(cfg.select)
     assert needs_scores(SelectConf()) and needs_targets(SelectConf(rule="image_based"))
+    assert not needs_scores(SelectConf(score_column="clip_l14_similarity_score"))
     counts = run_select(lake, cfg, "r")
     assert counts["pool"] == len(ROWS) and not lake.exists(SILVER)
     kept = {r.uid for r in lake.read(SELECTION).where("kept").collect()}

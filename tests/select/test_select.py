@@ -66,6 +66,7 @@ def test_keep_fraction_matches_datacomp_on_ties(spark):
     df.unpersist()
 
 
+@pytest.mark.slow
 def test_keep_fraction_tiny_pools(spark):
     cases = [
         ([0.7], 0.0, {0}), ([0.7], 0.5, {0}), ([0.7], 1.0, {0}),

@@ -47,6 +47,7 @@ def run_step(lake, cfg: Config, name: str, run_id: str):
     return execute(JobContext(cfg, lake.spark, lake, run_id, argparse.Namespace()), get(name))
 
 
+@pytest.mark.slow
 def test_select_and_export_refuse_tables_that_miss_new_bronze_rows(lake, tmp_path):
     from safetensors.torch import save_file
 
