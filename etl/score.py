@@ -334,7 +334,8 @@ def _stream(job: ScoreJob, restart: bool, had_rows: bool = True) -> int:
     ``restart`` drops the checkpoint first (the target may then hold rows this stream's
     chunks cover, so they are anti-joined). The chunk writer runs wherever Spark runs
     ``foreachBatch`` (on the server under Spark Connect), so it keeps no count itself: every
-    append is tagged (``userMetadata``) and the tagged commits' ``numOutputRows`` are summed.
+    append is tagged (``userMetadata``) and the tagged commits' rows are summed
+    (:meth:`etl.tables.Lakehouse.tagged_rows`).
     """
     lake, target, mid = job.lake, job.target, job.model_id
     checkpoint = checkpoint_dir(lake, target, mid)
@@ -357,19 +358,7 @@ def _stream(job: ScoreJob, restart: bool, had_rows: bool = True) -> int:
              .option("checkpointLocation", checkpoint).trigger(availableNow=True)
              .queryName(f"score-{target}-{mid}"[:100]).start())
     query.awaitTermination()
-    return rows_committed(lake, target, tag, since)
-
-
-def rows_committed(lake: Lakehouse, table: str, tag: str, since: int | None) -> int:
-    """Rows added by the commits of ``table`` after version ``since`` (None: all) tagged
-    ``tag``: the sum of their ``numOutputRows``. Only those commits' history is read."""
-    current = lake.version(table)
-    if current is None or (since is not None and current <= since):
-        return 0
-    newer = current - (-1 if since is None else since)
-    history = (lake.delta(table).history(newer).where(F.col("userMetadata") == tag)
-               .select("operationMetrics"))
-    return sum(int((r[0] or {}).get("numOutputRows", "0")) for r in history.collect())
+    return lake.tagged_rows(target, tag, since) or 0
 
 
 def stream_app_id(lake: Lakehouse, checkpoint: str) -> tuple[str, bool]:

@@ -65,7 +65,7 @@ class Table:
         if self.source is None:
             raise ValueError(f"{self.name} records no source version")
         if not self.per_model:
-            return source_metric(self.source)
+            return f"source_version[{self.source}]"
         if model_id is None:
             raise ValueError(f"{self.name} records one source version per model: name the model")
         return f"source_version[{model_id}]"
@@ -273,13 +273,26 @@ class Lakehouse:
         tag = f"dfn-curate:{uuid.uuid4().hex}"
         self.append(df, table, userMetadata=tag)
         info = None if self.conf.schema else self._logged_commit(table, tag)
-        if info is None:  # a metastore table, or a log kept elsewhere: ask Delta's history
-            history = self.delta(table).history().where(F.col("userMetadata") == tag)
-            row = history.select("operationMetrics").first()
-            if row is None:  # the catalog dropped the tag: this new table's last commit
-                return _rows_added(self.delta(table), None, "numOutputRows")
-            info = {"operationMetrics": row[0]}
-        return int((info.get("operationMetrics") or {}).get("numOutputRows", "0"))
+        if info is not None:
+            return int((info.get("operationMetrics") or {}).get("numOutputRows", "0"))
+        rows = self.tagged_rows(table, tag)  # a metastore table, or a log kept elsewhere
+        if rows is None:  # the catalog dropped the tag: this new table's last commit
+            return _rows_added(self.delta(table), None, "numOutputRows")
+        return rows
+
+    def tagged_rows(self, table: str, tag: str, since: int | None = None) -> int | None:
+        """Rows added by the commits of ``table`` after version ``since`` (None: all) whose
+        ``userMetadata`` is ``tag``: the sum of their ``numOutputRows``; None when there is no
+        such commit. Only the history of those versions is read."""
+        current = self.version(table)
+        if current is None or (since is not None and current <= since):
+            return None
+        newer = current - (-1 if since is None else since)
+        history = (self.delta(table).history(newer).where(F.col("userMetadata") == tag)
+                   .select("operationMetrics").collect())
+        if not history:
+            return None
+        return sum(int((r[0] or {}).get("numOutputRows", "0")) for r in history)
 
     def _logged_commit(self, table: str, tag: str, most: int = 20) -> dict | None:
         """The ``commitInfo`` tagged ``tag`` among the first ``most`` log entries of ``table``;
@@ -304,27 +317,14 @@ class Lakehouse:
 
     # ---- source versions (see etl.lineage) -------------------------------------------------
 
-    def record_source(self, run_id: str, step: str, source: str, version: int | None,
-                      metric: str | None = None) -> None:
-        """Record that ``step``'s output now covers ``source`` at ``version`` (read before the
-        step read it: a commit landing meanwhile makes the output look stale, never fresh)."""
-        if version is not None:
-            self.record_stats(run_id, step, {metric or source_metric(source): version})
-
     def record_built(self, run_id: str, table: str, version: int | None,
                      model_id: str | None = None) -> None:
         """Record that ``table`` (of ``model_id``, for a per-model table) now covers its source
-        (:attr:`Table.source`) at ``version``, read before the build read the source."""
-        info = table_info(table)
-        self.record_source(run_id, info.stats_step, info.source, version,
-                           metric=info.version_metric(model_id))
-
-    def stale_table(self, table: str, needed_by: str,
-                    model_id: str | None = None) -> StaleTableError | None:
-        """:meth:`stale` for a registered table: its recorded source version, per the registry."""
-        info = table_info(table)
-        return self.stale(info.name, info.stats_step, needed_by, info.source,
-                          info.version_metric(model_id), command=info.step)
+        (:attr:`Table.source`) at ``version``, read before the build read the source: a commit
+        landing meanwhile makes the table look stale, never fresh."""
+        if version is not None:
+            info = table_info(table)
+            self.record_stats(run_id, info.stats_step, {info.version_metric(model_id): version})
 
     def built_from(self, step: str, metric: str) -> int | None:
         """The source version ``step`` last recorded under ``metric`` (None: never recorded)."""
@@ -342,13 +342,14 @@ class Lakehouse:
         history = self.delta(table).history(current - version).select("version", "operation")
         return any(r[0] > version and r[1] not in NO_DATA_CHANGE for r in history.collect())
 
-    def stale(self, table: str, step: str, needed_by: str, source: str = "bronze_pairs",
-              metric: str | None = None, command: str | None = None) -> StaleTableError | None:
-        """The error to raise when ``table`` (recorded by run-stats ``step``; rebuilt by
-        ``dfn-curate <command>``, default ``step``) no longer covers ``source``; None when it
-        does, or when no version was recorded (said on stdout: it cannot be checked)."""
-        command = command or step
-        built = self.built_from(step, metric or source_metric(source))
+    def stale_table(self, table: str, needed_by: str,
+                    model_id: str | None = None) -> StaleTableError | None:
+        """The error to raise when registered ``table`` (of ``model_id``, for a per-model table)
+        no longer covers its source (:meth:`record_built`); None when it does, or when no version
+        was recorded (said on stdout: it cannot be checked)."""
+        info = table_info(table)
+        source, command = info.source, info.step
+        built = self.built_from(info.stats_step, info.version_metric(model_id))
         if built is None:
             print(f"{needed_by}: {table} has no recorded {source} version (built before "
                   f"versions were recorded); cannot tell whether it covers {source}. Run "
@@ -373,11 +374,6 @@ class StaleTableError(ConfigError):
             f"{source} is now at version {current} (rows were added or changed since). Run "
             f"`dfn-curate {step}` first (then `dfn-curate {needed_by}`), or `dfn-curate run "
             f"--steps {needed_by}`, which re-runs stale steps itself")
-
-
-def source_metric(source: str) -> str:
-    """The run-stats metric holding the version of ``source`` a table was built from."""
-    return f"source_version[{source}]"
 
 
 def _rows_added(table: DeltaTable, before: int | None, metric: str) -> int:

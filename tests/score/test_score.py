@@ -273,20 +273,18 @@ def test_pending_is_the_per_model_anti_join(spark):
 
 
 def test_a_streams_rows_are_counted_from_its_tagged_commits(spark, lake):
-    from etl.score import rows_committed
-
     df = spark.createDataFrame([(f"u{i}", "m") for i in range(5)], "uid string, model_id string")
-    assert rows_committed(lake, SILVER, "t1", None) == 0  # no table yet
+    assert lake.tagged_rows(SILVER, "t1") is None  # no table yet
     lake.append(df, SILVER, txnAppId="app", txnVersion=0, userMetadata="t1")
     lake.append(df, SILVER, txnAppId="app", txnVersion=0, userMetadata="t1")  # replay: skipped
     lake.append(df.limit(2), SILVER, txnAppId="app", txnVersion=1, userMetadata="t1")
-    assert rows_committed(lake, SILVER, "t1", None) == 7
+    assert lake.tagged_rows(SILVER, "t1") == 7
     since = lake.version(SILVER)
     lake.append(df.limit(3), SILVER, userMetadata="other writer")
     lake.append(df.limit(4), SILVER, txnAppId="app2", txnVersion=0, userMetadata="t2")
-    assert rows_committed(lake, SILVER, "t2", since) == 4
-    assert rows_committed(lake, SILVER, "t1", since) == 0  # only commits after ``since``
-    assert rows_committed(lake, SILVER, "t2", lake.version(SILVER)) == 0
+    assert lake.tagged_rows(SILVER, "t2", since) == 4
+    assert lake.tagged_rows(SILVER, "t1", since) is None  # only commits after ``since``
+    assert lake.tagged_rows(SILVER, "t2", lake.version(SILVER)) is None
 
 
 def test_only_a_new_checkpoint_over_existing_rows_anti_joins():
