@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast lint venv dist bench bench-scale clean model sysdeps
+.PHONY: demo test test-fast lint venv dist bench bench-scale bench-connect connect-server clean model sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -67,8 +67,17 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py $(ARGS)
 
+# Spark Connect vs classic: the 1M-row metadata path, the demo, a 16-row ingest (docs/performance.md).
+bench-connect: $(STAMP) $(JSA)
+	$(BIN)/python benchmarks/bench_connect.py $(ARGS)
+
+# A long-running local Spark Connect server with Delta; commands attach with
+# --set spark.remote=sc://127.0.0.1:15002 (no JVM start per command). Ctrl-C stops it.
+connect-server: $(STAMP) $(JSA)
+	$(BIN)/python -m etl.connectserver $(ARGS)
+
 clean:
-	rm -rf lakehouse spark-warehouse metastore_db derby.log dist out
+	rm -rf lakehouse spark-warehouse metastore_db derby.log dist out .connect-server
 
 # The dependency floors: a separate venv with every direct dependency at the lowest version
 # pyproject.toml allows (uv --resolution lowest-direct), then the fast tests. Run by .ci/run.

@@ -31,6 +31,10 @@ class SparkConf:
     # Spark master for a session the project builds (local[N], spark://host:port, yarn, k8s://...);
     # spark-submit's --master and a running session win
     master: str = "local[2]"
+    # Spark Connect instead of a JVM here: sc://host:port[/;token=...] (a running server), or
+    # local[N] (pyspark starts one in this process); SPARK_REMOTE is used when unset. A running
+    # session (Databricks classic or serverless) wins
+    remote: str | None = None
     app_name: str = "dfn-curate"  # Spark application name
     # Spark settings applied over the project's local defaults (and over spark-submit's)
     conf: dict[str, str] = field(default_factory=dict)
@@ -341,6 +345,12 @@ def _check(ok: bool, msg: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone cannot express."""
+    remote = cfg.spark.remote
+    _check(remote is None or remote.startswith("sc://") or remote.startswith("local"),
+           "spark.remote: sc://host:port (a Spark Connect server) or local[N], got "
+           f"{(remote or '').split(';')[0]!r}")
+    _check(cfg.lakehouse.catalog is None or bool(cfg.lakehouse.schema),
+           "lakehouse.catalog: set lakehouse.schema too (tables are catalog.schema.table)")
     for i, src in enumerate(cfg.ingest.sources + cfg.ingest.eval_sources):
         _check(src.format in SourceConf.FORMATS,
                f"ingest source [{i}].format: {src.format!r} is not one of {', '.join(SourceConf.FORMATS)}")

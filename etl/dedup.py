@@ -38,6 +38,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.functions import pandas_udf
 
+from etl.compat import Staging
 from etl.config import Config, ConfigError, DedupConf
 from etl.silver import model_scores, scored_pool, selection_model_id
 from etl.spark import local_frame
@@ -95,20 +96,26 @@ def group_duplicates(df: DataFrame, keys: list[str], reason: str) -> DataFrame:
 def near_duplicates(emb: DataFrame, threshold: float, n_clusters: int, iters: int,
                     reason: str = "near_model", seed: int = 0,
                     min_cluster_rows: int = MIN_CLUSTER_ROWS,
-                    max_group_rows: int = MAX_GROUP_ROWS) -> DataFrame:
+                    max_group_rows: int = MAX_GROUP_ROWS,
+                    stage: Staging | None = None) -> DataFrame:
     """(uid, score, embedding) -> flagged rows (uid, dup_of, dup_reason, dup_similarity).
 
     Uses at most ``n_clusters`` clusters and on average at least ``min_cluster_rows`` rows per
     cluster (a small pool is one cluster: exact); clusters of more than ``max_group_rows`` are
     compared in parts (:func:`bounded_groups`). Computed here and checkpointed, so k-means runs
-    once.
+    once. ``stage``: where k-means centres too big for a closure go (:class:`etl.compat.Shared`).
     """
     emb = emb.where(F.col("embedding").isNotNull()).select("uid", "score", "embedding").persist()
     try:
-        clustered = assign_clusters(emb, n_clusters, iters, seed, min_cluster_rows).persist()
+        clustered = assign_clusters(emb, n_clusters, iters, seed, min_cluster_rows,
+                                    stage).persist()
         grouped = bounded_groups(clustered, max_group_rows, seed)
+
+        def flag(pdf: pd.DataFrame) -> pd.DataFrame:  # typed: pyspark reads the eval type
+            return semdedup_cluster(pdf, threshold)
+
         flags = (grouped.groupBy("cluster", "part", "sub")
-                 .applyInPandas(partial(semdedup_cluster, threshold=threshold),
+                 .applyInPandas(flag,
                                 "uid string, dup_of string, dup_similarity double")
                  .withColumn("dup_reason", F.lit(reason)))
         out = flags.select("uid", "dup_of", "dup_reason", "dup_similarity").localCheckpoint()
@@ -177,14 +184,14 @@ def _projection(direction: np.ndarray):
 
 
 def assign_clusters(emb: DataFrame, n_clusters: int, iters: int, seed: int = 0,
-                    min_cluster_rows: int = 1) -> DataFrame:
+                    min_cluster_rows: int = 1, stage: Staging | None = None) -> DataFrame:
     """Add ``cluster``: the nearest centre of spherical k-means (:mod:`etl.vectors`)."""
     n = emb.count()
     k = max(1, min(n_clusters, n // max(1, min_cluster_rows)))
     if k == 1:
         return emb.withColumn("cluster", F.lit(0))
     centers = fit_centers(emb, k, iters, seed, count=n)
-    return emb.withColumn("cluster", cluster_column(emb.sparkSession, centers)("embedding"))
+    return emb.withColumn("cluster", cluster_column(centers, stage)("embedding"))
 
 
 def semdedup_cluster(pdf: pd.DataFrame, threshold: float, block: int = 1024) -> pd.DataFrame:
@@ -307,11 +314,13 @@ def best_match(matches: list[DataFrame]) -> DataFrame | None:
 
 def dedup_pairs(pairs: DataFrame, conf: DedupConf, vectors: dict[str, DataFrame] | None = None,
                 evals: dict[str, tuple[list[str], np.ndarray]] | None = None,
-                eval_hashes: DataFrame | None = None) -> DataFrame:
+                eval_hashes: DataFrame | None = None,
+                stage: Staging | None = None) -> DataFrame:
     """The dedup step: one ``silver_dedup`` row per uid of ``pairs``.
 
     ``pairs``: uid, url, text, sha256, score. ``vectors``: signal -> (uid, embedding) over the
     pool. ``evals``: signal -> (eval keys, eval vectors). ``eval_hashes``: (key, sha256).
+    ``stage``: where k-means centres too big for a closure go.
     """
     vectors, evals = vectors or {}, evals or {}
     flags = local_frame(pairs.sparkSession, [], FLAG_SCHEMA)
@@ -324,7 +333,7 @@ def dedup_pairs(pairs: DataFrame, conf: DedupConf, vectors: dict[str, DataFrame]
                 continue
             near = near_duplicates(vectors[signal].join(left, "uid"), conf.near_threshold,
                                    conf.n_clusters, conf.kmeans_iters, f"near_{signal}",
-                                   max_group_rows=conf.max_group_rows)
+                                   max_group_rows=conf.max_group_rows, stage=stage)
             flags = flags.unionByName(near)
             left = left.join(near.select("uid"), "uid", "left_anti")
     matches = []
@@ -396,7 +405,8 @@ def run_dedup(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
         key = F.col("key") if "key" in ev.columns else F.col("uid")
         hashes = ev.select(key.alias("key"), "sha256")
     try:
-        lake.overwrite(dedup_pairs(pairs, conf, vectors, evals, hashes), DEDUP)
+        lake.overwrite(dedup_pairs(pairs, conf, vectors, evals, hashes,
+                                   lake.staging("shared")), DEDUP)
     finally:
         for v in vectors.values():
             v.unpersist()

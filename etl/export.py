@@ -43,6 +43,7 @@ from pyspark.sql import functions as F
 
 from etl.config import Config, ConfigError, ExportConf
 from etl.fs import Store, ancestors, is_within, join
+from etl.redact import redact, redact_text
 from etl.spark import local_frame, session_conf
 from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
 from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
@@ -350,27 +351,30 @@ def check_out_dir(out: str, store: Store, lake_root: str | None = None) -> None:
     out = str(out)
     if lake_root and is_within(lake_root, out):
         what = "is" if is_within(out, lake_root) else "holds"
-        raise ConfigError(f"export.out_dir: {out!r} {what} the lakehouse root {lake_root!r}; "
-                          f"exporting there would mix export runs with the Delta tables. {FIX}")
+        raise _refused(f"{out!r} {what} the lakehouse root {lake_root!r}; exporting there "
+                       f"would mix export runs with the Delta tables. {FIX}")
     chain = ancestors(out)
     for folder in chain:
         if store.exists(join(folder, DELTA_LOG)):
             where = "is" if folder == chain[0] else f"is inside ({folder!r})"
-            raise ConfigError(f"export.out_dir: {out!r} {where} a Delta table folder "
-                              f"({DELTA_LOG}); VACUUM and overwrites there would delete the "
-                              f"export or the table. {FIX}")
+            raise _refused(f"{out!r} {where} a Delta table folder ({DELTA_LOG}); VACUUM and "
+                           f"overwrites there would delete the export or the table. {FIX}")
     names = store.listdir(out)
     if not names:
         return
     if not is_export_dir(out, store, names):
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise ConfigError(f"export.out_dir: {out!r} is not empty ({shown}) and is not a "
-                          f"dfn-curate export (no {MARKER} marker or {MANIFEST}); refusing to "
-                          f"export into it. {FIX}")
+        raise _refused(f"{out!r} is not empty ({shown}) and is not a dfn-curate export (no "
+                       f"{MARKER} marker or {MANIFEST}); refusing to export into it. {FIX}")
     tables = [n for n in names if store.exists(join(out, n, DELTA_LOG))]
     if tables:
-        raise ConfigError(f"export.out_dir: {out!r} holds Delta table(s) {tables}; refusing to "
-                          f"export into it. {FIX}")
+        raise _refused(f"{out!r} holds Delta table(s) {tables}; refusing to export into it. "
+                       f"{FIX}")
+
+
+def _refused(problem: str) -> ConfigError:
+    """The error refusing ``export.out_dir``, credentials in its locations redacted."""
+    return ConfigError(redact_text(f"export.out_dir: {problem}"))
 
 
 def is_export_dir(out: str, store: Store, names: list[str] | None = None) -> bool:
@@ -393,17 +397,18 @@ def export_files(gold: DataFrame, out: str, conf: ExportConf, run_id: str,
                  extra: dict | None = None, store: Store | None = None,
                  lake_root: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Write all export files of ``gold`` under ``out/runs/<run_id>/`` and publish them by
-    writing ``out/manifest.json`` last; returns the manifest. ``out`` is checked first
-    (:func:`check_out_dir`; ``lake_root``: the lakehouse root it must not be or hold)."""
+    writing ``out/manifest.json`` last; returns the manifest (as written: credentials in its
+    locations redacted, :mod:`etl.redact`). ``out`` is checked first (:func:`check_out_dir`;
+    ``lake_root``: the lakehouse root it must not be or hold)."""
     store, out = store or Store(), str(out)
     check_out_dir(out, store, lake_root)
     run_dir = join(out, "runs", run_id)
     if store.exists(join(run_dir, MANIFEST)):
-        raise ValueError(f"export run {run_dir} already exists; use a new run id")
+        raise ValueError(redact_text(f"export run {run_dir} already exists; use a new run id"))
     if not store.exists(join(out, MARKER)):
         store.write_text(join(out, MARKER), FORMAT)  # claims the folder as an export's
     store.write_text(join(run_dir, MARKER), run_id)
-    manifest = _write_all(gold, run_dir, conf, run_id, extra or {}, store, max_pixels)
+    manifest = redact(_write_all(gold, run_dir, conf, run_id, extra or {}, store, max_pixels))
     previous = read_export(out, store)
     write_manifest(store, run_dir, manifest)
     write_manifest(store, out, manifest)  # the publish: one object, written last
@@ -466,7 +471,7 @@ def read_export(out: str, store: Store | None = None) -> dict | None:
         return None
     manifest = json.loads(store.read_bytes(path))
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a dfn-curate export manifest ({FORMAT})")
+        raise ValueError(redact_text(f"{path} is not a dfn-curate export manifest ({FORMAT})"))
     return manifest
 
 
@@ -496,7 +501,7 @@ def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
               "uids_npy": manifest.get("uids_npy", {}).get("count", 0),
               "shards": len(wds.get("shards", [])), "shard_samples": wds.get("samples", 0),
               "shard_skipped": wds.get("skipped", 0)}
-    print(f"export: {out} (run {manifest['run_dir']})")
+    print(redact_text(f"export: {out} (run {manifest['run_dir']})"))
     for name, value in counts.items():
         print(f"export: {name:<20}{value:>10}")
     if wds.get("train_data"):

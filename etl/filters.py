@@ -46,9 +46,10 @@ RESERVED = ("eval-leak", "duplicate", "near-duplicate", "unscorable", "below-thr
 PY_WHITESPACE = "".join(c for c in map(chr, range(0x10000)) if c.isspace())
 
 
-@pandas_udf(T.StringType())
-def caption_lang_udf(texts: pd.Series) -> pd.Series:
-    """fastText lid.176 language per caption (the model is cached per Python worker)."""
+def caption_lang(texts: pd.Series) -> pd.Series:
+    """fastText lid.176 language per caption (the model is cached per Python worker); wrapped
+    as a pandas UDF where it is used, not at import (a UDF is bound to the classic or Connect
+    session kind when it is made)."""
     from udfs.language import languages
 
     return languages(texts)
@@ -83,7 +84,7 @@ def add_derived(df: DataFrame, filters: dict[str, str]) -> DataFrame:
     if "caption_words" in named:
         out = out.withColumn("caption_words", caption_words(text))
     if "caption_lang" in named:
-        out = out.withColumn("caption_lang", caption_lang_udf(F.col("text")))
+        out = out.withColumn("caption_lang", pandas_udf(caption_lang, T.StringType())(F.col("text")))
     return out
 
 

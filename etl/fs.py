@@ -155,7 +155,7 @@ def _seconds(value: str) -> float:
 class Store:
     """fsspec access to any URL, with per-protocol storage options (picklable)."""
 
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # credentials
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> Store:
@@ -165,11 +165,9 @@ class Store:
     @classmethod
     def from_spark(cls, spark) -> Store:
         """Options from the running session's conf (YAML and spark-submit ``--conf`` alike)."""
-        try:
-            conf = dict(spark.sparkContext.getConf().getAll())
-        except Exception:  # noqa: BLE001 - Spark Connect has no SparkContext: environment only
-            conf = {}
-        return cls.from_conf(conf)
+        from etl.compat import conf_items
+
+        return cls.from_conf(conf_items(spark))
 
     def fs(self, path: str):
         """(fsspec filesystem, path within it) for ``path``."""
@@ -254,8 +252,8 @@ class Store:
             return
         sch = scheme(path)
         if sch == "dbfs":
-            raise ConnectorError(f"{key}: {path!r} is a dbfs:/ URL but /dbfs is not mounted on "
-                                 "this node; run on Databricks or use an s3a:// / abfss:// URL")
+            raise ConnectorError(f"{key}: a dbfs:/ URL but /dbfs is not mounted on this node; "
+                                 "run on Databricks or use an s3a:// / abfss:// URL")
         import fsspec
 
         proto = SCHEMES.get(sch, (sch, None, None))[0]
@@ -274,4 +272,7 @@ def _missing(sch: str, key: str, detail: str) -> str:
     fix = (f"pip install {pkg}" if pkg else
            f"use one of {', '.join(sorted(SCHEMES))}, dbfs:/ or a local path")
     where = f"{key}: " if key else ""
-    return f"{where}no filesystem connector for URL scheme {sch!r} ({fix}); {detail[:200]}"
+    from etl.redact import redact_text
+
+    return redact_text(f"{where}no filesystem connector for URL scheme {sch!r} ({fix}); "
+                       f"{detail[:200]}")

@@ -18,6 +18,7 @@ from pyspark.sql import types as T
 from etl.config import Config, IngestConf, SourceConf
 from etl.fs import join
 from etl.readers import SIZED_FORMATS, read_source
+from etl.redact import redact_text
 from etl.sample import write_sample
 from etl.spark import session_conf
 from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
@@ -52,7 +53,7 @@ def ensure_sample(cfg: Config, lake: Lakehouse) -> str:
     if not lake.store.exists(join(root, "_SUCCESS")):
         s = cfg.sample
         counts = write_sample(root, s.n_pairs, s.eval_size, s.seed, s.shard_size, lake.store)
-        print(f"sample pool written to {root}: {counts}")
+        print(redact_text(f"sample pool written to {root}: {counts}"))
     return root
 
 
@@ -77,7 +78,7 @@ def normalize(raw: DataFrame, source: str, run_id: str, images: bool = True,
     df = (raw.withColumn("_reason", reason).withColumn("uid", uid).withColumn("text", text)
           .withColumn("sha256", F.coalesce(F.sha2("image", 256), F.lower("sha256"))))
     if images:
-        df = (df.withColumn("_size", image_size(F.col("image")))
+        df = (df.withColumn("_size", F.pandas_udf(image_size, SIZE)(F.col("image")))
               .withColumn("width", F.coalesce(F.col("_size.width"), F.col("width")))
               .withColumn("height", F.coalesce(F.col("_size.height"), F.col("height")))
               .drop("_size"))
@@ -85,10 +86,13 @@ def normalize(raw: DataFrame, source: str, run_id: str, images: bool = True,
             .withColumn("run_id", F.lit(run_id)))
 
 
-@F.pandas_udf(T.StructType([T.StructField("width", T.IntegerType()),
-                             T.StructField("height", T.IntegerType())]))
+SIZE = T.StructType([T.StructField("width", T.IntegerType()),
+                     T.StructField("height", T.IntegerType())])
+
+
 def image_size(images: pd.Series) -> pd.DataFrame:
-    """Width/height from the image header (no full decode); null when unreadable."""
+    """Width/height from the image header (no full decode); null when unreadable. Wrapped as a
+    pandas UDF where it is used (a UDF made at import is bound to one session kind)."""
     return pd.DataFrame([header_size(data) for data in images], columns=["width", "height"],
                         dtype="Int32")
 
@@ -216,7 +220,7 @@ def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> di
     for table, sources, is_eval in ((BRONZE, cfg.ingest.sources, False),
                                     (EVAL_IMAGES, cfg.ingest.eval_sources, True)):
         # read every source first so a structural error stops the job before any write
-        frames = [(s, read_source(spark, s, p))
+        frames = [(s, read_source(spark, s, p, lake.staging("json")))
                   for s, p in resolve_sources(cfg, lake, sources, is_eval)]
         for src, raw in frames:
             name = src.name or src.format

@@ -72,12 +72,16 @@ def gc_chosen(chosen: str = "") -> bool:
 
 
 def jars_list_path(archive: Path | None = None) -> Path | None:
-    """Where the build lists the Delta jars for this delta-spark: beside ``archive`` (default
-    :func:`archive_path`; None when that is turned off)."""
+    """Where the build lists the Delta jars for this delta-spark and pyspark (Delta's jars are
+    built per Spark line): beside ``archive`` (default :func:`archive_path`; None when that is
+    turned off)."""
     from importlib.metadata import version
 
+    import pyspark
+
     path = archive or archive_path()
-    return None if path is None else path.with_name(f"delta-spark-{version('delta-spark')}.jars")
+    name = f"delta-spark-{version('delta-spark')}-spark-{pyspark.__version__}.jars"
+    return None if path is None else path.with_name(name)
 
 
 def delta_jars() -> list[str]:

@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.pandas.types import to_arrow_schema
 
+from etl.compat import Staging, json_lines_schema
 from etl.config import SourceConf
 from etl.fs import Store
 from etl.inputcheck import SchemaConflict, check_csv_headers, check_parquet_files
@@ -59,8 +60,10 @@ class InputError(ValueError):
     """The input cannot be ingested at all (e.g. a required column is missing)."""
 
 
-def read_source(spark: SparkSession, src: SourceConf, path: str | None = None) -> DataFrame:
-    """Dispatch on ``src.format`` and return the raw frame; ``path`` may be any URL."""
+def read_source(spark: SparkSession, src: SourceConf, path: str | None = None,
+                stage: Staging | None = None) -> DataFrame:
+    """Dispatch on ``src.format`` and return the raw frame; ``path`` may be any URL. ``stage``:
+    a folder for the JSON sample Spark Connect infers extra columns from."""
     path = path or src.path
     fmt = src.format
     try:
@@ -70,9 +73,9 @@ def read_source(spark: SparkSession, src: SourceConf, path: str | None = None) -
             return read_delimited(spark, path, src, "\t" if fmt == "tsv" else ",")
         if fmt in ("img2dataset", "webdataset"):
             caps = TarCaps(src.max_member_bytes, src.max_shard_bytes)
-            return read_webdataset(spark, path, src.json_sample_rows, caps)
+            return read_webdataset(spark, path, src.json_sample_rows, caps, stage)
         if fmt == "folder":
-            return read_image_folder(spark, path, src.json_sample_rows)
+            return read_image_folder(spark, path, src.json_sample_rows, stage)
     except AnalysisException as exc:
         first = str(exc).strip().splitlines()[0][:300]
         raise InputError(f"{fmt} source {path}: {first}") from exc
@@ -187,7 +190,7 @@ def list_files(spark: SparkSession, path: str, pattern: str) -> DataFrame:
 
 
 def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000,
-                    caps: TarCaps | None = None) -> DataFrame:
+                    caps: TarCaps | None = None, stage: Staging | None = None) -> DataFrame:
     """WebDataset / img2dataset shards (``.tar``, ``.tar.gz``, ``.tgz``) plus failed rows from
     img2dataset sidecars.
 
@@ -223,7 +226,7 @@ def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000
     else:
         records = tars.mapInPandas(reader, TAR_SCHEMA)
         sample = shard_json_sample(first[:SAMPLE_SHARDS], store, caps, json_sample_rows)
-    records = _expand_json(records, json_schema(spark, sample))
+    records = _expand_json(records, json_schema(spark, sample, stage=stage))
     records = records.select(*[  # the header's size over the JSON's (img2dataset's resize)
         F.coalesce(F.col(f"image_{c}"), F.col(c)).alias(c) if c in ("width", "height") else c
         for c in records.columns if c not in ("image_width", "image_height")])
@@ -254,17 +257,19 @@ def frame_json_sample(df: DataFrame, rows: int) -> list[str]:
 
 
 def json_schema(spark: SparkSession | None, sample: list[str],
-                base: T.StructType = IMG2DATASET_JSON) -> T.StructType:
+                base: T.StructType = IMG2DATASET_JSON,
+                stage: Staging | None = None) -> T.StructType:
     """The ``base`` fields (img2dataset's, typed), then any other keys of the ``sample`` JSON
     values in name order, typed as Spark's JSON inference types them. A sample of ``base`` keys
     and flat scalar values (img2dataset's output, with or without extra labels) is typed here
     with no Spark job; nested values or text Python does not parse as an object are left to
-    Spark's inference over the sample (which needs ``spark``)."""
+    Spark's inference over the sample (which needs ``spark``; over Spark Connect, ``stage`` too:
+    :func:`etl.compat.json_lines_schema`)."""
     fields = list(base.fields)
     known = set(base.fieldNames()) | {"_corrupt_record"}
     extra = _scalar_fields(sample, known)
     if extra is None:
-        seen = spark.read.json(spark.sparkContext.parallelize(sample, 1)).schema
+        seen = json_lines_schema(spark, sample, stage)
         extra = [f for f in seen.fields if f.name not in known]
     return T.StructType(fields + extra)
 
@@ -339,7 +344,8 @@ def _sidecar_failures(spark: SparkSession, path: str, files: list[str],
     return _finish(df)
 
 
-def read_image_folder(spark: SparkSession, path: str, json_sample_rows: int = 1000) -> DataFrame:
+def read_image_folder(spark: SparkSession, path: str, json_sample_rows: int = 1000,
+                      stage: Staging | None = None) -> DataFrame:
     """A folder of images with caption files ``stem.txt`` (and optional ``stem.json`` extras,
     whose keys are taken from the first ``json_sample_rows`` of them)."""
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path)
@@ -363,5 +369,5 @@ def read_image_folder(spark: SparkSession, path: str, json_sample_rows: int = 10
         F.trim(caption).alias("text"), "image", "json",
         err.alias("error"), F.coalesce("image_path", "text_path").alias("raw"))
     sample = frame_json_sample(df, json_sample_rows)
-    out = _expand_json(df, json_schema(spark, sample, T.StructType()))
+    out = _expand_json(df, json_schema(spark, sample, T.StructType(), stage))
     return out.withColumn("url", F.coalesce("url", "source_file"))

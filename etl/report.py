@@ -4,6 +4,7 @@
 images, ``run_stats`` and the labels) and writes ``index.html`` with every image embedded as a
 ``data:`` URI, so the page opens from ``file://`` with no network, plus ``funnel.png`` and
 ``scores.png`` next to it. Only aggregates and a few dozen example rows reach the driver.
+No credential reaches the page: the config and every text pass through :mod:`etl.redact`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from etl.config import Config, to_dict
 from etl.fs import join
 from etl.funnel import Funnel
 from etl.metrics import drop_reason_quality, reason_labels
+from etl.redact import redact, redact_text
 from etl.select import selection_parts, selection_reasons
 from etl.tables import (
     BRONZE,
@@ -220,8 +222,14 @@ def _gather(lake: Lakehouse, cfg: Config, sel: DataFrame, k: int) -> ReportData:
         pairs={r: [(tile(x, pool), original(x, PAIR_REASONS[r], pool, evals)) for x in rs]
                for r, rs in examples.items() if r in PAIR_REASONS},
         quality=label_quality(sel, selection_parts(cfg.select)), run_stats=latest_run_stats(lake),
-        versions=table_versions(lake), config=yaml.safe_dump(to_dict(cfg), sort_keys=False),
+        versions=table_versions(lake), config=shown_config(cfg),
         max_pixels=cfg.score.max_image_pixels)
+
+
+def shown_config(cfg: Config) -> str:
+    """The config as the page shows it: YAML, every credential redacted (:mod:`etl.redact`:
+    secret ``spark.conf`` keys, a ``spark.remote`` token, passwords in URLs)."""
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)
 
 
 # ---- table summaries (what the notebooks show after each step) -------------------------------
@@ -384,7 +392,8 @@ document.body.setAttribute('data-images-ok',ok);});</script>"""
 
 
 def _e(value) -> str:
-    return html.escape(str(value))
+    """``value`` as HTML text, credentials redacted (every text on the page passes here)."""
+    return html.escape(redact_text(str(value)))
 
 
 def figure_html(t: Tile, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:

@@ -42,7 +42,8 @@ from pyspark.sql import functions as F
 
 from etl.config import Config, ConfigError, ScoreConf
 from etl.fs import join
-from etl.tables import BRONZE, EVAL_EMBEDDINGS, EVAL_IMAGES, SILVER, Lakehouse
+from etl.redact import redact_text
+from etl.tables import BRONZE, EVAL_EMBEDDINGS, EVAL_IMAGES, SILVER, Lakehouse, sql_string
 from udfs.models import ModelSpec, declared_digest, resolve_conf, weights_digest
 from udfs.score import ScoreOptions, make_score_udf
 
@@ -187,10 +188,10 @@ def _apply_weights_check(lake: Lakehouse, target: str, model_id: str, digest: st
               f"{DIGEST} (scored before it was recorded): their weights are unknown and not "
               f"checked; --set score.replace=true rescores them")
     if check.dropped:
-        cond = F.col("model_id") == model_id
+        cond = f"model_id = {sql_string(model_id)}"
         if DIGEST in lake.read(target).columns:
-            cond = cond & ~F.col(DIGEST).eqNullSafe(F.lit(digest))
-        lake.delta(target).delete(cond)
+            cond += f" AND NOT ({DIGEST} <=> {sql_string(digest)})"
+        lake.delete(target, cond)
         lake.store.rm(checkpoint_dir(lake, target, model_id))
         print(f"score: score.replace: dropped {check.dropped} {target} rows of model_id "
               f"{model_id!r} scored with other or unknown weights; rescoring them")
@@ -283,7 +284,7 @@ def _score_pending(job: ScoreJob, before: int, had_rows: bool) -> int:
         if not source_rewritten(exc):
             raise
         log.warning("score: %s was rewritten since the last run (%s); resetting the %s "
-                    "checkpoint and scoring what is missing", job.source, str(exc)[:200],
+                    "checkpoint and scoring what is missing", job.source, redact_text(str(exc)[:200]),
                     job.model_id)
         inserted = _stream(job, restart=True)
     if inserted < before and pending_count(job.lake, job.source, job.target, job.model_id):
@@ -344,14 +345,20 @@ def _stream(job: ScoreJob, restart: bool, had_rows: bool = True) -> int:
     app_id, fresh = stream_app_id(lake, checkpoint)
     skip_done = skips_done(fresh, had_rows)
     tag = f"dfn-score:{uuid.uuid4().hex}"
-    since = lake.version(target)
     spec, conf, run_id, digest = job.spec, job.conf, job.run_id, job.digest
+    # every chunk an append to an existing table: a metastore table's creating write would
+    # drop the chunk's userMetadata and txnAppId (its rows uncounted, its batch not idempotent)
+    lake.ensure(target, score_pairs(lake.read(job.source).select("uid", "image", "text"),
+                                    spec, conf, run_id, digest).schema)
+    since = lake.version(target)
+    lake_conf, store = lake.conf, lake.store  # not the session: over Connect this runs remotely
 
     def write_chunk(batch: DataFrame, batch_id: int) -> None:
+        here = Lakehouse(batch.sparkSession, lake_conf, store)
         todo = batch.select("uid", "image", "text")
-        if skip_done and lake.exists(target):
-            todo = pending(todo, lake.read(target), mid)
-        lake.append(score_pairs(todo, spec, conf, run_id, digest), target, txnAppId=app_id,
+        if skip_done and here.exists(target):
+            todo = pending(todo, here.read(target), mid)
+        here.append(score_pairs(todo, spec, conf, run_id, digest), target, txnAppId=app_id,
                     txnVersion=batch_id, userMetadata=tag)
 
     query = (_read_stream(lake, job.source, conf).writeStream.foreachBatch(write_chunk)

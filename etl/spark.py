@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
-from etl.config import SparkConf
+from etl import compat
+from etl.config import ConfigError, SparkConf
 from etl.fs import SCHEMES, ConnectorError, Store, local_path, scheme
 from etl.jvmarchive import KEY, delta_jars, driver_options
+from etl.redact import redact_text, redact_url
 
 DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -121,18 +125,24 @@ def jar_plan(conf: SparkConf, how: Launch, s3a: bool = False,
 
 def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
               preload_models: bool = True) -> SparkSession:
-    """Return the active SparkSession untouched, or build a local one with Delta configured.
+    """Return the active SparkSession untouched, or build one with Delta configured.
 
-    On Databricks or under spark-submit a session already exists and is used as is. Otherwise
-    a session is built from ``conf`` with :func:`session_options` and the jars of
-    :func:`jar_plan`; ``urls`` tell whether any is ``s3a://``. A driver JVM started here maps
-    the class archive ``make venv`` built (:mod:`etl.jvmarchive`). ``preload_models`` off
-    (commands that run no model) keeps torch and open_clip out of the Python workers.
+    On Databricks (classic or serverless) or under spark-submit a session already exists and is
+    used as is. ``spark.remote`` (else ``SPARK_REMOTE``) ``sc://...`` attaches to a Spark
+    Connect server (:func:`connect_session`). Otherwise a session is built from ``conf`` with
+    :func:`session_options` and the jars of :func:`jar_plan` (``remote: local[N]``: the same,
+    served over Spark Connect in this process); ``urls`` tell whether any is ``s3a://``. A
+    driver JVM started here maps the class archive ``make venv`` built
+    (:mod:`etl.jvmarchive`). ``preload_models`` off (commands that run no model) keeps torch
+    and open_clip out of the Python workers.
     """
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
     conf = conf or SparkConf()
+    remote = conf.remote or os.environ.get("SPARK_REMOTE")
+    if remote and remote.startswith("sc://"):
+        return connect_session(conf, remote)
     # Python workers must run the same interpreter (the venv) as the driver.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -140,14 +150,73 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
     s3a = any(scheme(u) == "s3a" for u in urls)
     driver = {} if how.submitted else driver_options(conf.master.startswith("local"),
                                                      java_given(conf))
-    given = _submit_conf_keys() if how.submitted else frozenset()
+    given = compat.submitted_conf_keys() if how.submitted else frozenset()
     builder = SparkSession.builder.appName(conf.app_name)
-    if not how.submitted:  # under spark-submit the master is spark-submit's
+    if remote:  # local[N] over Connect: pyspark starts the server here, with these options
+        builder = builder.remote(remote)
+    elif not how.submitted:  # under spark-submit the master is spark-submit's
         builder = builder.master(conf.master)
     for key, value in session_options(conf, how, s3a, preload_models, driver, given).items():
         builder = builder.config(key, value)
     spark = _with_jars(builder, jar_plan(conf, how, s3a, delta_jars())).getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("DFN_SPARK_LOG_LEVEL", "ERROR"))
+    compat.set_log_level(spark, os.environ.get("DFN_SPARK_LOG_LEVEL", "ERROR"))
+    return spark
+
+
+# Spark settings a Connect client can only ask the server about, never change: they are fixed
+# when the server (the cluster) starts.
+SERVER_ONLY = ("spark.jars", "spark.driver.", "spark.executor.", "spark.master", "spark.submit.",
+               "spark.python.", "spark.ui.", "spark.sql.extensions", "spark.sql.warehouse.dir",
+               "spark.sql.catalog.spark_catalog", "spark.serializer", "spark.default.parallelism",
+               "spark.task.", "spark.memory.", "spark.local.dir", "spark.files",
+               "spark.archives", "spark.pyspark.")
+
+
+def connect_refusals(conf: SparkConf) -> list[str]:
+    """What ``conf`` asks of a session that a Spark Connect client cannot do, each with what to
+    do instead (empty: nothing)."""
+    out = []
+    if conf.jars:
+        out.append("spark.jars lists local jars, which a Spark Connect client cannot add to the "
+                   "server: install them on the server (cluster libraries, or --jars/--packages "
+                   "of the Connect server) and remove spark.jars")
+    for key in sorted(conf.conf):
+        if key.startswith(SERVER_ONLY):
+            out.append(f"spark.conf.{key} is fixed when the Spark Connect server starts and "
+                       "cannot be set from a client: set it on the server (the cluster's Spark "
+                       "config, or --conf of the Connect server) and remove it here")
+    return out
+
+
+def runtime_defaults() -> dict[str, str]:
+    """The laptop defaults a client may set on a running server (SQL and Delta settings)."""
+    return {k: v for k, v in LOCAL_DEFAULTS.items()
+            if k.startswith(("spark.sql.", "spark.databricks.delta."))}
+
+
+def connect_session(conf: SparkConf, remote: str) -> SparkSession:
+    """A Spark Connect session on the server at ``remote`` (``sc://host:port[/;params]``).
+
+    Refuses up front, before any write, what a client cannot do (:func:`connect_refusals`);
+    fails within seconds, naming the URL, when no server listens. The project's SQL defaults
+    are applied where the server allows them; each ``spark.conf`` key must take effect or the
+    session is refused, naming the key."""
+    refused = connect_refusals(conf)
+    if refused:
+        raise ConfigError("spark.remote is a Spark Connect URL, but: " + "; ".join(refused))
+    check_remote_reachable(remote)
+    builder = SparkSession.builder.remote(remote)
+    for key, value in {**runtime_defaults(), **conf.conf}.items():
+        builder = builder.config(key, value)
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:  # noqa: BLE001 - the client's words may repeat the URL's token
+        raise ConfigError(redact_text(f"spark.remote: cannot open a Spark Connect session at "
+                                      f"{remote}: {str(exc).splitlines()[0][:300]}")) from None
+    ignored = [k for k, v in conf.conf.items() if spark.conf.get(k, None) != str(v)]
+    if ignored:
+        raise ConfigError(f"spark.conf: the Spark Connect server did not accept {', '.join(ignored)}"
+                          "; set them on the server (the cluster's Spark config) instead")
     return spark
 
 
@@ -175,7 +244,10 @@ def local_frame(spark: SparkSession, rows: Sequence[Sequence[Any] | Mapping[str,
 
     if isinstance(schema, str):
         schema = T._parse_datatype_string(schema)
-    arrow = to_arrow_schema(schema)
+    try:  # pyspark >= 4.2 asks for the session time zone of timestamps; the project's is UTC
+        arrow = to_arrow_schema(schema, timezone="UTC")
+    except TypeError:
+        arrow = to_arrow_schema(schema)
     if rows and isinstance(rows[0], Mapping):  # by name, a missing key is null (as Spark does)
         columns = [[r.get(name) for r in rows] for name in schema.fieldNames()]
     else:
@@ -201,13 +273,18 @@ def session_conf(spark: SparkSession, values: dict[str, str]) -> Iterator[None]:
                 spark.conf.set(key, value)
 
 
-def _submit_conf_keys() -> frozenset[str]:
-    """The conf keys spark-submit (``--conf``, spark-defaults.conf) set already."""
-    from pyspark import SparkConf as JvmConf
-    from pyspark import SparkContext
+def delta_coordinate() -> str:
+    """The Maven coordinate of the Delta jar for the installed delta-spark and pyspark, as
+    ``configure_spark_with_delta_pip`` names it: per Spark line from Delta 4.3 on
+    (``io.delta:delta-spark_4.1_2.13:4.3.1``), ``delta-spark_2.13`` before."""
+    from importlib.metadata import version
 
-    SparkContext._ensure_initialized()  # the gateway to spark-submit's JVM, holding its conf
-    return frozenset(k for k, _ in JvmConf().getAll())
+    import pyspark
+
+    delta = version("delta-spark")
+    major, minor = (int(x) for x in delta.split(".")[:2])
+    line = ".".join(pyspark.__version__.split(".")[:2]) + "_" if (major, minor) >= (4, 3) else ""
+    return f"io.delta:delta-spark_{line}2.13:{delta}"
 
 
 def hadoop_version() -> str:
@@ -219,6 +296,25 @@ def hadoop_version() -> str:
         raise RuntimeError("cannot find pyspark's bundled hadoop-client-api jar; set spark.jars "
                            "to local hadoop-aws + AWS SDK bundle jars")
     return jars[-1].name[len("hadoop-client-api-"):-len(".jar")]
+
+
+def unity_catalog_only(spark: SparkSession) -> bool:
+    """Whether the session says tables must be catalog names: Unity Catalog enabled on a Spark
+    Connect session (Databricks serverless, and standard/shared access mode clusters), where
+    path-addressed tables are refused."""
+    enabled = str(spark.conf.get("spark.databricks.unityCatalog.enabled", "false")).lower()
+    return enabled == "true" and compat.is_connect(spark)
+
+
+def check_catalog(spark: SparkSession, schema: str | None) -> None:
+    """Refuse, before any write, a folder lakehouse (no ``lakehouse.schema``: tables addressed
+    by path) on a session that is Unity Catalog only (:func:`unity_catalog_only`)."""
+    if schema is None and unity_catalog_only(spark):
+        raise ConfigError(
+            "lakehouse.schema: this session is Unity Catalog only, where Delta tables addressed "
+            "by path are refused; set lakehouse.catalog and lakehouse.schema (tables become "
+            "catalog.schema.table) and keep lakehouse.root for files, on a Volume "
+            "(/Volumes/<catalog>/<schema>/<volume>/...)")
 
 
 def check_connectors(spark: SparkSession, urls: dict[str, str], reach: bool = True) -> None:
@@ -239,20 +335,14 @@ def check_connectors(spark: SparkSession, urls: dict[str, str], reach: bool = Tr
 
 
 def _check_hadoop(spark: SparkSession, key: str, url: str) -> None:
-    sch = scheme(url)
-    try:
-        jvm = spark.sparkContext._jvm
-        hconf = spark.sparkContext._jsc.hadoopConfiguration()
-    except Exception:  # noqa: BLE001 - Spark Connect: the server side is checked on first use
-        return
-    try:
-        jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass(sch, hconf)
-    except Exception as exc:  # noqa: BLE001 - py4j wraps UnsupportedFileSystemException
+    missing = compat.missing_filesystem(spark, url)
+    if missing is not None:
+        sch = scheme(url)
         connector = SCHEMES.get(sch, (None, None, "a Hadoop FileSystem for it"))[2]
-        raise ConnectorError(
+        raise ConnectorError(redact_text(
             f"{key}: Spark has no filesystem for URL scheme {sch!r} ({url}); add {connector} "
             f"to the cluster (spark.jars.packages / --packages, or spark.jars for local jars)"
-            f"; {str(exc).splitlines()[0][:200]}") from exc
+            f"; {missing}"))
 
 
 def probe(store: Store, key: str, url: str) -> None:
@@ -262,8 +352,22 @@ def probe(store: Store, key: str, url: str) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure here is a config problem
         opts = store.options.get(SCHEMES.get(scheme(url), ("",))[0], {})
         endpoint = opts.get("client_kwargs", {}).get("endpoint_url", "the default endpoint")
-        raise ConnectorError(
+        raise ConnectorError(redact_text(
             f"{key}: cannot access {url} at {endpoint}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300] if str(exc) else ''} (check "
             "spark.hadoop.fs.s3a.endpoint / access.key / secret.key under spark.conf, or the "
-            "AWS_* environment variables)") from exc
+            "AWS_* environment variables)")) from exc
+
+
+def check_remote_reachable(url: str, timeout: float = 5.0) -> None:
+    """Fail within ``timeout`` seconds, naming the URL, when nothing listens at an ``sc://``
+    URL (the Connect client would otherwise retry for minutes)."""
+    parts = urlsplit(url.split(";", 1)[0])
+    host, port = parts.hostname or "localhost", parts.port or 15002
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as exc:
+        raise ConfigError(f"spark.remote: cannot reach the Spark Connect server at "
+                          f"{redact_url(url)} ({host}:{port}): {exc}; start it, or fix "
+                          "spark.remote / SPARK_REMOTE") from None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from etl.jobs.common import JobContext, parser, start
+from etl.redact import redact_text
 
 Action = Callable[[JobContext], Any]
 
@@ -51,7 +52,7 @@ def _sample(ctx: JobContext) -> dict[str, int]:
     out = ctx.args.out or locate(cfg.lakehouse.root, s.out_dir)
     counts = write_sample(out, s.n_pairs, s.eval_size, s.seed, s.shard_size,
                           Store.from_conf(cfg.spark.conf))
-    print(f"sample written to {out}: {counts}")
+    print(redact_text(f"sample written to {out}: {counts}"))
     return counts
 
 
@@ -133,7 +134,7 @@ def _report(ctx: JobContext) -> str:
 
     out = ctx.lake.resolve(ctx.args.out or "report")
     page = write_report(ctx.lake, ctx.cfg, out, ctx.args.examples)
-    print(f"report: {page if is_url(page) else 'file://' + page}")
+    print(redact_text(f"report: {page if is_url(page) else 'file://' + page}"))
     return page
 
 

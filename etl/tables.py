@@ -2,7 +2,10 @@
 patterns every step uses.
 
 Tables live either under a folder (``lakehouse.root``, addressed as ``delta.`/path```) or in a
-metastore (``catalog.schema.table``), chosen by config. Steps never build paths themselves.
+metastore (``catalog.schema.table``, e.g. Unity Catalog), chosen by config. Steps never build
+paths themselves. Every Delta operation is plain SQL (``DESCRIBE HISTORY``, ``MERGE INTO``,
+``CREATE TABLE IF NOT EXISTS``, ``DELETE FROM``) or a DataFrame write, so the same code runs on
+a classic session and over Spark Connect, where Delta's Python API needs server plugins.
 
 Versions: a step that derives a table from bronze records the bronze version it read in
 ``run_stats`` once its output is complete (:meth:`Lakehouse.record_built`, under the run-stats
@@ -20,14 +23,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from etl.compat import Staging
 from etl.config import ConfigError, LakehouseConf
 from etl.fs import Store, is_url, locate
-from etl.spark import local_frame
+from etl.spark import local_frame, session_conf
 
 BRONZE = "bronze_pairs"
 QUARANTINE = "quarantine"
@@ -123,6 +126,7 @@ class Lakehouse:
         self.spark = spark
         self.conf = conf
         self._store = store
+        self._schema_ready = False
 
     @property
     def store(self) -> Store:
@@ -142,6 +146,10 @@ class Lakehouse:
         """A location below the root (URL-safe join)."""
         return "/".join([self.root, *parts])
 
+    def staging(self, what: str) -> Staging:
+        """A folder under ``_staging`` for data handed to the workers through storage."""
+        return Staging(self.under("_staging", what), self.store)
+
     def resolve(self, path: str) -> str:
         """A configured location: a URL or absolute path as is, a relative one under the root."""
         return locate(self.root, path)
@@ -160,7 +168,13 @@ class Lakehouse:
     def exists(self, table: str) -> bool:
         if self.conf.schema:
             return self.spark.catalog.tableExists(self.name(table))
-        return DeltaTable.isDeltaTable(self.spark, self.path(table))
+        try:
+            self.spark.sql(f"DESCRIBE DETAIL {self.name(table)}").select("format").first()
+        except Exception as exc:  # noqa: BLE001 - "not a Delta table" / "path does not exist"
+            if _missing(exc):
+                return False
+            raise
+        return True
 
     def read(self, table: str) -> DataFrame:
         """The table as a DataFrame; a clear error if it was never written."""
@@ -170,31 +184,51 @@ class Lakehouse:
                 f"(e.g. `dfn-curate run`) first")
         return self.spark.table(self.name(table))
 
-    def delta(self, table: str) -> DeltaTable:
-        if self.conf.schema:
-            return DeltaTable.forName(self.spark, self.name(table))
-        return DeltaTable.forPath(self.spark, self.path(table))
+    def history(self, table: str, limit: int | None = None) -> DataFrame:
+        """``DESCRIBE HISTORY`` of ``table``: its newest ``limit`` commits (None: all)."""
+        cap = "" if limit is None else f" LIMIT {int(limit)}"
+        return self.spark.sql(f"DESCRIBE HISTORY {self.name(table)}{cap}")
 
     def version(self, table: str) -> int | None:
         """Latest Delta version of ``table`` (None if absent)."""
         if not self.exists(table):
             return None
-        return self.delta(table).history(1).select("version").first()[0]
+        return self.history(table, 1).select("version").first()[0]
+
+    def delete(self, table: str, condition: str) -> None:
+        """``DELETE FROM`` ``table`` the rows matching SQL ``condition``."""
+        self.spark.sql(f"DELETE FROM {self.name(table)} WHERE {condition}")
+
+    def ensure_schema(self) -> None:
+        """In schema mode, create ``[catalog.]schema`` unless it exists (once per Lakehouse);
+        refused, one line says which privilege is missing."""
+        if not self.conf.schema or self._schema_ready:
+            return
+        where = ".".join(f"`{p}`" for p in (self.conf.catalog, self.conf.schema) if p)
+        try:
+            self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS {where}")
+        except Exception as exc:  # noqa: BLE001 - the catalog's words, kept in one line
+            if not _denied(exc):
+                raise
+            catalog = self.conf.catalog or "the current catalog"
+            raise ConfigError(
+                f"lakehouse.schema: cannot create schema {where}: the current user lacks USE "
+                f"CATALOG and CREATE SCHEMA on {catalog}; ask an admin to grant them, or to "
+                f"create {where} and grant USE SCHEMA, CREATE TABLE, MODIFY and SELECT on it "
+                f"({str(exc).splitlines()[0][:160]})") from None
+        self._schema_ready = True
 
     def ensure(self, table: str, schema: T.StructType) -> None:
         """Create ``table`` empty with ``schema`` unless it exists: one metadata-only commit,
         no Spark job (an empty append runs one, and a new session's first job is slow)."""
         if self.exists(table):
             return
+        self.ensure_schema()
         # nullable, as a DataFrame write makes every column: a NOT NULL taken from the first
         # input's schema would make a later input's null a failed commit
-        nullable = T.StructType([T.StructField(f.name, f.dataType, True, f.metadata)
-                                 for f in schema])
-        builder = DeltaTable.createIfNotExists(self.spark).addColumns(nullable)
-        builder = (builder.tableName(self.name(table)) if self.conf.schema
-                   else builder.location(self.path(table)))
         try:
-            builder.execute()
+            self.spark.sql(f"CREATE TABLE IF NOT EXISTS {self.name(table)} ({ddl(schema)}) "
+                           "USING delta")
         except Exception:  # noqa: BLE001 - another writer may have created it meanwhile
             if not self.exists(table):
                 raise
@@ -215,6 +249,7 @@ class Lakehouse:
         self._save(writer, table)
 
     def _save(self, writer, table: str) -> None:
+        self.ensure_schema()
         if self.conf.schema:
             writer.saveAsTable(self.name(table))
         else:
@@ -222,7 +257,8 @@ class Lakehouse:
 
     def properties(self, table: str) -> dict[str, str]:
         """The table's properties (``TBLPROPERTIES``), read from the Delta log only."""
-        return dict(self.delta(table).detail().select("properties").first()[0] or {})
+        detail = self.spark.sql(f"DESCRIBE DETAIL {self.name(table)}")
+        return dict(detail.select("properties").first()[0] or {})
 
     def set_properties(self, table: str, values: dict[str, str | None]) -> None:
         """Set (``None``: unset) table properties, one Delta commit each call."""
@@ -230,10 +266,10 @@ class Lakehouse:
         kept = {k: v for k, v in values.items() if v is not None}
         gone = [k for k, v in values.items() if v is None]
         if kept:
-            pairs = ", ".join(f"{_sql_string(k)} = {_sql_string(v)}" for k, v in kept.items())
+            pairs = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in kept.items())
             self.spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({pairs})")
         if gone:
-            keys = ", ".join(_sql_string(k) for k in gone)
+            keys = ", ".join(sql_string(k) for k in gone)
             self.spark.sql(f"ALTER TABLE {name} UNSET TBLPROPERTIES IF EXISTS ({keys})")
 
     def count_present(self, df: DataFrame, table: str, keys: list[str]) -> int:
@@ -249,8 +285,9 @@ class Lakehouse:
         return df.join(target, cond, "left_semi").count()
 
     def insert_new(self, df: DataFrame, table: str, keys: list[str]) -> int:
-        """Insert-only MERGE of ``df`` on ``keys``; returns the number of rows inserted, as
-        the commit counted them.
+        """Insert-only ``MERGE INTO`` of ``df`` on ``keys``; returns the number of rows
+        inserted, as the commit's metrics in the Delta history count them (the statement's own
+        result row is not read: over Spark Connect it is not the commit's).
 
         Rows whose keys already exist are left untouched, so re-running a step never duplicates
         rows. The first write creates the table with a plain append (nothing to match against:
@@ -259,9 +296,15 @@ class Lakehouse:
         if not self.exists(table):
             return self._create(df, table)
         cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-        merged = (self.delta(table).alias("t").merge(df.alias("s"), cond)
-                  .whenNotMatchedInsertAll().execute())  # one row: the MERGE's own metrics
-        return int(merged.first()["num_inserted_rows"])
+        view, tag, since = f"dfn_merge_{uuid.uuid4().hex}", _tag(), self.version(table)
+        df.createOrReplaceTempView(view)
+        try:
+            with session_conf(self.spark, {USER_METADATA: tag}):
+                self.spark.sql(f"MERGE INTO {self.name(table)} t USING {view} s ON {cond} "
+                               "WHEN NOT MATCHED THEN INSERT *")
+        finally:
+            self.spark.catalog.dropTempView(view)
+        return self.tagged_rows(table, tag, since, "numTargetRowsInserted") or 0
 
     def _create(self, df: DataFrame, table: str) -> int:
         """Append ``df`` to a new ``table``; the rows that commit added (``numOutputRows``).
@@ -270,29 +313,31 @@ class Lakehouse:
         created the table first cannot be mistaken for this one. In a folder lakehouse its
         log entry is read directly (no history query, which is slow on a new session).
         """
-        tag = f"dfn-curate:{uuid.uuid4().hex}"
+        tag = _tag()
         self.append(df, table, userMetadata=tag)
         info = None if self.conf.schema else self._logged_commit(table, tag)
         if info is not None:
             return int((info.get("operationMetrics") or {}).get("numOutputRows", "0"))
         rows = self.tagged_rows(table, tag)  # a metastore table, or a log kept elsewhere
         if rows is None:  # the catalog dropped the tag: this new table's last commit
-            return _rows_added(self.delta(table), None, "numOutputRows")
+            last = self.history(table, 1).select("operationMetrics").first()
+            return int(((last[0] if last else None) or {}).get("numOutputRows", "0"))
         return rows
 
-    def tagged_rows(self, table: str, tag: str, since: int | None = None) -> int | None:
+    def tagged_rows(self, table: str, tag: str, since: int | None = None,
+                    metric: str = "numOutputRows") -> int | None:
         """Rows added by the commits of ``table`` after version ``since`` (None: all) whose
-        ``userMetadata`` is ``tag``: the sum of their ``numOutputRows``; None when there is no
-        such commit. Only the history of those versions is read."""
+        ``userMetadata`` is ``tag``: the sum of their ``metric``; None when there is no such
+        commit. Only the history of those versions is read."""
         current = self.version(table)
         if current is None or (since is not None and current <= since):
             return None
         newer = current - (-1 if since is None else since)
-        history = (self.delta(table).history(newer).where(F.col("userMetadata") == tag)
+        history = (self.history(table, newer).where(F.col("userMetadata") == tag)
                    .select("operationMetrics").collect())
         if not history:
             return None
-        return sum(int((r[0] or {}).get("numOutputRows", "0")) for r in history)
+        return sum(int((r[0] or {}).get(metric, "0")) for r in history)
 
     def _logged_commit(self, table: str, tag: str, most: int = 20) -> dict | None:
         """The ``commitInfo`` tagged ``tag`` among the first ``most`` log entries of ``table``;
@@ -339,7 +384,7 @@ class Lakehouse:
         current = self.version(table)
         if current is None or current <= version:
             return False
-        history = self.delta(table).history(current - version).select("version", "operation")
+        history = self.history(table, current - version).select("version", "operation")
         return any(r[0] > version and r[1] not in NO_DATA_CHANGE for r in history.collect())
 
     def stale_table(self, table: str, needed_by: str,
@@ -376,15 +421,52 @@ class StaleTableError(ConfigError):
             f"--steps {needed_by}`, which re-runs stale steps itself")
 
 
-def _rows_added(table: DeltaTable, before: int | None, metric: str) -> int:
-    """``metric`` of the table's last commit; 0 when nothing was committed after ``before``."""
-    last = table.history(1).select("version", "operationMetrics").first()
-    if last is None or last[0] == before:
-        return 0
-    return int((last[1] or {}).get(metric, "0"))
+USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 
 
-def _sql_string(value: str) -> str:
+def _tag() -> str:
+    """A one-off ``userMetadata`` that finds a commit of this process in the history."""
+    return f"dfn-curate:{uuid.uuid4().hex}"
+
+
+def _missing(exc: Exception) -> bool:
+    """Whether ``exc`` says the table is not there (not a Delta table, no such path)."""
+    text = str(exc)
+    return any(m in text for m in ("DELTA_MISSING_DELTA_TABLE", "is not a Delta table",
+                                   "PATH_NOT_FOUND", "Path does not exist",
+                                   "DELTA_PATH_DOES_NOT_EXIST", "doesn't exist",
+                                   "DELTA_TABLE_NOT_FOUND", "TABLE_OR_VIEW_NOT_FOUND"))
+
+
+def _denied(exc: Exception) -> bool:
+    """Whether ``exc`` is a catalog's permission refusal."""
+    text = str(exc).upper()
+    return any(m in text for m in ("PERMISSION_DENIED", "INSUFFICIENT_PERMISSIONS",
+                                   "ACCESS DENIED", "NOT AUTHORIZED", "DOES NOT HAVE"))
+
+
+def ddl(schema: T.StructType) -> str:
+    """``schema`` as the column list of a ``CREATE TABLE`` (every column nullable, as a
+    DataFrame write makes them: a NOT NULL from one input would fail a later input's null)."""
+    return ", ".join(f"{_quote(f.name)} {_ddl_type(f.dataType)}" for f in schema)
+
+
+def _ddl_type(dt: T.DataType) -> str:
+    if isinstance(dt, T.StructType):
+        return "struct<" + ", ".join(f"{_quote(f.name)}: {_ddl_type(f.dataType)}"
+                                     for f in dt) + ">"
+    if isinstance(dt, T.ArrayType):
+        return f"array<{_ddl_type(dt.elementType)}>"
+    if isinstance(dt, T.MapType):
+        return f"map<{_ddl_type(dt.keyType)}, {_ddl_type(dt.valueType)}>"
+    return dt.simpleString()
+
+
+def _quote(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def sql_string(value: str) -> str:
     """``value`` as a Spark SQL string literal."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 

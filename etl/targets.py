@@ -38,8 +38,10 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 
+from etl.compat import Shared, Staging
 from etl.config import Config, ConfigError, TargetsConf, resolve_path
 from etl.fs import is_url
+from etl.redact import redact_text
 from etl.silver import score_value, selection_model_id
 from etl.tables import BRONZE, EVAL_EMBEDDINGS, SILVER, TARGETS, Lakehouse
 from etl.vectors import fit_centers, nearest, unit_rows
@@ -115,16 +117,18 @@ def in_vocabulary(text: Column, terms: list[str]) -> Column:
 # ---- image-based and targeted: clusters and top-k similarity ---------------------------------
 
 
-def signals_udf(spark, centers: np.ndarray, targets: np.ndarray, conf: TargetsConf):
-    """embedding -> struct(image_cluster, in_target_cluster, target_similarity) per pool row."""
+def signals_udf(centers: np.ndarray, targets: np.ndarray, conf: TargetsConf,
+                stage: Staging | None = None):
+    """embedding -> struct(image_cluster, in_target_cluster, target_similarity) per pool row.
+    Centres and targets reach the workers in the UDF, or staged under ``stage`` when large
+    (:class:`etl.compat.Shared`: the targets can be 100k x dim floats)."""
     units = unit_rows(pd.Series(list(targets)))
     owner = nearest(units, centers)
     order = np.argsort(owner, kind="stable")
     bounds = np.searchsorted(owner[order], np.arange(len(centers) + 1))
     hit = np.zeros(len(centers), bool)
     hit[owner] = True
-    shared = spark.sparkContext.broadcast(
-        (np.ascontiguousarray(centers), np.ascontiguousarray(units[order]), bounds, hit))
+    shared = Shared((centers, units[order], bounds, hit), stage)
     k, nprobe = min(conf.top_k, len(targets)), min(conf.nprobe, len(centers))
 
     @pandas_udf(SIGNAL_DDL)
@@ -175,7 +179,7 @@ def _top_k_mean(part: np.ndarray, probes: np.ndarray, targets: np.ndarray, bound
 
 
 def target_signals(pool: DataFrame, targets: np.ndarray, conf: TargetsConf,
-                   count: int | None = None) -> DataFrame:
+                   stage: Staging | None = None, count: int | None = None) -> DataFrame:
     """``(uid, embedding)`` -> ``uid, image_cluster, in_target_cluster, target_similarity``.
 
     K > the pool's embedded rows, or targets of another dimension, raise ConfigError first."""
@@ -190,7 +194,7 @@ def target_signals(pool: DataFrame, targets: np.ndarray, conf: TargetsConf,
                           f"pool's embeddings {dim}: embed both with the same model")
     centers = fit_centers(rows, conf.n_clusters, conf.kmeans_iters, conf.seed,
                           conf.n_clusters * conf.fit_rows_per_cluster, count=n)
-    udf = signals_udf(pool.sparkSession, centers, targets, conf)
+    udf = signals_udf(centers, targets, conf, stage)
     return pool.select("uid", udf("embedding").alias("s")).select("uid", "s.*")
 
 
@@ -243,7 +247,7 @@ def _embed_folder(lake: Lakehouse, cfg: Config, url: str, model_id: str) -> Data
         raise ConfigError(f"targets.source folder: the pool's model {model_id!r} is not in "
                           f"score.models, so the folder cannot be embedded with it")
     configure_arrow(lake.spark, cfg.score)
-    images = read_image_folder(lake.spark, url).where(F.col("image").isNotNull()).select(
+    images = read_image_folder(lake.spark, url, stage=lake.staging("json")).where(F.col("image").isNotNull()).select(
         F.col("source_file").alias("uid"), "image", F.coalesce("text", F.lit("")).alias("text"))
     return score_pairs(images, models[0], cfg.score)
 
@@ -285,7 +289,7 @@ def run_targets(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     version = lake.version(BRONZE)
     pool = (lake.read(SILVER).where(F.col("model_id") == model_id)
             .select("uid", F.col("image_embedding").alias("embedding")))
-    signals = target_signals(pool, targets, cfg.targets)
+    signals = target_signals(pool, targets, cfg.targets, lake.staging("shared"))
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     lake.overwrite(signals.select("*", F.lit(model_id).alias("model_id"),
                                   F.lit(what).alias("target_set"), F.lit(run_id).alias("run_id"),
@@ -296,9 +300,10 @@ def run_targets(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
         F.countDistinct(F.when(F.col("in_target_cluster"), F.col("image_cluster")))
         .alias("target_clusters")).first()
     counts = {"targets": len(targets), **{k: int(row[k] or 0) for k in row.asDict()}}
-    print(f"targets: {counts['targets']} target images ({what}, model {model_id}) land in "
-          f"{counts['target_clusters']} of {cfg.targets.n_clusters} pool clusters holding "
-          f"{counts['in_target_cluster']} of {counts['rows']} pool rows")
+    print(redact_text(f"targets: {counts['targets']} target images ({what}, model {model_id}) "
+                      f"land in {counts['target_clusters']} of {cfg.targets.n_clusters} pool "
+                      f"clusters holding {counts['in_target_cluster']} of {counts['rows']} pool "
+                      "rows"))
     lake.record_stats(run_id, "targets", counts)
     lake.record_built(run_id, TARGETS, version)
     return counts

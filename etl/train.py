@@ -23,7 +23,9 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from etl.compat import master
 from etl.config import MIN_ROWS_FOR_VAL, TrainConf, resolve_path
+from etl.redact import redact
 from etl.tables import Lakehouse
 
 MAX_VAL_PAIRS = 2000  # held-out pairs brought to the driver (lowest uids of the held-out slice)
@@ -159,7 +161,7 @@ def train_distributed(spark: SparkSession, spec, staged: Staged, store,
 
     use_gpu = spec.device.startswith("cuda") or (
         spec.device == "auto" and resolve_device("auto") == "cuda")
-    local = spark.sparkContext.master.startswith("local")
+    local = master(spark).startswith("local")
     val = (staged.val_blobs, staged.val_texts)
     out = TorchDistributor(num_processes=num_processes, local_mode=local, use_gpu=use_gpu).run(
         distributed_main, asdict(spec), staged.files, val, store)
@@ -191,7 +193,7 @@ def train_dfn(lake: Lakehouse, conf: TrainConf, run_id: str, progress: bool = Tr
             card, weights = train_local(spec, staged, lake.store)
     finally:
         lake.store.rm(folder)
-    card = portable_card(card, conf, run_id)
+    card = redact(portable_card(card, conf, run_id))
     write_checkpoint(weights, card, spec.out)
     return card
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
+
+from etl.compat import Shared, Staging
 
 FIT_ROWS = 200_000  # default cap on the rows k-means is fitted on
 BLOCK = 4096  # rows per matrix product in an assignment batch
@@ -50,17 +52,18 @@ def nearest(vectors: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return out
 
 
-def cluster_column(spark: SparkSession, centers: np.ndarray):
+def cluster_column(centers: np.ndarray, stage: Staging | None = None):
     """A column function: embedding -> index of its nearest centre (null for a null vector).
-    The centres travel to the executors once, as a broadcast."""
-    shared = spark.sparkContext.broadcast(np.ascontiguousarray(centers, np.float32))
+    The centres reach the workers in the UDF, or staged under ``stage`` when large
+    (:class:`etl.compat.Shared`)."""
+    shared = Shared((np.asarray(centers, np.float32),), stage)
 
     @pandas_udf("int")
     def assign(vectors: pd.Series) -> pd.Series:
         out = pd.Series(pd.NA, index=vectors.index, dtype="Int32")
         present = vectors.notna().to_numpy()
         if present.any():
-            out[present] = nearest(unit_rows(vectors[present]), shared.value)
+            out[present] = nearest(unit_rows(vectors[present]), shared.value[0])
         return out
 
     def column(embedding: str | Column) -> Column:

@@ -6,7 +6,22 @@
 # MAGIC inserts only new uids, score scores only unscored pairs).
 # MAGIC
 # MAGIC Parameters: `conf`, `overrides`, `run_id` (see 01_ingest), `steps` (comma-separated subset
-# MAGIC of ingest,score,dedup,targets,select,export), `out` (report folder).
+# MAGIC of ingest,score,dedup,targets,select,export), `out` (report folder), `wheel` (a project
+# MAGIC wheel to install first: serverless notebook jobs take no cluster libraries).
+
+# COMMAND ----------
+
+# Bootstrap, before anything imports etl: install the `wheel` widget's wheel when given.
+try:
+    dbutils.widgets.text("wheel", "")  # noqa: F821 - Databricks' notebook global
+    _wheel = dbutils.widgets.get("wheel")  # noqa: F821
+except NameError:  # not on Databricks: the project is installed already
+    _wheel = ""
+if _wheel:
+    import subprocess
+    import sys
+
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", _wheel])
 
 # COMMAND ----------
 

@@ -107,3 +107,58 @@ def test_modules_that_run_no_model_do_not_import_torch(name):
         heavy = edges.get(mod, set()) & set(HEAVY)
         assert not heavy, f"{name} imports {sorted(heavy)} at import time through {mod}"
         todo.extend(m for m in edges.get(mod, ()) if m in edges)
+
+
+# ---- Spark Connect: the JVM only behind etl.compat -------------------------------------------
+
+JVM_ONLY = ("sparkContext", "_jvm", "_jsc", "_jdf", "rdd", "_gateway")
+
+
+def jvm_uses(source: str) -> list[str]:
+    """``name:line`` of each JVM-only attribute (or its name as a string, for getattr)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        name = (node.attr if isinstance(node, ast.Attribute)
+                else node.value if isinstance(node, ast.Constant) else None)
+        if isinstance(name, str) and name in JVM_ONLY:
+            found.append(f"{name}:{node.lineno}")
+    return found
+
+
+def test_jvm_finder_finds_a_planted_use():
+    planted = "def f(spark):\n    x = spark.sparkContext\n    return getattr(df, '_jdf'), df.rdd\n"
+    assert sorted(jvm_uses(planted)) == ["_jdf:3", "rdd:3", "sparkContext:2"]
+    assert jvm_uses("def f(spark):\n    return spark.conf.get('spark.master')\n") == []
+
+
+def test_no_jvm_access_outside_the_compatibility_module():
+    """Spark Connect (Databricks serverless, Unity Catalog shared clusters) has no JVM in the
+    client: every use lives in etl/compat.py or in a file its allowlist names, with a reason."""
+    from etl.compat import JVM_ALLOWED
+
+    offenders = {}
+    for path in [*modules().values(), *(ROOT / "notebooks").glob("*.py")]:
+        rel = path.relative_to(ROOT).as_posix()
+        uses = jvm_uses(path.read_text())
+        if uses and rel not in JVM_ALLOWED:
+            offenders[rel] = uses
+    assert offenders == {}, f"JVM-only access outside etl/compat.py: {offenders}"
+    for rel, why in JVM_ALLOWED.items():
+        assert (ROOT / rel).exists() and len(why) > 20, rel
+
+
+def test_no_udf_is_made_at_import():
+    """pyspark binds a UDF to the classic or the Connect kind of session when it is made: one
+    made at import, before a notebook's Connect session exists, fails on that session."""
+    made = []
+    for name, path in modules().items():
+        for node in ast.parse(path.read_text()).body:
+            decorators = getattr(node, "decorator_list", [])
+            calls = [d.func if isinstance(d, ast.Call) else d for d in decorators]
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+                calls.append(node.value.func)
+            for f in calls:
+                attr = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                if attr in ("udf", "pandas_udf"):
+                    made.append(f"{name}:{node.lineno}")
+    assert made == []

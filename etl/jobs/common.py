@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pyspark.sql import SparkSession
 
 from etl.config import Config, ConfigError, config_urls, load_config
+from etl.redact import redact_text
 from etl.tables import Lakehouse, new_run_id
 
 
@@ -50,14 +51,15 @@ def start(p: argparse.ArgumentParser, argv: list[str] | None, models: bool = Tru
     try:
         cfg = load_config(args.conf, args.overrides)
     except ConfigError as exc:
-        p.exit(2, f"{p.prog}: config error: {exc}\n")
+        p.exit(2, f"{p.prog}: config error: {redact_text(str(exc))}\n")
     run_id = args.run_id or new_run_id()
     if not spark:
         return JobContext(cfg, None, None, run_id, args)
-    from etl.spark import check_connectors, get_spark
+    from etl.spark import check_catalog, check_connectors, get_spark
 
     urls = config_urls(cfg)
     session = get_spark(cfg.spark, urls.values(), preload_models=models)
+    check_catalog(session, cfg.lakehouse.schema)
     check_connectors(session, urls)
     return JobContext(cfg, session, Lakehouse(session, cfg.lakehouse), run_id, args)
 
@@ -67,5 +69,5 @@ def run_job(main_fn, argv: list[str] | None = None) -> None:
     try:
         main_fn(argv if argv is not None else sys.argv[1:])
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         sys.exit(1)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import zipfile
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 from etl.config import PROJECT_ROOT, LakehouseConf
 from etl.devcluster import SPARK_HOME, master_state, spark_env, standalone
+from etl.jvmarchive import delta_jars
+from etl.spark import delta_coordinate
 from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
 from tests.helpers.frames import assert_same_rows
 from tests.helpers.pipeline import notebook_run, tiny_overrides, tiny_weights
@@ -24,7 +25,7 @@ ENTRY = "etl/jobs/run.py"  # what users and databricks.yml submit
 # of spark-submit's --conf)
 SMALL_SPARK = ('spark.conf={spark.sql.shuffle.partitions: "2", spark.default.parallelism: "2", '
                'spark.databricks.delta.snapshotPartitions: "1"}')
-DELTA = f"io.delta:delta-spark_2.13:{version('delta-spark')}"
+DELTA = delta_coordinate()
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +45,9 @@ def package_zip(path: Path) -> Path:
 
 
 def delta_args() -> list[str]:
-    """Local Delta jars when the Ivy cache has them (air-gapped style), else --packages."""
-    jars = sorted(j for j in (Path.home() / ".ivy2.5.2" / "jars").glob("*.jar")
-                  if j.name.startswith(("io.delta_", "org.antlr_")))  # not the S3 test's AWS SDK
-    if any("delta-spark" in j.name for j in jars):
-        return ["--jars", ",".join(map(str, jars))]
-    return ["--packages", DELTA]
+    """The local Delta jars ``make venv`` resolved (air-gapped style), else --packages."""
+    jars = delta_jars()
+    return ["--jars", ",".join(jars)] if jars else ["--packages", DELTA]
 
 
 def test_spark_submit_on_standalone_cluster_matches_local_mode(cluster, spark, tmp_path_factory):

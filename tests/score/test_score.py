@@ -321,7 +321,7 @@ def test_score_all_models_side_by_side_and_resume(lake, weights):
     assert stats["scored[tiny-b]"] == 10
 
     assert score_table(lake, BRONZE, SILVER, cfg, "r2")["scored[tiny-a]"] == 0
-    lake.delta(SILVER).delete("model_id = 'tiny-b' AND uid IN ('u001', 'u004', 'u-bad')")
+    lake.delete(SILVER, "model_id = 'tiny-b' AND uid IN ('u001', 'u004', 'u-bad')")
     again = score_table(lake, BRONZE, SILVER, cfg, "r3")  # checkpoint says done; silver does not
     assert (again["scored[tiny-a]"], again["scored[tiny-b]"]) == (0, 3)
     silver = lake.read(SILVER)
@@ -349,7 +349,8 @@ def test_killed_run_resumes_and_scores_each_pair_once(lake, weights, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "etl.jobs.score", "--conf", str(conf_file)],
                             cwd=PROJECT_ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_chunk = Path(lake.path(SILVER)) / "_delta_log" / f"{0:020d}.json"
+    # version 0 creates the empty table, each chunk appends one version
+    first_chunk = Path(lake.path(SILVER)) / "_delta_log" / f"{1:020d}.json"
     try:
         deadline = time.time() + 600
         while not first_chunk.exists() and proc.poll() is None and time.time() < deadline:

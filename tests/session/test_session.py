@@ -63,7 +63,7 @@ def test_launch_reads_spark_submit_from_the_environment():
     assert launch({}) == Launch(submitted=False, delta_given=False)
     assert launch({"PYSPARK_GATEWAY_PORT": "4040"}).submitted
     assert launch({"SPARK_SUBMIT_OPTS": "-Dx=1"}).submitted
-    given = launch({"PYSPARK_SUBMIT_ARGS": "--packages io.delta:delta-spark_2.13:4.0.1 pyspark-shell"})
+    given = launch({"PYSPARK_SUBMIT_ARGS": "--packages io.delta:delta-spark_4.1_2.13:4.3.1 pyspark-shell"})
     assert given == Launch(submitted=False, delta_given=True)  # plain python handed --packages
     assert launch({"PYSPARK_SUBMIT_ARGS": "--jars /x/delta-core_2.12.jar"}).delta_given
     assert not launch({"PYSPARK_SUBMIT_ARGS": "--master local[2] pyspark-shell"}).delta_given

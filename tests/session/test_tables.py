@@ -85,3 +85,31 @@ def test_a_recorded_build_is_stale_once_its_source_gains_rows(spark, lake, capsy
     assert (stale.table, stale.step, stale.built, stale.current) == (SILVER, "score", 0, 1)
     assert "dedup: silver_scores is stale" in str(stale) and "`dfn-curate score`" in str(stale)
     assert lake.stale_table(DEDUP, "select").step == "dedup"
+
+
+def test_schema_mode_creates_its_schema_and_counts_with_three_level_names(spark, tmp_path):
+    from etl.config import LakehouseConf
+
+    name = f"dfn_uc_{uuid.uuid4().hex[:8]}"
+    lh = Lakehouse(spark, LakehouseConf(root=str(tmp_path / "files"), catalog="spark_catalog",
+                                        schema=name))
+    try:
+        assert lh.name("t") == f"spark_catalog.{name}.t"
+        assert lh.insert_new(_rows(spark, range(4)), "t", ["k"]) == 4  # the schema, then t
+        assert lh.insert_new(_rows(spark, range(2, 7)), "t", ["k"]) == 3
+        lh.delete("t", "k >= 5")
+        assert sorted(r.k for r in lh.read("t").collect()) == [0, 1, 2, 3, 4]
+        assert [r.operation for r in lh.history("t").collect()][:2] == ["DELETE", "MERGE"]
+    finally:
+        spark.sql(f"DROP SCHEMA IF EXISTS spark_catalog.{name} CASCADE")
+
+
+def test_a_catalog_refusal_is_told_apart_from_other_errors():
+    from etl.tables import _denied, _missing
+
+    assert _denied(Exception("[INSUFFICIENT_PERMISSIONS] User does not have USE CATALOG on "
+                             "Catalog 'main'. SQLSTATE: 42501"))
+    assert _denied(Exception("PERMISSION_DENIED: User does not have CREATE SCHEMA on Catalog"))
+    assert not _denied(Exception("[SCHEMA_ALREADY_EXISTS] Cannot create schema"))
+    assert _missing(Exception("[DELTA_MISSING_DELTA_TABLE] `/x` is not a Delta table."))
+    assert not _missing(Exception("[INSUFFICIENT_PERMISSIONS] no SELECT on table"))
