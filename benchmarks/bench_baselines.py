@@ -31,11 +31,11 @@ from etl.config import PROJECT_ROOT, load_config  # noqa: E402
 
 CLIP_OUT = "lakehouse/models/clip-pool.safetensors"
 PRESETS = ["none", "no_filter", "random(0.3)", "basic", "laion2b", "clip_fraction(0.3)",
-           "text_based", "image_based", "clip_and_image", "dfn_fraction(0.3)",
+           "text_vocabulary", "image_based", "clip_and_image", "dfn_fraction(0.3)",
            "targeted_fraction(0.3)", "basic and dfn_fraction(0.7)", "oracle"]
 NEEDS = {"none": "-", "no_filter": "dedup", "random(0.3)": "dedup",
          "basic": "dedup, fastText", "laion2b": "dedup, fastText, CLIP scores",
-         "clip_fraction(0.3)": "dedup, CLIP scores", "text_based": "dedup, fastText, vocabulary",
+         "clip_fraction(0.3)": "dedup, CLIP scores", "text_vocabulary": "dedup, fastText, vocabulary",
          "image_based": "dedup, fastText, targets (k-means)",
          "clip_and_image": "dedup, fastText, CLIP scores, targets",
          "dfn_fraction(0.3)": "dedup, DFN scores", "targeted_fraction(0.3)": "dedup, targets",

@@ -187,7 +187,9 @@ class TargetsConf:
     top_k: int = 10  # target_similarity = mean of the top-k cosines to target images
     nprobe: int = 4  # clusters searched per pool row (exact when >= n_clusters)
     max_targets: int = 100_000  # target embeddings held by each task (k x dim floats)
-    vocabulary: str = "imagenet1k"  # imagenet1k (open_clip's class names) | a file, one term a line
+    # the in_vocabulary flag (text_vocabulary preset): imagenet1k (open_clip's class names) | a
+    # file, one term a line
+    vocabulary: str = "imagenet1k"
     seed: int = 0  # seed of sampling and k-means
 
 

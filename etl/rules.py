@@ -42,9 +42,11 @@ PRESETS: dict[str, str] = {
     "no_filter": "no_filter",
     "basic": " and ".join(DATACOMP_BASIC),
     "laion2b": "clip_b32_threshold(0.28) and english",
-    # DataComp: fastText English and a caption word in the vocabulary (they map words to
-    # ImageNet-21k synsets with WordNet; here: whole-word, case-insensitive vocabulary terms)
-    "text_based": "english and in_vocabulary",
+    # DataComp: fastText English and a caption word whose first WordNet synset is an
+    # ImageNet-21k class (udfs/wordnet.py, exactly)
+    "text_based": "english and in_imagenet21k",
+    # the same with a term list instead (targets.vocabulary: whole words, case-insensitive)
+    "text_vocabulary": "english and in_vocabulary",
     # DataComp: its caption filter (English, > 1 word, > 5 characters), then the clusters
     "image_based": "english and two_words and caption_chars and in_target_cluster",
     "clip_and_image": "clip_fraction(0.3) and image_based",

@@ -21,7 +21,8 @@ reads ``score`` (:func:`needs_scores`), ``silver_targets`` only for the target s
 
 from __future__ import annotations
 
-from pyspark.sql import DataFrame
+import pandas as pd
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from etl.config import Config, SelectConf
@@ -33,7 +34,8 @@ from etl.silver import alias_scores, scored_pool
 from etl.tables import BRONZE, DEDUP, SELECTION, Lakehouse
 
 DEDUP_REASONS = ["eval-leak", "duplicate", "near-duplicate"]
-FLAGS = {"in_target_cluster": "in_target_cluster", "in_vocabulary": "caption_in_vocab"}
+FLAGS = {"in_target_cluster": "in_target_cluster", "in_vocabulary": "caption_in_vocab",
+         "in_imagenet21k": "caption_in21k"}
 TARGET_COLUMNS = ("in_target_cluster", "target_similarity")
 DEDUP_COLUMNS = ["dup_of", "dup_reason", "dup_similarity", "eval_match", "eval_similarity"]
 UNSCORABLE = "unscorable"
@@ -47,7 +49,8 @@ def rule_context(conf: SelectConf) -> RuleContext:
     """What ``select.rule``'s names mean: ``dfn`` = the selection model's score, each
     ``select.scores`` alias (a ``model:<id>`` alias reads column ``score_<alias>``), the
     configured filters (DataComp's basic filters and ``two_words`` always by name), and the
-    flags ``in_target_cluster`` (silver_targets) / ``in_vocabulary`` (``targets.vocabulary``)."""
+    flags ``in_target_cluster`` (silver_targets), ``in_vocabulary`` (``targets.vocabulary``) and
+    ``in_imagenet21k`` (DataComp's text-based predicate: :mod:`udfs.wordnet`)."""
     scores = {"dfn": "score", **{a: _alias_column(a, src) for a, src in conf.scores.items()}}
     filters = {**DATACOMP_BASIC, "two_words": "caption_words > 1", **configured_filters(conf)}
     return RuleContext(scores=scores, filters=filters, flags=dict(FLAGS),
@@ -172,7 +175,7 @@ def cut_lines(cuts: dict[str, Threshold]) -> list[str]:
 def selection_pool(lake: Lakehouse, cfg: Config) -> DataFrame:
     """Bronze pairs with what the selection's rule reads: the selection model's ``score``
     (only when a part reads it), ``model:<id>`` aliases' scores, ``silver_targets`` columns,
-    ``caption_in_vocab``."""
+    ``caption_in_vocab``, ``caption_in21k``."""
     conf = cfg.select
     cols = selection_rule(conf).columns()
     pool = scored_pool(lake, cfg, with_scores=needs_scores(conf))
@@ -189,7 +192,22 @@ def selection_pool(lake: Lakehouse, cfg: Config) -> DataFrame:
 
         terms = vocabulary_terms(cfg.targets.vocabulary, lake)
         pool = pool.withColumn("caption_in_vocab", in_vocabulary(F.col("text"), terms))
+    if "caption_in21k" in cols:
+        pool = pool.withColumn("caption_in21k", in_imagenet21k(F.col("text")))
     return pool
+
+
+def in_imagenet21k(text: Column) -> Column:
+    """DataComp's text-based predicate per caption, on the executors (WordNet loaded once per
+    Python worker); null for a null caption."""
+    from pyspark.sql.functions import pandas_udf
+
+    def contains(texts: pd.Series) -> pd.Series:
+        from udfs.wordnet import contains_entity_series
+
+        return contains_entity_series(texts)
+
+    return pandas_udf(contains, "boolean")(text)
 
 
 def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:

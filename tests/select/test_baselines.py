@@ -87,8 +87,11 @@ def reasons(lake, cfg, rule):
     ("image_based", {"b": "in_target_cluster", "e": "in_target_cluster",
                      "h": "in_target_cluster"}),
     # whole words only: "triangles" does not mention the term "triangle"
-    ("text_based", {"c": "in_vocabulary", "d": "in_vocabulary", "e": "in_vocabulary",
-                    "h": "in_vocabulary"}),
+    ("text_vocabulary", {"c": "in_vocabulary", "d": "in_vocabulary", "e": "in_vocabulary",
+                         "h": "in_vocabulary"}),
+    # DataComp's: a word whose first WordNet synset is an ImageNet-21k class ("circle",
+    # "blue", "shoes", "triangles" -> triangle, "picture"); none in e or h
+    ("text_based", {"e": "in_imagenet21k", "h": "in_imagenet21k"}),
     ("laion2b", {"a": "clip_b32_threshold(0.28)", "e": "clip_b32_threshold(0.28)",
                  "f": "clip_b32_threshold(0.28)"}),
     # dfn over all 8 (pool): n=int(3.2)=3 -> sorted .9 .9 .8 .7 -> keep >= .7
