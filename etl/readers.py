@@ -26,6 +26,7 @@ from etl.compat import Staging, json_lines_schema
 from etl.config import SourceConf
 from etl.fs import Store
 from etl.inputcheck import SchemaConflict, check_csv_headers, check_parquet_files
+from etl.redact import redact_text
 from etl.tarshards import (
     IMAGE_EXTS,
     SHARD_GLOB,
@@ -78,7 +79,7 @@ def read_source(spark: SparkSession, src: SourceConf, path: str | None = None,
             return read_image_folder(spark, path, src.json_sample_rows, stage)
     except AnalysisException as exc:
         first = str(exc).strip().splitlines()[0][:300]
-        raise InputError(f"{fmt} source {path}: {first}") from exc
+        raise InputError(redact_text(f"{fmt} source {path}: {first}")) from None
     except SchemaConflict as exc:
         raise InputError(str(exc)) from exc
     raise InputError(f"unknown source format {fmt!r}")

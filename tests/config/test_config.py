@@ -129,3 +129,16 @@ def test_unreachable_endpoint_fails_fast_naming_it():
     with pytest.raises(ConnectorError, match=rf"lakehouse\.root: cannot access s3a://b/lake at {endpoint}"):
         probe(store, "lakehouse.root", "s3a://b/lake")
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["spark.remote=http://host:15002"], "spark.remote: sc://host:port"),
+    (["lakehouse.catalog=main"], "lakehouse.catalog: set lakehouse.schema too"),
+    (["lakehouse.schema=main.dfn"], "lakehouse.schema: 'main.dfn' must be one name"),
+    (["lakehouse.catalog=dev-ml", "lakehouse.schema=dfn"], "lakehouse.catalog: 'dev-ml'"),
+])
+def test_remote_and_catalog_names_are_checked_up_front(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)
+    assert load_config(None, ["spark.remote=sc://h:443/;token=x", "lakehouse.catalog=main",
+                              "lakehouse.schema=dfn_curate"]).lakehouse.schema == "dfn_curate"

@@ -113,3 +113,10 @@ def test_a_catalog_refusal_is_told_apart_from_other_errors():
     assert not _denied(Exception("[SCHEMA_ALREADY_EXISTS] Cannot create schema"))
     assert _missing(Exception("[DELTA_MISSING_DELTA_TABLE] `/x` is not a Delta table."))
     assert not _missing(Exception("[INSUFFICIENT_PERMISSIONS] no SELECT on table"))
+
+
+def test_a_folder_without_a_delta_log_is_no_table_and_a_rerun_creates_it(spark, lake):
+    _rows(spark, range(3)).write.parquet(lake.path("t"))  # a first write killed before its log
+    assert not lake.exists("t")
+    assert lake.insert_new(_rows(spark, range(2)), "t", ["k"]) == 2
+    assert lake.exists("t") and lake.read("t").count() == 2
