@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,8 +38,9 @@ from benchmarks.provenance import write_json  # noqa: E402
 
 def timed(args: list[str], log: Path, remote: str | None) -> float:
     """Seconds ``dfn-curate <args>`` takes in a new process (``remote``: over Connect)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYSPARK_GATEWAY", "SPARK_REMOTE", "SPARK_CONNECT_MODE"))}
+    from etl.spark import child_env
+
+    env = child_env()
     cmd = [sys.executable, "-m", "etl.cli", *args]
     if remote:
         cmd += ["--set", f"spark.remote={remote}"]

@@ -11,7 +11,6 @@ resolved (else ``--packages``). Its Python workers run this interpreter (the ven
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -19,8 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from etl.devcluster import free_port
 from etl.jvmarchive import delta_jars
-from etl.spark import DELTA_CONF, LOCAL_DEFAULTS, delta_coordinate
+from etl.spark import DELTA_CONF, LOCAL_DEFAULTS, child_env, delta_coordinate
 
 SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 DEFAULT_PORT = 15002
@@ -54,12 +54,6 @@ def server_command(port: int, master: str = "local[2]", conf: dict[str, str] | N
     for key, value in settings.items():
         cmd += ["--conf", f"{key}={value}"]
     return cmd + ["spark-internal"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(host: str, port: int) -> bool:
@@ -110,10 +104,7 @@ def start(workdir: str | Path, port: int | None = None, master: str = "local[2]"
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     conf = {"spark.sql.warehouse.dir": str(workdir / "warehouse"), **(conf or {})}
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
-    for key in ("SPARK_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "PYSPARK_GATEWAY_PORT",
-                "PYSPARK_GATEWAY_SECRET", "PYSPARK_SUBMIT_ARGS"):
-        env.pop(key, None)
+    env = child_env(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
     log = workdir / "connect-server.log"
     begin = time.monotonic()
     with open(log, "wb") as out:

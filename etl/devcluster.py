@@ -7,7 +7,6 @@ and ``bench-scale --cluster``, whose driver memory is then the driver's alone.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyspark
+
+from etl.spark import child_env
 
 SPARK_HOME = Path(pyspark.__file__).parent
 
@@ -39,11 +40,8 @@ def free_port() -> int:
 def spark_env() -> dict[str, str]:
     """Environment for Spark daemons and spark-submit: this venv's Python, loopback only,
     and nothing inherited from a running session's own Py4J gateway."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYSPARK_GATEWAY", "PYSPARK_SUBMIT_ARGS", "SPARK_"))}
-    env.update(SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1",
-               PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
-    return env
+    return child_env(("SPARK_",), SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1",
+                     PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
 
 
 def daemon(cls: str, args: list[str], log: Path) -> subprocess.Popen:

@@ -348,8 +348,9 @@ def _stream(job: ScoreJob, restart: bool, had_rows: bool = True) -> int:
     spec, conf, run_id, digest = job.spec, job.conf, job.run_id, job.digest
     # every chunk an append to an existing table: a metastore table's creating write would
     # drop the chunk's userMetadata and txnAppId (its rows uncounted, its batch not idempotent)
-    lake.ensure(target, score_pairs(lake.read(job.source).select("uid", "image", "text"),
-                                    spec, conf, run_id, digest).schema)
+    if not lake.exists(target):  # the schema costs a model spec and a plan: only when needed
+        lake.ensure(target, score_pairs(lake.read(job.source).select("uid", "image", "text"),
+                                        spec, conf, run_id, digest).schema)
     since = lake.version(target)
     lake_conf, store = lake.conf, lake.store  # not the session: over Connect this runs remotely
 

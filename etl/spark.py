@@ -258,19 +258,46 @@ def local_frame(spark: SparkSession, rows: Sequence[Sequence[Any] | Mapping[str,
 
 
 @contextmanager
-def session_conf(spark: SparkSession, values: dict[str, str]) -> Iterator[None]:
-    """Set SQL confs for the block, then put back what was there (unset when nothing was)."""
+def session_conf(spark: SparkSession, values: dict[str, str]) -> Iterator[bool]:
+    """Set SQL confs for the block (yields True), then put back what was there (unset when
+    nothing was). A session that refuses one of them (Databricks serverless allows few) runs
+    the block with none of them set: yields False."""
     before = {k: spark.conf.get(k, None) for k in values}
-    for key, value in values.items():
-        spark.conf.set(key, value)
+    done: list[str] = []
     try:
-        yield
+        for key, value in values.items():
+            spark.conf.set(key, value)
+            done.append(key)
+    except Exception:  # noqa: BLE001 - CONFIG_NOT_AVAILABLE and the like
+        _restore_conf(spark, before, done)
+        done = []
+    try:
+        yield len(done) == len(values)
     finally:
-        for key, value in before.items():
-            if value is None:
+        _restore_conf(spark, before, done)
+
+
+def _restore_conf(spark: SparkSession, before: dict[str, str | None], keys: list[str]) -> None:
+    for key in keys:
+        try:
+            if before[key] is None:
                 spark.conf.unset(key)
             else:
-                spark.conf.set(key, value)
+                spark.conf.set(key, before[key])
+        except Exception:  # noqa: BLE001 - restoring must not hide the block's own error
+            pass
+
+
+# What ties a process to this one's session: a child that inherits them attaches to this
+# process's JVM gateway (spark-submit's) or Connect server instead of starting its own.
+SESSION_ENV = ("PYSPARK_GATEWAY", "PYSPARK_SUBMIT_ARGS", "SPARK_CONNECT_MODE", "SPARK_REMOTE")
+
+
+def child_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """This process's environment for a child that starts its own session: without
+    :data:`SESSION_ENV` (and variables starting with ``drop``), plus ``extra``."""
+    gone = SESSION_ENV + drop
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(gone)}, **extra}
 
 
 def delta_coordinate() -> str:

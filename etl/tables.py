@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -33,7 +31,7 @@ from etl.compat import Staging
 from etl.config import ConfigError, LakehouseConf
 from etl.fs import Store, is_url, locate
 from etl.redact import redact_text
-from etl.spark import local_frame
+from etl.spark import local_frame, session_conf
 
 BRONZE = "bronze_pairs"
 QUARANTINE = "quarantine"
@@ -171,14 +169,13 @@ class Lakehouse:
     def exists(self, table: str) -> bool:
         if self.conf.schema:
             return self.spark.catalog.tableExists(self.name(table))
-        try:
-            row = self.spark.sql(f"DESCRIBE DETAIL {self.name(table)}").select("format").first()
+        try:  # a folder without a Delta log (a killed first write) is "not a Delta table"
+            self.spark.sql(f"DESCRIBE DETAIL {self.name(table)}").first()  # run it, in either mode
         except Exception as exc:  # noqa: BLE001 - "not a Delta table" / "path does not exist"
             if _missing(exc):
                 return False
             raise
-        # a folder without a Delta log (a killed first write) is described with no format
-        return row is not None and (row[0] or "").lower() == "delta"
+        return True
 
     def read(self, table: str) -> DataFrame:
         """The table as a DataFrame; a clear error if it was never written."""
@@ -308,17 +305,13 @@ class Lakehouse:
         view, tag, since = f"dfn_merge_{uuid.uuid4().hex}", _tag(), self.version(table)
         df.createOrReplaceTempView(view)
         try:
-            with _commit_tag(self.spark, tag) as tagged:
+            with session_conf(self.spark, {USER_METADATA: tag}) as tagged:
                 self.spark.sql(f"MERGE INTO {self.name(table)} t USING {view} s ON {cond} "
                                "WHEN NOT MATCHED THEN INSERT *")
         finally:
             self.spark.catalog.dropTempView(view)
-        if tagged:
-            return self.tagged_rows(table, tag, since, "numTargetRowsInserted") or 0
-        merges = (self.history(table, max(1, self.version(table) - since))
-                  .where((F.col("version") > since) & (F.col("operation") == "MERGE"))
-                  .select("operationMetrics").collect())  # untagged: this run's MERGE commits
-        return sum(int((r[0] or {}).get("numTargetRowsInserted", "0")) for r in merges)
+        mine = (F.col("userMetadata") == tag) if tagged else (F.col("operation") == "MERGE")
+        return self._commit_rows(table, since, "numTargetRowsInserted", mine) or 0
 
     def _create(self, df: DataFrame, table: str) -> int:
         """Append ``df`` to a new ``table``; the rows that commit added (``numOutputRows``).
@@ -343,12 +336,17 @@ class Lakehouse:
         """Rows added by the commits of ``table`` after version ``since`` (None: all) whose
         ``userMetadata`` is ``tag``: the sum of their ``metric``; None when there is no such
         commit. Only the history of those versions is read."""
+        return self._commit_rows(table, since, metric, F.col("userMetadata") == tag)
+
+    def _commit_rows(self, table: str, since: int | None, metric: str,
+                     which: Column) -> int | None:
+        """The sum of ``metric`` over the commits of ``table`` after version ``since`` (None:
+        all) that ``which`` selects from the history; None when none does."""
         current = self.version(table)
         if current is None or (since is not None and current <= since):
             return None
         newer = current - (-1 if since is None else since)
-        history = (self.history(table, newer).where(F.col("userMetadata") == tag)
-                   .select("operationMetrics").collect())
+        history = self.history(table, newer).where(which).select("operationMetrics").collect()
         if not history:
             return None
         return sum(int((r[0] or {}).get(metric, "0")) for r in history)
@@ -438,26 +436,6 @@ class StaleTableError(ConfigError):
 USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 
 
-@contextmanager
-def _commit_tag(spark: SparkSession, tag: str) -> Iterator[bool]:
-    """Tag the block's Delta commits with ``tag`` (yields True), or yield False where the
-    session refuses the setting (serverless allows few); the old value is put back."""
-    before = spark.conf.get(USER_METADATA, None)
-    try:
-        spark.conf.set(USER_METADATA, tag)
-    except Exception:  # noqa: BLE001 - CONFIG_NOT_AVAILABLE and the like
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        try:
-            if before is None:
-                spark.conf.unset(USER_METADATA)
-            else:
-                spark.conf.set(USER_METADATA, before)
-        except Exception:  # noqa: BLE001 - restoring must not hide the block's own error
-            pass
 
 
 def _tag() -> str:

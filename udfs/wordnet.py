@@ -42,12 +42,17 @@ MISSING = ("WordNet 3.0 is not installed beside udfs/wordnet.py; run `python -m 
            "--build` (make venv does) before building the wheel or the zip")
 
 
+def imagenet21k_path() -> Path:
+    """timm's copy of DataComp's ImageNet-21k synset list."""
+    import timm
+
+    return Path(timm.__file__).parent / "data" / "_info" / "imagenet21k_goog_synsets.txt"
+
+
 def imagenet21k_ids() -> frozenset[int]:
     """DataComp's ImageNet-21k synset offsets (``n02084071`` -> 2084071), from timm's copy of
     its file, refused unless byte-identical."""
-    import timm
-
-    path = Path(timm.__file__).parent / "data" / "_info" / "imagenet21k_goog_synsets.txt"
+    path = imagenet21k_path()
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != IN21K_SHA256:
         raise RuntimeError(f"{path} is not DataComp's ImageNet-21k synset list (sha256 differs)")

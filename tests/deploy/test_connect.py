@@ -13,6 +13,7 @@ import pytest
 
 from etl import connectserver
 from etl.config import LakehouseConf, SparkConf
+from etl.devcluster import free_port
 from etl.spark import connect_refusals, runtime_defaults
 from etl.tables import Lakehouse
 from tests.helpers.connect import child_env, run_cli, summary
@@ -105,7 +106,7 @@ def test_notebook_over_connect_with_three_level_names_matches_classic(server, ti
 
 @pytest.mark.slow
 def test_unreachable_remote_stops_at_once_naming_the_url(tmp_path):
-    port = connectserver.free_port()
+    port = free_port()
     begin = time.monotonic()
     done = run_cli("ingest", "--set", f"lakehouse.root={tmp_path / 'lake'}", "--set",
                    f"spark.remote=sc://127.0.0.1:{port}/;token=FAKETOKEN9", timeout=120)

@@ -15,6 +15,7 @@ import sys
 
 from etl.config import PROJECT_ROOT
 from etl.export import read_export
+from etl.spark import child_env
 from etl.tables import RUN_STATS, TABLE_NAMES, Lakehouse
 
 PIPELINE_STEPS = ("ingest", "score", "dedup", "targets", "select", "export", "quality")
@@ -30,13 +31,6 @@ def summary(lake: Lakehouse, out_dir: str) -> dict:
     npy = lake.store.read_bytes(manifest["uids_npy"]["path"]) if manifest else b""
     return {"counts": counts, "run_stats": stats, "uids_npy": hashlib.sha256(npy).hexdigest(),
             "kept": manifest and manifest["kept"]}
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """This process's environment without what would tie a child to this JVM, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYSPARK_GATEWAY", "SPARK_CONNECT_MODE", "SPARK_REMOTE"))}
-    return {**env, **extra}
 
 
 def run_cli(*args: str, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:

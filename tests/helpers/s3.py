@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from etl.devcluster import free_port
+from etl.spark import child_env
 
 KEY, SECRET, REGION = "testing-key", "testing-secret", "us-east-1"
 
@@ -79,8 +80,7 @@ def cli_env(local_dir: Path | None = None) -> dict[str, str]:
 
     ``local_dir`` holds Spark's scratch files: a session with hadoop-aws copies its jars (~0.5 GB)
     there, and a killed driver never removes them, so a killed one must not use the system tmp."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYSPARK_GATEWAY", "PYSPARK_SUBMIT_ARGS", "SPARK_", "AWS_"))}
+    env = child_env(("SPARK_", "AWS_"))
     env.update(SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
                PYSPARK_DRIVER_PYTHON=sys.executable, AWS_EC2_METADATA_DISABLED="true",
                PYTHONUNBUFFERED="1")

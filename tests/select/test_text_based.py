@@ -11,7 +11,7 @@ import pytest
 from etl.config import Config, LakehouseConf, SelectConf
 from etl.select import select_pairs, selection_pool
 from etl.tables import BRONZE, DEDUP
-from udfs.wordnet import IN21K_SHA256, imagenet21k_ids, reader
+from udfs.wordnet import IN21K_SHA256, imagenet21k_ids, imagenet21k_path, reader
 
 CAPTIONS = [
     ("p01", "Two dogs playing in the snow"),  # plural -> dog.n.01
@@ -55,12 +55,7 @@ def datacomp_text_based(texts: pd.Series) -> pd.Series:
 
 
 def _id_lines() -> list[str]:
-    from pathlib import Path
-
-    import timm
-
-    path = Path(timm.__file__).parent / "data" / "_info" / "imagenet21k_goog_synsets.txt"
-    return path.read_text().split()
+    return imagenet21k_path().read_text().split()  # read as DataComp reads its copy
 
 
 def test_the_wordnet_is_wordnet_3_0_and_the_ids_are_datacomps():
