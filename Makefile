@@ -76,6 +76,12 @@ bench-scale: $(STAMP)
 bench-connect: $(STAMP) $(JSA)
 	$(BIN)/python benchmarks/bench_connect.py $(ARGS)
 
+# Takedown add/apply/purge of 1,000 selectors on the 1M-row metadata pool, as a ratio to one
+# select + export of it (docs/performance.md); ARGS="--rows 100000 --selectors 200" for less.
+.PHONY: bench-takedown
+bench-takedown: $(STAMP) $(JSA)
+	$(BIN)/python benchmarks/bench_takedown.py $(ARGS)
+
 # A long-running local Spark Connect server with Delta; commands attach with
 # --set spark.remote=sc://127.0.0.1:15002 (no JVM start per command). Ctrl-C stops it.
 connect-server: $(STAMP) $(JSA)

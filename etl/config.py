@@ -204,6 +204,28 @@ class ExportConf:
     urls_parquet: bool = True  # write that kind of file
 
 
+TAKEDOWN_CATEGORIES = ("legal", "gdpr_erasure", "opt_out", "abuse_hashlist", "internal")
+
+
+@dataclass
+class TakedownConf:
+    """Removal requests (``dfn-curate takedown``): the ledger, matching and physical purge."""
+
+    # requests of these categories store only a keyed hash (HMAC-SHA256) of each selector
+    hashed_categories: list[str] = field(
+        default_factory=lambda: ["gdpr_erasure", "abuse_hashlist"])
+    # environment variable holding the ledger's secret hash key (>= 16 characters); the same
+    # key must be set for every run that reads a hashed request (add, apply, ingest, purge)
+    key_env: str = "DFN_TAKEDOWN_KEY"
+    # also remove the near duplicates dedup flagged against a removed row (and its keeper)
+    expand_near: bool = False
+    # VACUUM retention of purge, in hours; Delta refuses < 168 unless its retention check is
+    # switched off (spark.databricks.delta.retentionDurationCheck.enabled, tests only)
+    retain_hours: int = 168
+    # rewrite <lakehouse.root>/report (if present) after apply, so it shows no removed row
+    rewrite_report: bool = True
+
+
 # Training values that udfs.train (torch-side, which etl never imports) shares with etl.train.
 SHUFFLE_BUFFER = 4096  # rows (still encoded) each training process holds for its seeded shuffle
 MIN_ROWS_FOR_VAL = 200  # fewer training pairs than this hold out no validation: every row trains
@@ -251,6 +273,7 @@ class Config:
     train: TrainConf = field(default_factory=TrainConf)
     evaluate: EvaluateConf = field(default_factory=EvaluateConf)
     targets: TargetsConf = field(default_factory=TargetsConf)
+    takedown: TakedownConf = field(default_factory=TakedownConf)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -410,6 +433,12 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.train.val_fraction < 1.0 and cfg.train.shuffle_buffer >= 1,
            "train: val_fraction in [0, 1) and shuffle_buffer >= 1")
     _check(cfg.evaluate.max_pairs > 0, "evaluate.max_pairs: must be > 0")
+    td = cfg.takedown
+    bad = sorted(set(td.hashed_categories) - set(TAKEDOWN_CATEGORIES))
+    _check(not bad, f"takedown.hashed_categories: {bad} not among {', '.join(TAKEDOWN_CATEGORIES)}")
+    _check(td.retain_hours >= 0, f"takedown.retain_hours: hours >= 0, got {td.retain_hours}")
+    _check(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", td.key_env)),
+           f"takedown.key_env: the name of an environment variable, got {td.key_env!r}")
 
 
 def config_urls(cfg: Config) -> dict[str, str]:

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 import tarfile
 from datetime import datetime, timezone
 from functools import partial
 
 import numpy as np
 import pandas as pd
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -46,9 +46,10 @@ from etl.fs import Store, ancestors, is_within, join
 from etl.redact import redact, redact_text
 from etl.spark import local_frame, session_conf
 from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
+from etl.takedown.match import without_removed
+from etl.uidfile import write_uids_npy
 from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
-UID_DTYPE = np.dtype("u8,u8")
 ROWS_PER_BUCKET = 200_000  # rows per window partition when numbering samples
 # the kept-uid Bloom filter's cap: 8 MB at 8 bits each (Spark's own maximum), as each task on
 # the kept side shuffles a filter of that size to the one task that merges them
@@ -97,87 +98,12 @@ def write_gold(lake: Lakehouse) -> None:
     """Overwrite ``gold_pairs`` with :func:`gold_pairs` under :func:`prefilter_conf`."""
     selection = lake.read(SELECTION)
     with session_conf(lake.spark, prefilter_conf(lake.spark, kept_rows(selection).count())):
-        lake.overwrite(gold_pairs(selection, lake.read(BRONZE)), GOLD)
+        lake.overwrite(without_removed(lake, gold_pairs(selection, lake.read(BRONZE))), GOLD)
 
 
 def output_dir(lake: Lakehouse, conf: ExportConf) -> str:
     """Where exports are published (a URL or an absolute path)."""
     return lake.resolve(conf.out_dir)
-
-
-# ---- uids.npy ------------------------------------------------------------------------------
-
-
-def uid_pairs(uids: list[str] | pd.Series) -> np.ndarray:
-    """32-hex-digit uids -> ``u8,u8`` records (hi = first 16 digits, lo = last 16)."""
-    raw = np.frombuffer(bytes.fromhex("".join(uids)), dtype=">u8").astype("<u8")
-    out = np.empty(len(raw) // 2, dtype=UID_DTYPE)
-    out["f0"], out["f1"] = raw[0::2], raw[1::2]
-    return out
-
-
-def uid_strings(arr: np.ndarray) -> list[str]:
-    """Inverse of :func:`uid_pairs`."""
-    return [f"{int(hi):016x}{int(lo):016x}" for hi, lo in arr.tolist()]
-
-
-def write_uids_npy(df: DataFrame, path: str, store: Store | None = None,
-                   rows_per_part: int = 1_000_000) -> int:
-    """Write the sorted unique uids of ``df`` as a DataComp subset ``.npy``; returns the count.
-
-    Tasks each write the raw records of one uid range next to ``path``; the driver writes the
-    header and streams the parts in range order into ``path`` (16 bytes a uid; no uid is held
-    in driver memory), then removes the parts.
-    """
-    store, path = store or Store(), str(path)
-    # the narrow uid column, de-duplicated once and cached: every pass below reads it
-    uids = df.select("uid").dropDuplicates(["uid"]).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        bad = uids.where(~F.col("uid").rlike("^[0-9a-f]{32}$")).limit(1).collect()
-        if bad:
-            raise ValueError(f"uids.npy needs 32 lowercase hex digit uids, got {bad[0]['uid']!r}")
-        n = uids.count()
-        parts_dir = join(path.rsplit("/", 1)[0], f"_{path.rsplit('/', 1)[-1]}.parts")
-        ranged = (uids.repartitionByRange(max(1, -(-n // rows_per_part)), "uid")
-                  .sortWithinPartitions("uid"))
-        stats = ranged.mapInPandas(partial(uid_part_writer, out=parts_dir, store=store),
-                                   "part int, count long, first string, last string").collect()
-    finally:
-        uids.unpersist()
-    stats = sorted((r for r in stats if r["count"]), key=lambda r: r["part"])
-    for a, b in zip(stats, stats[1:], strict=False):
-        if not a["last"] < b["first"]:
-            raise AssertionError("uid ranges of the parts overlap; refusing to write uids.npy")
-    total = sum(r["count"] for r in stats)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {
-        "descr": np.lib.format.dtype_to_descr(UID_DTYPE), "fortran_order": False,
-        "shape": (total,)})
-    store.concat([join(parts_dir, f"{r['part']:05d}.bin") for r in stats], path,
-                 header.getvalue())
-    store.rm(parts_dir)
-    return total
-
-
-def uid_part_writer(batches, out: str, store: Store):
-    """mapInPandas body: this task's sorted uids as raw ``u8,u8`` records in ``<part>.bin``.
-
-    A retried task rewrites the same part whole; nothing is read before the driver has every
-    task's count.
-    """
-    from pyspark import TaskContext
-
-    part = TaskContext.get().partitionId()
-    count, first, last = 0, None, None
-    with store.open(join(out, f"{part:05d}.bin"), "wb") as fh:
-        for pdf in batches:
-            if pdf.empty:
-                continue
-            fh.write(uid_pairs(pdf["uid"].tolist()).tobytes())
-            count += len(pdf)
-            first = first or pdf["uid"].iloc[0]
-            last = pdf["uid"].iloc[-1]
-    yield pd.DataFrame({"part": [part], "count": [count], "first": [first], "last": [last]})
 
 
 # ---- WebDataset shards ---------------------------------------------------------------------
@@ -303,8 +229,9 @@ def shard_writer(batches, out: str, width: int, store: Store,
 
 
 def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
-    """Write ``df`` (uid, url, text, image, score, width, height) as WebDataset shards.
+                 max_pixels: int = DEFAULT_MAX_PIXELS, index: str | None = None) -> list[dict]:
+    """Write ``df`` (uid, url, text, image, score, width, height) as WebDataset shards, and
+    (``index``) a parquet of (uid, shard) there: which shard holds each sample.
 
     Images over ``max_pixels`` (or undecodable ones that need re-encoding) are skipped and
     counted per shard (``skipped``).
@@ -321,6 +248,8 @@ def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None =
             return []
         n_shards += 1
         width = max(5, len(str(n_shards - 1)))
+        if index is not None:
+            ids.write.mode("overwrite").parquet(index)
         parts = (with_image.join(ids, "uid").select(*SHARD_COLUMNS)
                  .repartition(n_shards, "shard").sortWithinPartitions("shard", "uid"))
         stats = parts.mapInPandas(partial(shard_writer, out=out, width=width, store=store,
@@ -402,19 +331,38 @@ def export_files(gold: DataFrame, out: str, conf: ExportConf, run_id: str,
     ``lake_root``: the lakehouse root it must not be or hold)."""
     store, out = store or Store(), str(out)
     check_out_dir(out, store, lake_root)
+    run_dir = start_run(store, out, run_id)
+    manifest = redact(_write_all(gold, run_dir, conf, run_id, extra or {}, store, max_pixels))
+    publish(store, out, manifest, conf.keep_previous)
+    return manifest
+
+
+def start_run(store: Store, out: str, run_id: str) -> str:
+    """Claim ``out`` (if new) and create run ``run_id``'s folder (marked as this project's)."""
     run_dir = join(out, "runs", run_id)
     if store.exists(join(run_dir, MANIFEST)):
         raise ValueError(redact_text(f"export run {run_dir} already exists; use a new run id"))
     if not store.exists(join(out, MARKER)):
         store.write_text(join(out, MARKER), FORMAT)  # claims the folder as an export's
     store.write_text(join(run_dir, MARKER), run_id)
-    manifest = redact(_write_all(gold, run_dir, conf, run_id, extra or {}, store, max_pixels))
+    return run_dir
+
+
+def publish(store: Store, out: str, manifest: dict, keep_previous: bool) -> None:
+    """Write the run's manifest, then ``out/manifest.json`` (the publish: one object, written
+    last); then remove the run folders neither it nor (``keep_previous``) the one it replaced
+    reads."""
     previous = read_export(out, store)
-    write_manifest(store, run_dir, manifest)
-    write_manifest(store, out, manifest)  # the publish: one object, written last
-    keep = {run_id} | ({previous["run_id"]} if previous and conf.keep_previous else set())
+    write_manifest(store, manifest["run_dir"], manifest)
+    write_manifest(store, out, manifest)
+    keep = set(runs_of(manifest)) | (set(runs_of(previous)) if previous and keep_previous
+                                      else set())
     prune_runs(store, out, keep)
-    return manifest
+
+
+def runs_of(manifest: dict) -> list[str]:
+    """The run folders a manifest reads: its own and those of shards it kept in place."""
+    return manifest.get("runs") or [manifest["run_id"]]
 
 
 def _write_all(gold: DataFrame, run_dir: str, conf: ExportConf, run_id: str, extra: dict,
@@ -431,27 +379,51 @@ def _write_all(gold: DataFrame, run_dir: str, conf: ExportConf, run_id: str, ext
         urls.write.mode("overwrite").parquet(path)
         manifest["urls_parquet"] = {"path": path, "count": manifest["kept"]}
     if conf.webdataset:
-        shards = join(run_dir, "shards")
-        manifest["webdataset"] = webdataset_manifest(
-            write_shards(gold, shards, conf.shard_size, store, max_pixels), shards,
-            conf.shard_size)
+        shards, index = join(run_dir, "shards"), join(run_dir, "shard_index.parquet")
+        stats = write_shards(gold, shards, conf.shard_size, store, max_pixels, index)
+        for r in stats:
+            r["path"] = join(shards, r["name"])
+        manifest["webdataset"] = webdataset_manifest(stats, shards, conf.shard_size,
+                                                     index if stats else None)
     return manifest
 
 
-def webdataset_manifest(stats: list[dict], shard_dir: str, shard_size: int) -> dict:
-    """Counts and the open_clip ``--train-data`` / ``--train-num-samples`` values."""
+def webdataset_manifest(stats: list[dict], shard_dir: str, shard_size: int,
+                        index: str | None = None) -> dict:
+    """Counts, each shard's location, and the open_clip ``--train-data`` /
+    ``--train-num-samples`` values. Shards may lie in several run folders (a republished
+    export keeps its untouched shards where they are): ``--train-data`` then lists one brace
+    pattern per folder, joined by ``::`` as open_clip reads it."""
     total = sum(r["count"] for r in stats)
-    pattern = None
-    if stats:
-        first, last = stats[0]["name"][:-4], stats[-1]["name"][:-4]
-        pattern = f"{{{first}..{last}}}.tar" if first != last else f"{first}.tar"
+    folders: dict[str, list[str]] = {}
+    for r in stats:
+        folders.setdefault(r["path"].rsplit("/", 1)[0], []).append(r["name"][:-4])
+    patterns = {d: (f"{{{n[0]}..{n[-1]}}}.tar" if len(n) > 1 else f"{n[0]}.tar")
+                for d, n in folders.items()}
+    contiguous = all(_contiguous(n) for n in folders.values())
+    train = "::".join(tool_url(join(d, p)) for d, p in patterns.items()) if contiguous else \
+        "::".join(tool_url(r["path"]) for r in stats)
+    pattern = patterns.get(shard_dir) if len(patterns) == 1 else None
     return {"dir": shard_dir, "shard_size": shard_size, "samples": total,
-            "skipped": sum(r["skipped"] for r in stats),
-            "shards": [{"name": r["name"], "count": r["count"], "bytes": r["bytes"]}
-                       for r in stats],
-            "pattern": pattern,
-            "train_data": tool_url(join(shard_dir, pattern)) if pattern else None,
+            "skipped": sum(r.get("skipped", 0) for r in stats),
+            "shards": [{"name": r["name"], "count": r["count"], "bytes": r["bytes"],
+                        "path": r["path"]} for r in stats],
+            "index": index, "pattern": pattern, "train_data": train or None,
             "train_num_samples": total}
+
+
+def _contiguous(names: list[str]) -> bool:
+    """Whether shard names (numbers) run without a gap, so a brace range names exactly them."""
+    nums = [int(n) for n in names]
+    return nums == list(range(nums[0], nums[0] + len(nums))) and \
+        len({len(n) for n in names}) == 1
+
+
+def train_command(wds: dict) -> str:
+    """The open_clip training command for an export's shards (its trainer as the
+    open_clip_torch wheel ships it); add ``--model`` and the training settings."""
+    return (f"python -m open_clip_train.main --dataset-type webdataset --train-data "
+            f"{shlex.quote(wds['train_data'])} --train-num-samples {wds['train_num_samples']}")
 
 
 def tool_url(url: str) -> str:
@@ -490,11 +462,16 @@ def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
     """Edge: ``gold_selection`` + bronze -> ``gold_pairs`` and the export files; the export
     folder is checked before any write. The step runner (:mod:`etl.steps`) refuses a stale
     selection before calling this."""
+    from etl.provenance import export_lineage, read_versions
+
     out = output_dir(lake, cfg.export)
     check_out_dir(out, lake.store, lake.root)
+    read = read_versions(lake)
     write_gold(lake)
+    lineage = export_lineage(lake, cfg, read, read_export(out, lake.store))
     manifest = export_files(lake.read(GOLD), out, cfg.export, run_id,
-                            {"gold_table": lake.name(GOLD), "gold_version": lake.version(GOLD)},
+                            {"gold_table": lake.name(GOLD), "gold_version": lake.version(GOLD),
+                             "lineage": lineage},
                             lake.store, lake.root, cfg.score.max_image_pixels)
     wds = manifest.get("webdataset") or {}
     counts = {"gold_pairs": manifest["kept"],
@@ -505,7 +482,6 @@ def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
     for name, value in counts.items():
         print(f"export: {name:<20}{value:>10}")
     if wds.get("train_data"):
-        print(f"export: open_clip --train-data '{wds['train_data']}' "
-              f"--train-num-samples {wds['train_num_samples']} --dataset-type webdataset")
+        print(f"export: train with: {train_command(wds)}")
     lake.record_stats(run_id, "export", counts)
     return manifest

@@ -1,8 +1,9 @@
 """Ingest raw inputs into the bronze Delta table.
 
-Every row read ends in exactly one place: bronze (new or already present), or the quarantine
-table (an error, or a duplicate uid within the same input). The counts add up:
-``read = new + already_present + in_input_duplicates + quarantined``.
+Every row read ends in exactly one place: bronze (new or already present), the quarantine
+table (an error, or a duplicate uid within the same input), or nowhere because a takedown names
+it (``blocked``: a ledger selector matches it, or its uid was removed; :mod:`etl.takedown`). The
+counts add up: ``read = new + already_present + in_input_duplicates + quarantined + blocked``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from etl.config import Config, IngestConf, SourceConf
+from etl.config import Config, IngestConf, SourceConf, TakedownConf
 from etl.fs import join
 from etl.readers import SIZED_FORMATS, read_source
 from etl.redact import redact_text
 from etl.sample import write_sample
 from etl.spark import session_conf
 from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
+from etl.takedown.match import blocked_rows
 from etl.tarshards import header_size
 
 UID_RE = r"^[0-9a-f]{32}$"
@@ -30,6 +32,7 @@ UNCOMPRESSED_CACHE = "spark.sql.inMemoryColumnarStorage.compressed"
 METADATA_FORMATS = ("datacomp", "csv", "tsv")  # url + caption rows, no image bytes
 MAX_CAPTION_CHARS = IngestConf().max_caption_chars
 BROADCAST_DUPLICATES = IngestConf().broadcast_duplicates
+ROW_ID = ["source_file", "source_pos"]  # an input row's identity
 
 
 def resolve_sources(cfg: Config, lake: Lakehouse, sources: list[SourceConf],
@@ -75,8 +78,10 @@ def normalize(raw: DataFrame, source: str, run_id: str, images: bool = True,
               .when(given_uid.isNotNull() & ~given_uid.rlike(UID_RE),
                     F.concat(F.lit("uid: "), F.col("uid"), F.lit(" is not 32 hex characters"))))
     uid = F.coalesce(given_uid, F.md5(F.concat_ws("\u0000", F.col("url"), text)))
+    given_md5 = F.lower(F.col("md5")) if "md5" in raw.columns else F.lit(None).cast("string")
     df = (raw.withColumn("_reason", reason).withColumn("uid", uid).withColumn("text", text)
-          .withColumn("sha256", F.coalesce(F.sha2("image", 256), F.lower("sha256"))))
+          .withColumn("sha256", F.coalesce(F.sha2("image", 256), F.lower("sha256")))
+          .withColumn("md5", F.coalesce(F.md5("image"), given_md5)))
     if images:
         df = (df.withColumn("_size", F.pandas_udf(image_size, SIZE)(F.col("image")))
               .withColumn("width", F.coalesce(F.col("_size.width"), F.col("width")))
@@ -158,11 +163,13 @@ def to_quarantine(df: DataFrame, kind: str) -> DataFrame:
 def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
                  table: str = BRONZE, images: bool = True,
                  max_caption_chars: int = MAX_CAPTION_CHARS,
-                 broadcast_duplicates: int = BROADCAST_DUPLICATES) -> dict[str, int]:
-    """Normalize ``raw`` and merge it into ``table`` (insert-only on uid); returns the counts."""
+                 broadcast_duplicates: int = BROADCAST_DUPLICATES,
+                 takedown: TakedownConf | None = None) -> dict[str, int]:
+    """Normalize ``raw`` and merge it into ``table`` (insert-only on uid), leaving out the rows
+    a takedown names (``takedown``: the ledger's settings); returns the counts."""
     df = normalize(raw, source, run_id, images, max_caption_chars)
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
-    parts = None
+    parts = stopped = None
     try:
         good_uid = F.when(F.col("_reason").isNull(), F.col("uid"))  # never null: see normalize
         # the pass that fills the cache fills it uncompressed: trying the columnar encodings
@@ -170,10 +177,22 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
         with session_conf(df.sparkSession, {UNCOMPRESSED_CACHE: "false"}):
             read, quarantined, distinct = df.agg(  # one pass
                 F.count("*"), F.count("_reason"), F.count_distinct(good_uid)).first()
-        parts = split(df, broadcast_duplicates, any_dups=read - quarantined > distinct)
+        kept, blocked, rest = df, 0, read
+        stopped = blocked_rows(lake, takedown or TakedownConf(), df, ROW_ID)
+        if stopped is not None:
+            stopped = stopped.persist()
+            blocked = stopped.count()
+        if blocked:  # counted apart: read = rest + blocked is checked, not assumed
+            kept = df.join(stopped, ROW_ID, "left_anti")
+            rest, quarantined, distinct = kept.agg(
+                F.count("*"), F.count("_reason"), F.count_distinct(good_uid)).first()
+        parts = split(kept, broadcast_duplicates, any_dups=rest - quarantined > distinct)
         unique, dups, errors = parts.unique, parts.dups, parts.errors
         counts = {"read": read, "quarantined": quarantined, "in_input_duplicates": parts.n_dups,
+                  "blocked": blocked,
                   "already_present": lake.count_present(unique, table, ["uid"])}
+        if lake.exists(table) and "md5" not in lake.read(table).columns:  # made before md5
+            lake.spark.sql(f"ALTER TABLE {lake.name(table)} ADD COLUMNS (md5 STRING)")
         counts["new"] = lake.insert_new(unique, table, ["uid"])
         bad = to_quarantine(errors, "error").unionByName(to_quarantine(dups, "duplicate"))
         keys = ["source_file", "source_pos"]
@@ -186,6 +205,8 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
     finally:
         if parts is not None:
             parts.release()
+        if stopped is not None:
+            stopped.unpersist()
         df.unpersist()
     assert_identity(counts)
     assert_quarantined(counts, filed)
@@ -193,13 +214,15 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
 
 
 def assert_identity(c: dict[str, int]) -> None:
-    """read = new + already present + in-input duplicates + quarantined, or fail loudly.
+    """read = new + already present + in-input duplicates + quarantined + blocked, or fail
+    loudly.
 
     Each term is counted on its own (``new`` from the insert's Delta commit, ``already_present``
     by a semi-join against the table before it), so a row the insert lost or doubled, or a row
     the split dropped, breaks the sum.
     """
-    total = c["new"] + c["already_present"] + c["in_input_duplicates"] + c["quarantined"]
+    total = (c["new"] + c["already_present"] + c["in_input_duplicates"] + c["quarantined"]
+             + c.get("blocked", 0))
     if total != c["read"]:
         raise RuntimeError(f"ingest counts do not add up: {c} (sum {total} != read {c['read']}); "
                            "rows were lost or written twice: check the bronze table's last "
@@ -227,7 +250,8 @@ def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> di
             counts = ingest_frame(lake, raw, name, run_id, table,
                                   images=src.format not in METADATA_FORMATS + SIZED_FORMATS,
                                   max_caption_chars=cfg.ingest.max_caption_chars,
-                                  broadcast_duplicates=cfg.ingest.broadcast_duplicates)
+                                  broadcast_duplicates=cfg.ingest.broadcast_duplicates,
+                                  takedown=cfg.takedown)
             lake.record_stats(run_id, f"ingest:{table}:{name}", counts)
             print_counts(f"{table} <- {name} ({src.path})", counts)
             for k, v in counts.items():
@@ -238,5 +262,6 @@ def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> di
 def print_counts(title: str, c: dict[str, int]) -> None:
     print(f"ingest {title}\n  read={c['read']} = new {c['new']} + already present "
           f"{c['already_present']} + in-input duplicates {c['in_input_duplicates']} "
-          f"+ quarantined {c['quarantined']}")
+          f"+ quarantined {c['quarantined']}" + (f" + blocked by takedowns {c['blocked']}"
+                                                  if c.get("blocked") else ""))
 

@@ -37,6 +37,8 @@ from etl.tables import (
     TABLES,
     Lakehouse,
 )
+from etl.takedown.ledger import summary
+from etl.takedown.match import without_removed
 from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
 THUMB = 128
@@ -77,6 +79,7 @@ class ReportData:
     run_stats: list[tuple[str, str, str]] = field(default_factory=list)
     versions: list[tuple[str, int | None, str]] = field(default_factory=list)
     config: str = ""
+    takedowns: dict | None = None  # etl.takedown.ledger.summary
     max_pixels: int = DEFAULT_MAX_PIXELS  # thumbnails: the decode cap (score.max_image_pixels)
 
 
@@ -198,7 +201,7 @@ def example_images(lake: Lakehouse, near: list, examples: dict[str, list]) -> tu
 
 def gather(lake: Lakehouse, cfg: Config, k: int = 8) -> ReportData:
     """Collect the report's aggregates and example rows from the lakehouse."""
-    selection = lake.read(SELECTION)
+    selection = without_removed(lake, lake.read(SELECTION))
     for name, kind in OPTIONAL_COLUMNS.items():
         if name not in selection.columns:
             selection = selection.withColumn(name, F.lit(None).cast(kind))
@@ -222,7 +225,7 @@ def _gather(lake: Lakehouse, cfg: Config, sel: DataFrame, k: int) -> ReportData:
         pairs={r: [(tile(x, pool), original(x, PAIR_REASONS[r], pool, evals)) for x in rs]
                for r, rs in examples.items() if r in PAIR_REASONS},
         quality=label_quality(sel, selection_parts(cfg.select)), run_stats=latest_run_stats(lake),
-        versions=table_versions(lake), config=shown_config(cfg),
+        versions=table_versions(lake), config=shown_config(cfg), takedowns=summary(lake),
         max_pixels=cfg.score.max_image_pixels)
 
 
@@ -452,6 +455,12 @@ def render(data: ReportData, charts: dict[str, bytes], title: str) -> str:
         parts += ["<h2>Precision / recall per drop reason (sample labels)</h2>", table_html(
             ["reason", "labels", "dropped", "labelled", "correct", "precision", "recall",
              "caught by any"], rows)]
+    if data.takedowns is not None:
+        td = data.takedowns
+        parts += [f"<h2>Takedowns ({td['total']} requests)</h2>", table_html(
+            ["request", "category", "selectors", "state", "uids removed"], td["requests"]),
+            table_html(["table", "rows removed"], td["removed"]),
+            table_html(["last proof", "result", "failures"], [td["proof"]] if td["proof"] else [])]
     parts += ["<h2>Run stats (latest run of each step)</h2>",
               table_html(["step", "run_id", "metrics"], [list(r) for r in data.run_stats]),
               "<h2>Delta tables</h2>", table_html(

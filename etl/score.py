@@ -28,6 +28,7 @@ once bronze has moved on (:mod:`etl.lineage`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -42,14 +43,18 @@ from pyspark.sql import functions as F
 
 from etl.config import Config, ConfigError, ScoreConf
 from etl.fs import join
+from etl.progress import Progress
 from etl.redact import redact_text
-from etl.tables import BRONZE, EVAL_EMBEDDINGS, EVAL_IMAGES, SILVER, Lakehouse, sql_string
+from etl.sqltext import sql_string
+from etl.tables import BRONZE, EVAL_EMBEDDINGS, EVAL_IMAGES, SILVER, Lakehouse
+from etl.takedown.match import without_removed
 from udfs.models import ModelSpec, declared_digest, resolve_conf, weights_digest
 from udfs.score import ScoreOptions, make_score_udf
 
 log = logging.getLogger(__name__)
 
 DIGEST = "weights_sha256"
+PROGRESS_SECONDS = 5  # how often a running stream's committed rows are read for the progress
 WEIGHTS_PROPERTY = "dfn.weights_sha256."  # + model_slug(model_id): see weights_property
 
 
@@ -254,6 +259,7 @@ class ScoreJob:
     conf: ScoreConf
     run_id: str
     digest: str | None = None
+    pending: int = 0  # source rows without a row for the model: what the progress counts to
 
     @property
     def model_id(self) -> str:
@@ -265,6 +271,7 @@ def _score_model(job: ScoreJob, source_rows: int) -> dict[str, int]:
     ``errors`` counts."""
     mid = job.model_id
     before = pending_count(job.lake, job.source, job.target, mid)
+    job = dataclasses.replace(job, pending=before)
     inserted = _score_pending(job, before, had_rows=before != source_rows) if before else 0
     return {f"pending[{mid}]": before, f"scored[{mid}]": inserted,
             f"errors[{mid}]": _errors(job)}
@@ -356,7 +363,7 @@ def _stream(job: ScoreJob, restart: bool, had_rows: bool = True) -> int:
 
     def write_chunk(batch: DataFrame, batch_id: int) -> None:
         here = Lakehouse(batch.sparkSession, lake_conf, store)
-        todo = batch.select("uid", "image", "text")
+        todo = without_removed(here, batch.select("uid", "image", "text"))  # ledger refusal
         if skip_done and here.exists(target):
             todo = pending(todo, here.read(target), mid)
         here.append(score_pairs(todo, spec, conf, run_id, digest), target, txnAppId=app_id,
@@ -365,8 +372,12 @@ def _stream(job: ScoreJob, restart: bool, had_rows: bool = True) -> int:
     query = (_read_stream(lake, job.source, conf).writeStream.foreachBatch(write_chunk)
              .option("checkpointLocation", checkpoint).trigger(availableNow=True)
              .queryName(f"score-{target}-{mid}"[:100]).start())
-    query.awaitTermination()
-    return lake.tagged_rows(target, tag, since) or 0
+    progress = Progress(f"score {mid} -> {target}", job.pending)
+    while not query.awaitTermination(PROGRESS_SECONDS):  # a line after each chunk's commit
+        progress.update(lake.tagged_rows(target, tag, since) or 0)
+    done = lake.tagged_rows(target, tag, since) or 0
+    progress.update(done)
+    return done
 
 
 def stream_app_id(lake: Lakehouse, checkpoint: str) -> tuple[str, bool]:

@@ -29,6 +29,7 @@ from etl.config import Config, SelectConf
 from etl.cuts import SMALL, Threshold
 from etl.filters import DATACOMP_BASIC, add_derived, configured_filters
 from etl.funnel import Funnel
+from etl.provenance import record_selection
 from etl.rules import Node, PartResult, Rule, RuleContext, apply_rule, compile_rule
 from etl.silver import alias_scores, scored_pool
 from etl.tables import BRONZE, DEDUP, SELECTION, Lakehouse
@@ -226,6 +227,7 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     cuts = cuts_of(parts)
     for line in cut_lines(cuts):
         print(line)
+    record_selection(lake, " and ".join(p.text for p in rule.parts), cuts)
     lake.record_stats(run_id, "select", {**funnel.metrics(), **cut_stats(cuts)})
     lake.record_built(run_id, SELECTION, version)
     return funnel.metrics()

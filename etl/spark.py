@@ -40,6 +40,8 @@ LOCAL_DEFAULTS = {
     "spark.driver.memory": "4g",
     "spark.sql.session.timeZone": "UTC",
     "spark.databricks.delta.schema.autoMerge.enabled": "true",
+    # file listings (VACUUM's among them) run 10,000 tasks by default: a laptop needs few
+    "spark.sql.sources.parallelPartitionDiscovery.parallelism": "8",
 }
 
 # s3a out of the box retries for minutes against a wrong endpoint; these fail within seconds

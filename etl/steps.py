@@ -138,6 +138,47 @@ def _report(ctx: JobContext) -> str:
     return page
 
 
+def _takedown(ctx: JobContext) -> Any:
+    from etl.spark import session_conf
+
+    # its pandas UDFs read urls and keys, not images: larger Arrow batches than scoring's
+    with session_conf(ctx.spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": "8192"}):
+        return _takedown_action(ctx)
+
+
+def _takedown_action(ctx: JobContext) -> Any:
+    action = ctx.args.action
+    if action == "add":
+        from etl.takedown.ledger import add_requests
+
+        counts = add_requests(ctx.lake, ctx.cfg.takedown, ctx.args.file, ctx.run_id)
+    elif action == "apply":
+        from etl.takedown.apply import apply
+
+        counts = apply(ctx.lake, ctx.cfg, ctx.run_id)
+    elif action == "purge":
+        from etl.takedown.proof import purge
+
+        proof = purge(ctx.lake, ctx.cfg, ctx.run_id)
+        counts = {"verified": int(bool(proof.get("verified")))} if proof else {}
+        if proof:
+            print("takedown purge: proof verified (a-e): every check passed")
+    else:
+        from etl.takedown.ledger import status
+
+        table = status(ctx.lake)
+        if table is None:
+            print("takedown: no ledger yet")
+        else:
+            table.show(1000, truncate=False)
+        return {}
+    for name, value in counts.items():
+        print(f"takedown {action}: {name:<24}{value:>10}")
+    if counts:
+        ctx.lake.record_stats(ctx.run_id, f"takedown:{action}", counts)
+    return counts
+
+
 def report_labels(ctx: JobContext, result: Any = None) -> None:
     """Precision/recall of each drop reason against the sample's labels, when present."""
     from etl.metrics import run_quality
@@ -180,6 +221,21 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def _takedown_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["add", "apply", "purge", "status"],
+                   help="add: append a request file to the ledger; apply: remove what the "
+                   "ledger names from every table and the export; purge: REORG/VACUUM and "
+                   "write the proof; status: each request's state")
+    p.add_argument("--file", default=None, help="add: the request file (.csv or .parquet, any "
+                   "URL) with request_id, category, kind, value[, received_at]")
+
+
+def _check_takedown(args: argparse.Namespace) -> str | None:
+    if args.action == "add" and not args.file:
+        return "dfn-curate takedown add: --file is required (a .csv or .parquet request file)\n"
+    return None
+
+
 def _report_options(p: argparse.ArgumentParser) -> None:
     _out_option(p, "<lakehouse.root>/report")
     p.add_argument("--examples", type=int, default=8,
@@ -214,6 +270,9 @@ STEPS: tuple[Step, ...] = (
          _evaluate, models=True, options=_evaluate_options),
     Step("report", "report", "Write an HTML page showing what the current gold_selection "
          "kept and dropped.", _report, options=_report_options),
+    Step("takedown", "takedown", "Removal requests: add to the ledger, apply everywhere, purge "
+         "physically with a proof, status.", _takedown, options=_takedown_options,
+         check=_check_takedown),
 )
 PIPELINE: tuple[str, ...] = tuple(s.name for s in STEPS if s.pipeline)
 
@@ -247,11 +306,20 @@ def main(name: str, argv: list[str] | None = None) -> Any:
 def execute(ctx: JobContext, step: Step) -> Any:
     """Refuse stale inputs (:func:`etl.lineage.require_fresh`), then run ``step`` and what only
     its own command shows."""
-    if step.spark:
-        from etl.lineage import require_fresh
+    if not step.spark:
+        return _finish(ctx, step, step.action(ctx))
+    from etl.lineage import require_fresh
+    from etl.takedown.apply import reconcile, versions
 
-        require_fresh(ctx.lake, ctx.cfg, step.name)
+    require_fresh(ctx.lake, ctx.cfg, step.name)
+    before = versions(ctx.lake)
     result = step.action(ctx)
+    if step.name != "takedown":
+        reconcile(ctx.lake, ctx.cfg, ctx.run_id, before)
+    return _finish(ctx, step, result)
+
+
+def _finish(ctx: JobContext, step: Step, result: Any) -> Any:
     if step.after is not None:
         step.after(ctx, result)
     return result

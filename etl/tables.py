@@ -32,6 +32,7 @@ from etl.config import ConfigError, LakehouseConf
 from etl.fs import Store, is_url, locate
 from etl.redact import redact_text
 from etl.spark import local_frame, session_conf
+from etl.sqltext import ddl, sql_string
 
 BRONZE = "bronze_pairs"
 QUARANTINE = "quarantine"
@@ -45,6 +46,9 @@ GOLD = "gold_pairs"
 RUN_STATS = "run_stats"
 EVALUATION = "gold_evaluation"
 FILTER_QUALITY = "gold_filter_quality"
+LEDGER = "takedown_ledger"
+MATCHES = "takedown_matches"
+EVENTS = "takedown_events"
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,13 @@ TABLES: tuple[Table, ...] = (
           "labelled pairs"),
     Table(EVALUATION, "gold", "evaluate", "a small CLIP trained on each induced selection"),
     Table(RUN_STATS, "ops", "every step", "metrics and source versions recorded by each run"),
+    Table(LEDGER, "ops", "takedown", "removal requests, one row per selector (append-only)"),
+    Table(MATCHES, "ops", "takedown", "the uids each request removed (blocks their return)"),
+    Table(EVENTS, "ops", "takedown", "request states, rows removed per table, purge proofs"),
 )
+# the tables holding pool or eval rows: what a takedown removes from
+ROW_TABLES: tuple[str, ...] = (BRONZE, QUARANTINE, EVAL_IMAGES, SILVER, EVAL_EMBEDDINGS, DEDUP,
+                               TARGETS, SELECTION, GOLD)
 TABLE_NAMES: tuple[str, ...] = tuple(t.name for t in TABLES)
 
 
@@ -301,17 +311,32 @@ class Lakehouse:
         """
         if not self.exists(table):
             return self._create(df, table)
+        return self._merge(df, table, keys, "WHEN NOT MATCHED THEN INSERT *",
+                           "numTargetRowsInserted", _tag())
+
+    def delete_keys(self, df: DataFrame, table: str, keys: list[str], note: str) -> int:
+        """``MERGE INTO table USING df ON keys WHEN MATCHED THEN DELETE``: a key-set join, so
+        no key value lands in the statement or the table's history; the commit's userMetadata
+        is ``note`` plus a one-off tag. Returns the rows deleted, from that commit's metrics."""
+        return self._merge(df.select(*keys).distinct(), table, keys,
+                           "WHEN MATCHED THEN DELETE", "numTargetRowsDeleted",
+                           f"{note} {_tag()}")
+
+    def _merge(self, df: DataFrame, table: str, keys: list[str], clause: str, metric: str,
+               tag: str) -> int:
+        """``MERGE INTO table USING df ON keys <clause>`` committed with userMetadata ``tag``;
+        the commit's ``metric`` read from the history (an untagged session: its MERGEs')."""
         cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-        view, tag, since = f"dfn_merge_{uuid.uuid4().hex}", _tag(), self.version(table)
+        view, since = f"dfn_merge_{uuid.uuid4().hex}", self.version(table)
         df.createOrReplaceTempView(view)
         try:
             with session_conf(self.spark, {USER_METADATA: tag}) as tagged:
                 self.spark.sql(f"MERGE INTO {self.name(table)} t USING {view} s ON {cond} "
-                               "WHEN NOT MATCHED THEN INSERT *")
+                               f"{clause}")
         finally:
             self.spark.catalog.dropTempView(view)
         mine = (F.col("userMetadata") == tag) if tagged else (F.col("operation") == "MERGE")
-        return self._commit_rows(table, since, "numTargetRowsInserted", mine) or 0
+        return self._commit_rows(table, since, metric, mine) or 0
 
     def _create(self, df: DataFrame, table: str) -> int:
         """Append ``df`` to a new ``table``; the rows that commit added (``numOutputRows``).
@@ -457,32 +482,6 @@ def _denied(exc: Exception) -> bool:
     text = str(exc).upper()
     return any(m in text for m in ("PERMISSION_DENIED", "INSUFFICIENT_PERMISSIONS",
                                    "ACCESS DENIED", "NOT AUTHORIZED", "DOES NOT HAVE"))
-
-
-def ddl(schema: T.StructType) -> str:
-    """``schema`` as the column list of a ``CREATE TABLE`` (every column nullable, as a
-    DataFrame write makes them: a NOT NULL from one input would fail a later input's null)."""
-    return ", ".join(f"{_quote(f.name)} {_ddl_type(f.dataType)}" for f in schema)
-
-
-def _ddl_type(dt: T.DataType) -> str:
-    if isinstance(dt, T.StructType):
-        return "struct<" + ", ".join(f"{_quote(f.name)}: {_ddl_type(f.dataType)}"
-                                     for f in dt) + ">"
-    if isinstance(dt, T.ArrayType):
-        return f"array<{_ddl_type(dt.elementType)}>"
-    if isinstance(dt, T.MapType):
-        return f"map<{_ddl_type(dt.keyType)}, {_ddl_type(dt.valueType)}>"
-    return dt.simpleString()
-
-
-def _quote(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
-
-
-def sql_string(value: str) -> str:
-    """``value`` as a Spark SQL string literal."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def new_run_id() -> str:

@@ -11,7 +11,7 @@
 
 import json
 
-from etl.export import output_dir, read_export
+from etl.export import output_dir, read_export, train_command
 from etl.jobs import export
 from etl.notebook import context, job_argv, show, widget
 from etl.report import gold_preview
@@ -27,7 +27,8 @@ export.main(argv)
 
 manifest = read_export(output_dir(ctx.lake, ctx.cfg.export), ctx.lake.store)
 print(json.dumps({k: v for k, v in manifest.items() if k != "webdataset"}, indent=2))
-print("open_clip --train-data", (manifest.get("webdataset") or {}).get("train_data"))
+if (manifest.get("webdataset") or {}).get("train_data"):
+    print("train with:", train_command(manifest["webdataset"]))
 
 # COMMAND ----------
 

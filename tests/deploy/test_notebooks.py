@@ -43,7 +43,7 @@ class FakeDbutils:
 
 def test_every_notebook_is_databricks_source_reading_widgets():
     found = sorted(p.name for p in NOTEBOOKS.glob("*.py"))
-    assert found == sorted(["00_end_to_end.py", *STAGES])
+    assert found == sorted(["00_end_to_end.py", *STAGES, "06_takedowns.py"])
     for name in found:
         text = (NOTEBOOKS / name).read_text()
         assert text.startswith("# Databricks notebook source\n# MAGIC %md"), name

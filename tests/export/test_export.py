@@ -13,18 +13,10 @@ from PIL import Image
 
 import etl.export as export
 from etl.config import Config, ConfigError, ExportConf, LakehouseConf
-from etl.export import (
-    UID_DTYPE,
-    export_files,
-    read_export,
-    run_export,
-    uid_pairs,
-    uid_strings,
-    write_shards,
-    write_uids_npy,
-)
+from etl.export import export_files, read_export, run_export, write_shards
 from etl.spark import session_conf
 from etl.tables import BRONZE, GOLD, RUN_STATS, SELECTION
+from etl.uidfile import UID_DTYPE, uid_pairs, uid_strings, write_uids_npy
 from tests.helpers.images import SMALL_CAP, encode, header_bomb, jpeg
 
 GOLD_SCHEMA = ("uid string, url string, text string, image binary, width int, height int, "
@@ -134,7 +126,8 @@ def test_export_publishes_by_manifest_and_survives_a_crash(spark, tmp_path, monk
 
     assert all((run_a / "shards" / p).exists() for p in braceexpand(wds_part["pattern"]))
     assert read_manifest(out) == first == read_export(str(out)) == read_manifest(run_a)
-    assert sorted(p.name for p in run_a.iterdir()) == ["_dfn_export", "manifest.json", "shards",
+    assert sorted(p.name for p in run_a.iterdir()) == ["_dfn_export", "manifest.json",
+                                                       "shard_index.parquet", "shards",
                                                        "uids.npy", "urls.parquet"]
     assert uid_strings(np.load(run_a / "uids.npy")) == sorted(r[0] for r in gold_rows(12))
     urls = spark.read.parquet(str(run_a / "urls.parquet"))
@@ -267,6 +260,18 @@ def test_run_export_edge(spark, lake):
     assert sorted(uid_strings(np.load(manifest["uids_npy"]["path"]))) == sorted(kept)
     assert manifest["webdataset"]["samples"] == len([r for r in rows[::2] if r[3] is not None])
     assert manifest["gold_version"] == lake.version(GOLD)
+    lineage = manifest["lineage"]  # what it read, pinned: versions, models, rule, dedup
+    assert lineage["tables"][BRONZE] == lake.version(BRONZE)
+    assert lineage["tables"][SELECTION] == lake.version(SELECTION)
+    assert lineage["tables"]["silver_scores"] is None and lineage["previous_export"] is None
+    assert lineage["selection"] == {"rule": None, "cuts": None}  # not made by `select`
+    from udfs.models import resolve_conf
+
+    assert [m["model_id"] for m in lineage["models"]] == [
+        resolve_conf(m).model_id for m in cfg.score.models]
+    assert [m["weights_sha256"] for m in lineage["models"]] == [None]  # nothing scored here
+    assert lineage["dedup"]["near_threshold"] == cfg.dedup.near_threshold
+    assert lineage["package"]
     stats = {r.metric: r.value for r in lake.read(RUN_STATS).where("step = 'export'").collect()}
     assert stats["gold_pairs"] == len(kept)
 

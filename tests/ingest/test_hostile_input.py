@@ -44,7 +44,7 @@ def test_oversize_member_is_quarantined_unread_in_plain_and_gzip_shards(spark, l
     write_tar(d / "00002.tgz", [("200", tiny_jpeg(), b"ok tgz")], gz=True)
     src = SourceConf(format="webdataset", path=str(d), max_member_bytes=4000)
     counts = ingest_source(spark, lake, src)
-    assert counts == {"read": 5, "quarantined": 2, "in_input_duplicates": 0, "new": 3,
+    assert counts == {"read": 5, "quarantined": 2, "in_input_duplicates": 0, "blocked": 0, "new": 3,
                       "already_present": 0}
     assert bronze_texts(lake) == ["ok gz", "ok tar", "ok tgz"]
     for shard, member in (("00000.tar", "001.jpg"), ("00001.tar.gz", "101.jpg")):
@@ -66,7 +66,7 @@ def test_shard_over_the_cap_is_quarantined_whole_and_a_gzip_bomb_stops_at_it(spa
     assert big > 20_000 > (d / "00002.tar.gz").stat().st_size
     counts = ingest_source(spark, lake, SourceConf(format="img2dataset", path=str(d),
                                                    max_shard_bytes=20_000))
-    assert counts == {"read": 6, "quarantined": 2, "in_input_duplicates": 0, "new": 4,
+    assert counts == {"read": 6, "quarantined": 2, "in_input_duplicates": 0, "blocked": 0, "new": 4,
                       "already_present": 0}
     assert bronze_texts(lake) == ["bomb 0", "bomb 1", "bomb 2", "small shard"]
     q = {r.source_file.rsplit("/", 1)[-1]: r for r in lake.read(QUARANTINE).collect()}

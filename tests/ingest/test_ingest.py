@@ -41,7 +41,7 @@ def datacomp_dir(tmp_path):
 
 def test_datacomp_reader_quarantine_dups_and_identity(spark, lake, datacomp_dir):
     counts = ingest_source(spark, lake, SourceConf(format="datacomp", path=str(datacomp_dir)))
-    assert counts == {"read": 5, "quarantined": 2, "in_input_duplicates": 1, "new": 2,
+    assert counts == {"read": 5, "quarantined": 2, "in_input_duplicates": 1, "blocked": 0, "new": 2,
                       "already_present": 0}
     bronze = lake.read(BRONZE)
     assert_same_rows(bronze, [(U1, "a red circle", 640, 480, "ab" * 32, 0.31),
@@ -69,7 +69,7 @@ def test_one_uid_throughout_keeps_the_first_row_on_either_join(spark, lake, tmp_
                      ).to_parquet(d / f"part-{part}.parquet")
     raw = read_source(spark, SourceConf(format="datacomp", path=str(d))).repartition(3)
     counts = ingest_frame(lake, raw, "datacomp", "run-test", broadcast_duplicates=broadcast_max)
-    assert counts == {"read": 12, "quarantined": 0, "in_input_duplicates": 11, "new": 1,
+    assert counts == {"read": 12, "quarantined": 0, "in_input_duplicates": 11, "blocked": 0, "new": 1,
                       "already_present": 0}
     assert [r.url for r in lake.read(BRONZE).collect()] == ["http://b/0-0.jpg"]
     dups = lake.read(QUARANTINE).where(F.col("kind") == "duplicate")
@@ -199,7 +199,7 @@ def shards(tmp_path):
 
 def test_webdataset_reader(spark, lake, shards, read_on):
     counts = ingest_source(spark, lake, SourceConf(format="img2dataset", path=str(shards)))
-    assert counts == {"read": 6, "quarantined": 4, "in_input_duplicates": 0, "new": 2,
+    assert counts == {"read": 6, "quarantined": 4, "in_input_duplicates": 0, "blocked": 0, "new": 2,
                       "already_present": 0}
     rows = {r.url: r for r in lake.read(BRONZE).collect()}
     assert rows["http://s/0"].width == 40 and rows["http://s/0"].height == 30

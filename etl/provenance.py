@@ -1,0 +1,63 @@
+"""What an export pins about how it was made, so a subset can be rebuilt or audited later.
+
+The manifest's ``lineage`` section: the package version; the Delta version of each table the
+export read (bronze, silver scores, dedup, targets, selection) and of the gold table it wrote;
+each scoring model's id with the digest of the weights that scored it (the silver table's
+``dfn.weights_sha256.*`` properties, :mod:`etl.score`); the selection's rule text and each cut
+resolved to its value (recorded on ``gold_selection`` by select, :func:`record_selection`); the
+dedup settings; and the export it replaces.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+
+from etl.config import Config, to_dict
+from etl.cuts import Threshold
+from etl.tables import BRONZE, DEDUP, GOLD, SELECTION, SILVER, TARGETS, Lakehouse
+
+RULE_PROPERTY = "dfn.select.rule"
+CUTS_PROPERTY = "dfn.select.cuts"
+READ = (BRONZE, SILVER, DEDUP, TARGETS, SELECTION)
+
+
+def record_selection(lake: Lakehouse, rule_text: str, cuts: dict[str, Threshold]) -> None:
+    """Store the rule and its resolved cuts on ``gold_selection`` (a metadata-only commit)."""
+    resolved = {name: {"kind": t.rule, "value": t.value, "N": t.n_scored, "n": t.position}
+                for name, t in cuts.items()}
+    lake.set_properties(SELECTION, {RULE_PROPERTY: rule_text,
+                                    CUTS_PROPERTY: json.dumps(resolved, sort_keys=True)})
+
+
+def read_versions(lake: Lakehouse) -> dict[str, int | None]:
+    """The current version of each table an export reads (taken before it reads them)."""
+    return {t: lake.version(t) for t in READ}
+
+
+def export_lineage(lake: Lakehouse, cfg: Config, read: dict[str, int | None],
+                   previous: dict | None) -> dict:
+    """The manifest's ``lineage`` section (``read``: :func:`read_versions` at the start)."""
+    from etl.score import weights_property
+    from udfs.models import resolve_conf
+
+    silver = lake.properties(SILVER) if lake.exists(SILVER) else {}
+    selection = lake.properties(SELECTION) if lake.exists(SELECTION) else {}
+    cuts = selection.get(CUTS_PROPERTY)
+    return {
+        "package": _package_version(),
+        "tables": {**{t: v for t, v in read.items()}, GOLD: lake.version(GOLD)},
+        "models": [{"model_id": mid, "weights_sha256": silver.get(weights_property(mid))}
+                   for mid in (resolve_conf(m).model_id for m in cfg.score.models)],
+        "selection": {"rule": selection.get(RULE_PROPERTY),
+                      "cuts": json.loads(cuts) if cuts else None},
+        "dedup": to_dict(cfg.dedup),
+        "previous_export": previous["run_id"] if previous else None,
+    }
+
+
+def _package_version() -> str | None:
+    try:
+        return metadata.version("dfn-curate")
+    except metadata.PackageNotFoundError:
+        return None
