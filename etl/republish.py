@@ -16,6 +16,7 @@ or url parquet, never by reading shards), a new run is published (:func:`etl.exp
 from __future__ import annotations
 
 import tarfile
+import uuid
 from datetime import datetime, timezone
 from functools import partial
 
@@ -25,6 +26,7 @@ from pyspark.sql import functions as F
 
 from etl.config import Config
 from etl.export import (
+    MANIFEST,
     SHARD_COLUMNS,
     output_dir,
     publish,
@@ -67,6 +69,8 @@ def republish(lake: Lakehouse, cfg: Config, run_id: str, ledger_version: int,
         n_lost = lost.count() if held is not None else gold_removed
         if not n_lost:
             return None
+        if store.exists(join(out, "runs", run_id, MANIFEST)):  # this run exported already
+            run_id = f"{run_id}-takedown-{uuid.uuid4().hex[:6]}"
         run_dir = start_run(store, out, run_id)
         kept = lake.read(GOLD).join(gone, "uid", "left_anti")
         manifest = {**prev, "run_id": run_id, "run_dir": run_dir,
@@ -110,13 +114,11 @@ def _shards(lake: Lakehouse, wds: dict, kept: DataFrame, lost: DataFrame, run_di
         return (webdataset_manifest(stats, shard_dir, wds["shard_size"], index if stats else None),
                 [r["name"] for r in stats], [])
     old_index = lake.spark.read.parquet(wds["index"])
-    gone_by_shard = (old_index.join(lost, "uid").groupBy("shard")
-                     .agg(F.collect_list("uid").alias("gone")).collect())
+    hit = old_index.join(lost, "uid")
     entries = {int(e["name"][:-4]): dict(e) for e in wds["shards"]}
-    jobs = [(int(r["shard"]), entries[int(r["shard"])]["path"],
-             join(shard_dir, entries[int(r["shard"])]["name"]), list(r["gone"]))
-            for r in gone_by_shard]
-    stats = _rewrite(lake, jobs)
+    affected = sorted(int(r[0]) for r in hit.select("shard").distinct().collect())  # shards
+    paths = [(s, entries[s]["path"], join(shard_dir, entries[s]["name"])) for s in affected]
+    stats = _rewrite(lake, hit, paths)
     rewritten = sorted(entries[shard]["name"] for shard, _, _ in stats)
     for shard, count, size in stats:
         entry = entries[shard]
@@ -133,14 +135,17 @@ def _shards(lake: Lakehouse, wds: dict, kept: DataFrame, lost: DataFrame, run_di
     return section, rewritten, sorted(runs)
 
 
-def _rewrite(lake: Lakehouse, jobs: list[tuple]) -> list[tuple[int, int, int]]:
-    """Rewrite each (shard, source, destination, uids to drop) on the executors; returns
-    (shard, samples kept, bytes) per shard."""
-    if not jobs:
+def _rewrite(lake: Lakehouse, hit: DataFrame, paths: list[tuple]) -> list[tuple[int, int, int]]:
+    """Rewrite each affected shard (``paths``: shard, source, destination) without its lost
+    uids (``hit``: uid, shard; grouped on the executors, never collected); returns (shard,
+    samples kept, bytes) per shard."""
+    if not paths:
         return []
-    frame = local_frame(lake.spark, jobs, "shard long, src string, dst string, gone array<string>")
-    done = frame.repartition(min(len(jobs), 64), "shard").mapInPandas(
-        partial(rewrite_shards, store=lake.store), "shard long, count long, bytes long").collect()
+    where = local_frame(lake.spark, paths, "shard long, src string, dst string")
+    jobs = (hit.groupBy("shard").agg(F.collect_list("uid").alias("gone"))
+            .join(where, "shard").repartition(min(len(paths), 64), "shard"))
+    done = jobs.mapInPandas(partial(rewrite_shards, store=lake.store),
+                            "shard long, count long, bytes long").collect()
     return sorted((r["shard"], r["count"], r["bytes"]) for r in done)
 
 

@@ -160,9 +160,10 @@ def _takedown_action(ctx: JobContext) -> Any:
         from etl.takedown.proof import purge
 
         proof = purge(ctx.lake, ctx.cfg, ctx.run_id)
-        counts = {"verified": int(bool(proof.get("verified")))} if proof else {}
         if proof:
             print("takedown purge: proof verified (a-e): every check passed")
+            ctx.lake.record_stats(ctx.run_id, "takedown:purge", {"verified": 1})
+        return proof
     else:
         from etl.takedown.ledger import status
 
@@ -313,9 +314,11 @@ def execute(ctx: JobContext, step: Step) -> Any:
 
     require_fresh(ctx.lake, ctx.cfg, step.name)
     before = versions(ctx.lake)
-    result = step.action(ctx)
-    if step.name != "takedown":
-        reconcile(ctx.lake, ctx.cfg, ctx.run_id, before)
+    try:
+        result = step.action(ctx)
+    finally:  # what the step committed before failing is reconciled too
+        if step.name != "takedown":
+            reconcile(ctx.lake, ctx.cfg, ctx.run_id, before)
     return _finish(ctx, step, result)
 
 

@@ -119,7 +119,8 @@ def table_info(name: str) -> Table:
 # Delta operations that rewrite files without changing the rows a reader sees
 NO_DATA_CHANGE = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES",
                             "UNSET TBLPROPERTIES", "ADD CONSTRAINT", "DROP CONSTRAINT",
-                            "UPGRADE PROTOCOL", "CHANGE COLUMN", "ADD COLUMNS", "FSCK"})
+                            "UPGRADE PROTOCOL", "CHANGE COLUMN", "ADD COLUMNS", "FSCK",
+                            "REORG"})  # REORG ... APPLY (PURGE): rows deleted before, rewritten
 
 RUN_STATS_SCHEMA = T.StructType([
     T.StructField("run_id", T.StringType(), False),

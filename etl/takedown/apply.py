@@ -31,6 +31,7 @@ from etl.tables import (
     BRONZE,
     DEDUP,
     EVAL_IMAGES,
+    EVENTS,
     GOLD,
     LEDGER,
     MATCHES,
@@ -39,7 +40,7 @@ from etl.tables import (
     TABLES,
     Lakehouse,
 )
-from etl.takedown.ledger import event, now, record_events
+from etl.takedown.ledger import event, ledger_frame, now, record_events
 from etl.takedown.match import named_rows, removed_uids
 
 MATCHES_SCHEMA = T.StructType([
@@ -52,19 +53,21 @@ MATCHES_SCHEMA = T.StructType([
     T.StructField("matched_at", T.TimestampType()),
 ])
 ROW_ID = ["source_file", "source_pos"]  # a quarantine row's identity (its uid may be null)
+UID_RE = r"^[0-9a-f]{32}$"
 
 
-def resolve(lake: Lakehouse, cfg: Config) -> DataFrame | None:
+def resolve(lake: Lakehouse, cfg: Config, ledger_version: int | None = None) -> DataFrame | None:
     """``(uid, request_id, via, sha256)`` of every row the ledger names, expanded to every row
     with the same image bytes as one it named now or before (and to near duplicates with
     ``takedown.expand_near``); None without a ledger or any table to match."""
     found = []
     for table in (BRONZE, EVAL_IMAGES, QUARANTINE):
         if lake.exists(table):
-            named = named_rows(lake, cfg.takedown, lake.read(table), ["uid"])
+            named = named_rows(lake, cfg.takedown, lake.read(table), ["uid"], ledger_version)
             if named is None:
                 return None
-            found.append(named.where(F.col("uid").isNotNull()))
+            # a quarantined row may carry a malformed uid: it is removed by its row id only
+            found.append(named.where(F.col("uid").rlike(UID_RE)))
     if not found:
         return None
     direct = _union(found)
@@ -92,7 +95,13 @@ def resolve(lake: Lakehouse, cfg: Config) -> DataFrame | None:
     matched = ranked.select("uid", "request_id", F.col("_v.via").alias("via"))
     if images is None:
         return matched.withColumn("sha256", F.lit(None).cast("string"))
-    return matched.join(images.dropDuplicates(["uid"]), "uid", "left")
+    # the image hash blocks later copies; a hashed category keeps none in clear
+    hashed = (ledger_frame(lake, ledger_version).where("hashed").select("request_id")
+              .distinct().withColumn("_hashed", F.lit(True)))
+    return (matched.join(images.dropDuplicates(["uid"]), "uid", "left")
+            .join(hashed, "request_id", "left")
+            .withColumn("sha256", F.when(F.col("_hashed").isNull(), F.col("sha256")))
+            .drop("_hashed"))
 
 
 def _images(lake: Lakehouse) -> DataFrame | None:
@@ -112,7 +121,7 @@ def _union(frames: list[DataFrame]) -> DataFrame:
 def apply(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     """Match the ledger, record new matches, remove them everywhere; returns counts."""
     ledger_version = lake.version(LEDGER)
-    matched = resolve(lake, cfg)
+    matched = resolve(lake, cfg, ledger_version)
     if ledger_version is None or matched is None:
         print("takedown apply: nothing to apply: no ledger yet (`dfn-curate takedown add "
               "--file requests.csv`) or no table to apply it to")
@@ -135,9 +144,7 @@ def apply(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
 
 def _unapplied(lake: Lakehouse, ledger_version: int) -> list[str]:
     """Request ids of the ledger with no 'applied' event yet (a bounded list: requests)."""
-    from etl.tables import EVENTS
-
-    ids = lake.read(LEDGER).select("request_id").distinct()
+    ids = ledger_frame(lake, ledger_version).select("request_id").distinct()
     if lake.exists(EVENTS):
         done = lake.read(EVENTS).where(F.col("state") == "applied").select("request_id")
         ids = ids.join(done, "request_id", "left_anti")
@@ -159,12 +166,13 @@ def table_hits(lake: Lakehouse, cfg: Config, table: str, gone: DataFrame) -> tup
 
 def propagate(lake: Lakehouse, cfg: Config, run_id: str, ledger_version: int) -> dict[str, int]:
     """Delete every removed uid from every row table (one tagged commit per table holding
-    any), keep fresh tables marked fresh, republish the export and the report."""
+    any, its events recorded right after it), keep fresh tables marked fresh, republish the
+    export (whenever it still holds a removed uid) and the report."""
     gone = removed_uids(lake)
     if gone is None:
         return {"rows_removed": 0}
     fresh = _fresh_tables(lake)
-    counts, events, removed = {}, [], 0
+    counts, removed, after = {}, 0, {}
     for table in ROW_TABLES:
         if not lake.exists(table):
             continue
@@ -178,25 +186,24 @@ def propagate(lake: Lakehouse, cfg: Config, run_id: str, ledger_version: int) ->
             before = lake.version(table)
             deleted = lake.delete_keys(hits, table, keys,
                                        f"dfn-curate takedown ledger_version={ledger_version}")
+            after[table] = lake.version(table)
         finally:
             hits.unpersist()
-        if deleted != n:
-            raise RuntimeError(f"takedown: {table} held {n} matching rows but the delete "
-                               f"removed {deleted}; check DESCRIBE HISTORY {lake.name(table)}")
+        # recorded at once: a crash later leaves the proof what it needs about this table
+        record_events(lake, [event(run_id, "removed", table=table, rows=deleted,
+                                   ledger_version=ledger_version, table_version=before)]
+                      + [event(run_id, "held", table=table, ledger_version=ledger_version,
+                               table_version=before, path=f) for f in files])
         counts[f"removed.{table}"] = deleted
         removed += deleted
-        events.append(event(run_id, "removed", table=table, rows=deleted,
-                            ledger_version=ledger_version, table_version=before))
-        events += [event(run_id, "held", table=table, ledger_version=ledger_version,
-                         table_version=before, path=f) for f in files]
         print(f"takedown: {table:<24} {deleted:>8} rows removed")
+        if deleted < n:  # a writer deleted some meanwhile; more than n cannot happen by key
+            print(f"takedown: {table}: {n - deleted} of its {n} matching rows were already "
+                  "gone when the delete ran")
     counts["rows_removed"] = removed
-    if not removed:
-        return counts
-    _mark_fresh(lake, run_id, fresh)
-    record_events(lake, events)
+    _mark_fresh(lake, run_id, fresh, after)
     counts.update(_republish(lake, cfg, run_id, ledger_version,
-                             counts.get(f"removed.{GOLD}", 0)))
+                             counts.get(f"removed.{GOLD}", 0), rewrite_report=bool(removed)))
     return counts
 
 
@@ -216,14 +223,18 @@ def _fresh_tables(lake: Lakehouse) -> list[tuple[str, str | None, str]]:
     return out
 
 
-def _mark_fresh(lake: Lakehouse, run_id: str, fresh: list[tuple[str, str | None, str]]) -> None:
-    """Removal adds no row: a table that covered its source before still covers it."""
+def _mark_fresh(lake: Lakehouse, run_id: str, fresh: list[tuple[str, str | None, str]],
+                after: dict[str, int]) -> None:
+    """Removal adds no row: a table that covered its source before still covers it at the
+    version the takedown's delete made (``after``; a later commit by another writer is not
+    covered)."""
     for table, model, source in fresh:
-        lake.record_built(run_id, table, lake.version(source), model)
+        if source in after:
+            lake.record_built(run_id, table, after[source], model)
 
 
 def _republish(lake: Lakehouse, cfg: Config, run_id: str, ledger_version: int,
-               gold_removed: int) -> dict[str, int]:
+               gold_removed: int, rewrite_report: bool) -> dict[str, int]:
     from etl.republish import republish
 
     manifest = republish(lake, cfg, run_id, ledger_version, gold_removed)
@@ -237,7 +248,7 @@ def _republish(lake: Lakehouse, cfg: Config, run_id: str, ledger_version: int,
         print(redact_text(f"takedown: export republished as run {manifest['run_id']} "
                           f"({counts['export_removed']} samples removed, "
                           f"{counts['shards_rewritten']} shards rewritten)"))
-    if cfg.takedown.rewrite_report:
+    if cfg.takedown.rewrite_report and (rewrite_report or manifest is not None):
         _rewrite_report(lake, cfg)
     return counts
 
@@ -253,19 +264,20 @@ def _rewrite_report(lake: Lakehouse, cfg: Config) -> None:
         print(redact_text(f"takedown: report rewritten at {out}"))
 
 
-def versions(lake: Lakehouse) -> tuple[int | None, int | None]:
-    """(ledger, matches) versions: what :func:`reconcile` compares before and after a step."""
-    return lake.version(LEDGER), lake.version(MATCHES)
+def versions(lake: Lakehouse) -> tuple[int | None, ...]:
+    """(ledger, matches, events) versions: what :func:`reconcile` compares before and after a
+    step (an apply that deletes while the step runs moves the events)."""
+    return lake.version(LEDGER), lake.version(MATCHES), lake.version(EVENTS)
 
 
 def reconcile(lake: Lakehouse, cfg: Config, run_id: str,
-              before: tuple[int | None, int | None]) -> None:
+              before: tuple[int | None, ...]) -> None:
     """After a step: when requests were added or applied while it ran, apply the ledger again,
     so that the step's own commits cannot keep a row the ledger names (nothing happens when
     neither table moved)."""
     after = versions(lake)
     if after == before or after[0] is None:
         return
-    print(f"takedown: the ledger changed while this step ran (ledger, matches versions "
+    print(f"takedown: the ledger changed while this step ran (ledger, matches, events versions "
           f"{before} -> {after}); applying it again")
     apply(lake, cfg, run_id)

@@ -264,12 +264,21 @@ def _check_against_ledger(lake: Lakehouse, rows: list[dict], path: str) -> None:
                                "(use a new request id); nothing was added")
 
 
-def selectors(lake: Lakehouse, conf: TakedownConf) -> tuple[DataFrame | None, bytes | None]:
-    """The ledger's selectors ``(request_id, kind, value, hashed)`` and, when any is hashed, the
-    key (checked against the rows' ``key_id``); (None, None) without a ledger."""
+def ledger_frame(lake: Lakehouse, version: int | None = None) -> DataFrame:
+    """The ledger, at ``version`` when given (an apply reads one version throughout)."""
+    if version is None:
+        return lake.read(LEDGER)
+    return lake.spark.sql(f"SELECT * FROM {lake.name(LEDGER)} VERSION AS OF {int(version)}")
+
+
+def selectors(lake: Lakehouse, conf: TakedownConf,
+              version: int | None = None) -> tuple[DataFrame | None, bytes | None]:
+    """The ledger's selectors ``(request_id, kind, value, hashed)`` (at ``version``) and, when
+    any is hashed, the key (checked against the rows' ``key_id``); (None, None) without a
+    ledger."""
     if not lake.exists(LEDGER):
         return None, None
-    ledger = lake.read(LEDGER)
+    ledger = ledger_frame(lake, version)
     key = None
     if ledger.where("hashed").limit(1).count():
         key = secret_key(conf, "the ledger's hashed requests")

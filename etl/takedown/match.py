@@ -88,11 +88,11 @@ def ledger_kinds(sel: DataFrame) -> dict[bool, set[str]]:
     return out
 
 
-def named_rows(lake: Lakehouse, conf: TakedownConf, df: DataFrame,
-               ids: list[str]) -> DataFrame | None:
-    """``(ids..., request_id, via)`` for each row of ``df`` a ledger selector names, one row per
-    (row, request); None without a ledger."""
-    sel, key = selectors(lake, conf)
+def named_rows(lake: Lakehouse, conf: TakedownConf, df: DataFrame, ids: list[str],
+               version: int | None = None) -> DataFrame | None:
+    """``(ids..., request_id, via)`` for each row of ``df`` a ledger selector (of ledger
+    ``version``; None: the latest) names, one row per (row, request); None without a ledger."""
+    sel, key = selectors(lake, conf, version)
     if sel is None:
         return None
     keys = row_keys(df, ids, ledger_kinds(sel), key)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -37,9 +38,13 @@ from etl.spark import local_frame
 from etl.tables import EVENTS, LEDGER, ROW_TABLES, Lakehouse
 from etl.takedown.ledger import event, record_events
 from etl.takedown.match import named_rows, removed_uids
-from etl.uidfile import UID_DTYPE, uid_pairs
+from etl.uidfile import UID_DTYPE, uid_strings
 
 HEX32 = re.compile(rb"[0-9a-f]{32}")
+# what reading a version whose files were vacuumed says
+GONE = ("FileNotFound", "does not exist", "FAILED_READ_FILE", "DELTA_FILE_NOT_FOUND",
+        "DELTA_VERSIONS_NOT_CONTIGUOUS", "VersionNotFound", "DELTA_FILE_OR_DIR_NOT_FOUND",
+        "No such file")
 
 
 def purge(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
@@ -61,7 +66,7 @@ def purge(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
 
 def _purge_table(lake: Lakehouse, table: str, hours: int) -> None:
     name = lake.name(table)
-    if lake.properties(table).get("delta.enableDeletionVectors", "false").lower() == "true":
+    if _has_deletion_vectors(lake, table):
         lake.spark.sql(f"REORG TABLE {name} APPLY (PURGE)")
     try:
         lake.spark.sql(f"VACUUM {name} RETAIN {int(hours)} HOURS")
@@ -73,6 +78,14 @@ def _purge_table(lake: Lakehouse, table: str, hours: int) -> None:
                           "files deleted more recently stay until then. Purge again later, or "
                           "lower the table's delta.deletedFileRetentionDuration if no reader "
                           "can still be reading them") from None
+
+
+def _has_deletion_vectors(lake: Lakehouse, table: str) -> bool:
+    """Whether ``table`` may hold deletion vectors: enabled now, or its protocol has the
+    feature (vectors written while it was enabled stay until REORG)."""
+    detail = lake.spark.sql(f"DESCRIBE DETAIL {lake.name(table)}").first().asDict()
+    enabled = (detail.get("properties") or {}).get("delta.enableDeletionVectors", "false")
+    return enabled.lower() == "true" or "deletionVectors" in (detail.get("tableFeatures") or [])
 
 
 def _prune_exports(lake: Lakehouse, cfg: Config) -> None:
@@ -154,10 +167,13 @@ def raw_scan(lake: Lakehouse, cfg: Config, gone: DataFrame) -> dict[str, int]:
     for table in ROW_TABLES:
         if not lake.exists(table):
             continue
+        location = table_location(lake, table)
+        folders = [location] + ([join(location, "_change_data")]  # skipped by a plain listing
+                                if lake.store.exists(join(location, "_change_data")) else [])
         try:
             raw = (lake.spark.read.option("recursiveFileLookup", "true")
                    .option("pathGlobFilter", "*.parquet").option("mergeSchema", "true")
-                   .parquet(table_location(lake, table)))
+                   .parquet(*folders))
         except Exception as exc:  # noqa: BLE001 - a table with no data file at all
             if "UNABLE_TO_INFER_SCHEMA" not in str(exc):
                 raise
@@ -178,7 +194,8 @@ def files_left(lake: Lakehouse) -> list[str]:
     if not lake.exists(EVENTS):
         return []
     ev = lake.read(EVENTS)
-    held = [r[0] for r in ev.where(F.col("state") == "held").select("path").distinct().collect()]
+    held = [unquote(r[0]) for r in  # _metadata.file_path is a URI: %20 for a space
+            ev.where(F.col("state") == "held").select("path").distinct().collect()]
     left = [p for p in held if lake.store.exists(p)]
     for table in ROW_TABLES:
         if lake.exists(table):
@@ -215,10 +232,12 @@ def time_travel(lake: Lakehouse) -> dict[str, bool]:
         key = f"{table}@{version}"
         try:
             # a hash of a column reads every file (a count comes from the log's statistics)
-            lake.spark.sql(f"SELECT sum(xxhash64(uid)) FROM {lake.name(table)} VERSION AS OF "
+            lake.spark.sql(f"SELECT max(xxhash64(uid)) FROM {lake.name(table)} VERSION AS OF "
                            f"{int(version)}").collect()
             out[key] = False
-        except Exception:  # noqa: BLE001 - the files of that version are gone: what we want
+        except Exception as exc:  # noqa: BLE001 - gone files are what we want; other errors
+            if not any(m in str(exc) for m in GONE):  # (throttling, permissions) are no proof
+                raise
             out[key] = True
     return out
 
@@ -252,22 +271,31 @@ def export_hits(lake: Lakehouse, cfg: Config, gone: DataFrame) -> list[str]:
 
 
 def _npy_hits(lake: Lakehouse, path: str, gone: DataFrame, chunk: int = 1 << 20) -> bool:
-    """Whether a uids.npy holds a removed uid, read in chunks of ``chunk`` records (the
-    removed uids, a takedown's size, are the one set held on the driver)."""
-    removed = np.sort(uid_pairs([r[0] for r in gone.collect()]).view("S16"))
-    with lake.store.open(path, "rb") as fh:
+    """Whether a uids.npy holds a removed uid: record ranges of ``chunk`` read on the
+    executors, their uids joined with the removed ones (nothing pool-sized on the driver)."""
+    store = lake.store
+    with store.open(path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
         header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                   else np.lib.format.read_array_header_2_0)
         shape, _, _ = header(fh)
-        left = shape[0]
-        while left:
-            n = min(chunk, left)
-            arr = np.frombuffer(fh.read(n * UID_DTYPE.itemsize), dtype=UID_DTYPE)
-            left -= n
-            if np.isin(arr.view("S16"), removed).any():
-                return True
-    return False
+        start = fh.tell()
+    ranges = [(start + i * UID_DTYPE.itemsize, min(chunk, shape[0] - i))
+              for i in range(0, shape[0], chunk)]
+    if not ranges:
+        return False
+
+    def read(batches):
+        for pdf in batches:
+            for offset, count in zip(pdf["offset"], pdf["count"], strict=True):
+                with store.open(path, "rb") as fh:
+                    fh.seek(int(offset))
+                    arr = np.frombuffer(fh.read(int(count) * UID_DTYPE.itemsize), UID_DTYPE)
+                yield pd.DataFrame({"uid": uid_strings(arr)})
+
+    frame = local_frame(lake.spark, ranges, "offset long, count long")
+    uids = frame.repartition(min(len(ranges), 64)).mapInPandas(read, "uid string")
+    return bool(uids.join(gone, "uid", "left_semi").limit(1).count())
 
 
 def _shard_hits(lake: Lakehouse, paths: list[str], gone: DataFrame) -> list[str]:

@@ -346,3 +346,42 @@ def test_takedown_during_a_slow_ingest_is_not_undone(spark, tmp_path, monkeypatc
     assert result["bronze_pairs.new"] == len(WEB) - 1  # its insert had the row (w14 quarantined)
     assert lake.read(BRONZE).where(F.col("url").contains("host.test:80")).count() == 0
     assert lake.read(MATCHES).count() == 1
+
+
+@pytest.mark.slow
+def test_purge_rewrites_files_soft_deleted_by_deletion_vectors(spark, tmp_path):
+    """With deletion vectors the delete leaves the row in its data file; purge's REORG
+    rewrites it, VACUUM removes the old file, and the raw scan then finds nothing."""
+    from etl.config import LakehouseConf
+
+    web = write_web(tmp_path / "web")
+    args = ["--set", f"lakehouse.root={tmp_path / 'lake'}", "--set",
+            f"ingest.sources=[{{format: webdataset, path: '{web}', name: web}}]",
+            "--set", "ingest.eval_sources=[]", "--set", "takedown.retain_hours=0"]
+    steps.main("ingest", args)
+    lake = Lakehouse(spark, LakehouseConf(root=str(tmp_path / "lake")))
+    lake.set_properties(BRONZE, {"delta.enableDeletionVectors": "true"})
+    req = tmp_path / "r.csv"
+    req.write_text("request_id,category,kind,value\nD1,legal,host,host.test\n")
+    steps.main("takedown", ["add", "--file", str(req), *args])
+    steps.main("takedown", ["apply", *args])
+    metrics = lake.history(BRONZE, 1).first()["operationMetrics"]
+    # soft: a deletion vector marks the row, no file is rewritten
+    assert int(metrics.get("numTargetDeletionVectorsAdded", "0")) >= 1, metrics
+    assert int(metrics.get("numTargetBytesAdded", "1")) == 0
+
+    def on_disk() -> int:
+        from etl.takedown.proof import table_location
+
+        raw = spark.read.option("pathGlobFilter", "*.parquet").parquet(
+            table_location(lake, BRONZE))
+        return raw.where(F.col("url").contains("host.test:80")).count()
+
+    assert on_disk() == 1
+    spark.conf.set(RETENTION_CHECK, "false")
+    try:
+        proof = steps.main("takedown", ["purge", *args])
+    finally:
+        spark.conf.set(RETENTION_CHECK, "true")
+    assert proof["verified"] and on_disk() == 0
+    assert "REORG" in {r["operation"] for r in lake.history(BRONZE).collect()}
