@@ -272,7 +272,7 @@ STEPS: tuple[Step, ...] = (
     Step("report", "report", "Write an HTML page showing what the current gold_selection "
          "kept and dropped.", _report, options=_report_options),
     Step("takedown", "takedown", "Removal requests: add to the ledger, apply everywhere, purge "
-         "physically with a proof, status.", _takedown, options=_takedown_options,
+         "with a proof, status.", _takedown, options=_takedown_options,
          check=_check_takedown),
 )
 PIPELINE: tuple[str, ...] = tuple(s.name for s in STEPS if s.pipeline)

@@ -202,10 +202,14 @@ class Lakehouse:
         return self.spark.sql(f"DESCRIBE HISTORY {self.name(table)}{cap}")
 
     def version(self, table: str) -> int | None:
-        """Latest Delta version of ``table`` (None if absent)."""
-        if not self.exists(table):
-            return None
-        return self.history(table, 1).select("version").first()[0]
+        """Latest Delta version of ``table`` (None if absent): one history query."""
+        try:
+            row = self.history(table, 1).select("version").first()
+        except Exception as exc:  # noqa: BLE001 - "not a Delta table" / "path does not exist"
+            if _missing(exc):
+                return None
+            raise
+        return None if row is None else row[0]
 
     def delete(self, table: str, condition: str) -> None:
         """``DELETE FROM`` ``table`` the rows matching SQL ``condition``."""

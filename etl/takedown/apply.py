@@ -266,7 +266,10 @@ def _rewrite_report(lake: Lakehouse, cfg: Config) -> None:
 
 def versions(lake: Lakehouse) -> tuple[int | None, ...]:
     """(ledger, matches, events) versions: what :func:`reconcile` compares before and after a
-    step (an apply that deletes while the step runs moves the events)."""
+    step (an apply that deletes while the step runs moves the events). Without a ledger, one
+    lookup: (None, None, None)."""
+    if not lake.exists(LEDGER):
+        return None, None, None
     return lake.version(LEDGER), lake.version(MATCHES), lake.version(EVENTS)
 
 
