@@ -27,6 +27,7 @@ from pyspark.sql import types as T
 
 from etl.config import Config
 from etl.redact import redact_text
+from etl.spark import local_frame
 from etl.tables import (
     BRONZE,
     DEDUP,
@@ -131,11 +132,11 @@ def apply(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
                              F.lit(now()).cast("timestamp").alias("matched_at"))
     counts = {"new_matches": lake.insert_new(stamped, MATCHES, ["uid", "request_id"])}
     counts.update(propagate(lake, cfg, run_id, ledger_version))
-    per_request = (lake.read(MATCHES).groupBy("request_id").agg(F.countDistinct("uid"))
-                   .collect())
-    known = {r[0]: r[1] for r in per_request}
     pending = _unapplied(lake, ledger_version)
-    if counts["rows_removed"] or counts["new_matches"] or pending:
+    if pending:  # uids per newly applied request (a second apply reads no matches here)
+        ids = local_frame(lake.spark, [(r,) for r in pending], "request_id string")
+        known = {r[0]: r[1] for r in lake.read(MATCHES).join(ids, "request_id")
+                 .groupBy("request_id").agg(F.countDistinct("uid")).collect()}
         record_events(lake, [event(run_id, "applied", rid, rows=known.get(rid, 0),
                                    ledger_version=ledger_version) for rid in pending])
     counts["requests_applied"] = len(pending)

@@ -13,11 +13,12 @@ import tarfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
 from etl import steps
-from etl.config import ConfigError
+from etl.config import ConfigError, LakehouseConf
 from etl.export import read_export
 from etl.tables import (
     BRONZE,
@@ -70,10 +71,12 @@ def write_web(folder: Path) -> Path:
 
 
 def write_later(folder: Path) -> Path:
-    """After the purge: a copy of a removed image under a new url (blocked) and a new row."""
+    """After the purge: copies of removed images under new urls (blocked) and a new row."""
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(folder / "00000.tar", "w") as tar:
         for key, url, data in (("n00", "https://fresh.test/again.jpg", image_of("w11")),
+                               # w08's bytes: removed by a url request, blocked by its sha256
+                               ("n02", "https://fresh.test/purple.jpg", image_of("w13")),
                                ("n01", "https://fresh.test/new.jpg", jpeg((1, 2, 3), (70, 50)))):
             add(tar, f"{key}.jpg", data)
             add(tar, f"{key}.txt", b"a later caption")
@@ -121,8 +124,7 @@ def pool(spark, tmp_path_factory):
     spark.conf.set(RETENTION_CHECK, "false")
     try:
         steps.main("run", [*args, "--run-id", "first"])
-        lake = Lakehouse(spark, __import__("etl.config", fromlist=["LakehouseConf"])
-                         .LakehouseConf(root=str(root)))
+        lake = Lakehouse(spark, LakehouseConf(root=str(root)))
         bronze = lake.read(BRONZE)
         keys = {r["url"]: r for r in bronze.collect()}
         by_key = {k: keys[url] for k, (url, *_rest) in WEB.items() if url in keys}
@@ -211,7 +213,7 @@ def test_export_republished_rewriting_only_affected_shards(pool):
     gone = set().union(*removed_uids(pool).values())
     assert after["run_id"] == "apply-1" and after["takedown"]["ledger_version"] >= 0
     assert after["takedown"]["previous_run"] == before["manifest"]["run_id"]
-    kept = set(uid_strings(__import__("numpy").load(after["uids_npy"]["path"])))
+    kept = set(uid_strings(np.load(after["uids_npy"]["path"])))
     assert kept == before["gold"] - gone and after["kept"] == len(kept)
     rewritten = set(after["takedown"]["rewritten_shards"])
     assert rewritten and rewritten != set(before["shards"])
@@ -267,9 +269,9 @@ def test_purge_proves_the_bytes_gone(pool):
 @pytest.mark.slow
 def test_reingest_brings_nothing_back(pool):
     counts, lake = pool["reingest"], pool["lake"]
-    # every raw row a request names or whose uid was removed (w14 included), and the later
-    # copy of a removed image under a new url; the later new row goes in
-    expected = sum(len(v) for v in removed_uids(pool).values()) + 1
+    # every raw row a request names or whose uid was removed (w14 included), and the two later
+    # copies of removed images under new urls; the later new row goes in
+    expected = sum(len(v) for v in removed_uids(pool).values()) + 2
     assert counts["bronze_pairs.blocked"] == expected
     assert counts["bronze_pairs.new"] == 1
     assert lake.read(BRONZE).where(F.col("url").contains("fresh.test")).count() == 1
@@ -315,7 +317,6 @@ def test_hashed_request_needs_the_key(lake, tmp_path, monkeypatch):
 def test_takedown_during_a_slow_ingest_is_not_undone(spark, tmp_path, monkeypatch):
     """An ingest paused before its insert while a request is added and applied: its later
     commit brings the row in, and the step's end removes it again."""
-    from etl.config import LakehouseConf
 
     web = write_web(tmp_path / "web")
     args = ["--set", f"lakehouse.root={tmp_path / 'lake'}", "--set",
@@ -352,7 +353,6 @@ def test_takedown_during_a_slow_ingest_is_not_undone(spark, tmp_path, monkeypatc
 def test_purge_rewrites_files_soft_deleted_by_deletion_vectors(spark, tmp_path):
     """With deletion vectors the delete leaves the row in its data file; purge's REORG
     rewrites it, VACUUM removes the old file, and the raw scan then finds nothing."""
-    from etl.config import LakehouseConf
 
     web = write_web(tmp_path / "web")
     args = ["--set", f"lakehouse.root={tmp_path / 'lake'}", "--set",
