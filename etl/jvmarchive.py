@@ -13,7 +13,11 @@ tasks too) also gets the parallel garbage collector, under which the archive is 
 
 The same build lists the local paths of the jars ``spark.jars.packages`` resolved for this
 delta-spark version beside the archive; :func:`delta_jars` hands them to ``spark.jars`` while
-every one is still there, so the session skips Ivy's resolution (and Maven Central).
+every one is still there, so the session skips Ivy's resolution (and Maven Central). The first
+session that resolves Delta with ``hadoop-aws`` (an ``s3a://`` lakehouse) lists its jars the same
+way (:func:`record_jars`): a Python session started with ``spark.jars.packages`` also copies every
+resolved jar into its scratch folder (the AWS SDK bundle alone is ~0.6 GB), which local jars
+named in ``spark.jars`` are not.
 
 This module only looks things up: it imports nothing from the jobs, so the session factory
 stays the ground floor of the import graph.
@@ -71,26 +75,48 @@ def gc_chosen(chosen: str = "") -> bool:
     return any(re.search(r"-XX:\+Use\w+GC\b", t) for t in texts)
 
 
-def jars_list_path(archive: Path | None = None) -> Path | None:
-    """Where the build lists the Delta jars for this delta-spark and pyspark (Delta's jars are
-    built per Spark line): beside ``archive`` (default :func:`archive_path`; None when that is
-    turned off)."""
+def jars_list_path(archive: Path | None = None, s3a: bool = False) -> Path | None:
+    """Where the build lists the Delta jars (``s3a``: with hadoop-aws) for this delta-spark and
+    pyspark (Delta's jars are built per Spark line, hadoop-aws per pyspark's Hadoop): beside
+    ``archive`` (default :func:`archive_path`; None when that is turned off)."""
     from importlib.metadata import version
 
     import pyspark
 
     path = archive or archive_path()
-    name = f"delta-spark-{version('delta-spark')}-spark-{pyspark.__version__}.jars"
+    name = (f"delta-spark-{version('delta-spark')}-spark-{pyspark.__version__}"
+            f"{'-s3a' if s3a else ''}.jars")
     return None if path is None else path.with_name(name)
 
 
-def delta_jars() -> list[str]:
-    """The Delta jars (local paths) the build listed, or [] unless every one is still there."""
-    path = jars_list_path()
+def delta_jars(s3a: bool = False) -> list[str]:
+    """The Delta jars (``s3a``: and hadoop-aws's) listed, as local paths, or [] unless every one
+    is still there."""
+    path = jars_list_path(s3a=s3a)
     if path is None or not path.is_file():
         return []
     jars = path.read_text().split("\n")
     return jars if all(j and Path(j).is_file() for j in jars) else []
+
+
+def record_jars(given: str, s3a: bool = False, path: Path | None = None) -> bool:
+    """List the local jars of ``given`` (a session's ``spark.jars`` after Ivy resolved it) where
+    :func:`delta_jars` looks, when they hold Delta (and, for ``s3a``, hadoop-aws) and are all
+    local files. Written to a temporary name and renamed, so a reader never sees half a list."""
+    from urllib.parse import unquote, urlparse
+
+    path = path or jars_list_path(s3a=s3a)
+    jars = [unquote(urlparse(j).path) if j.startswith("file:") else j
+            for j in given.split(",") if j]
+    needed = ("delta-spark", "hadoop-aws") if s3a else ("delta-spark",)
+    if (path is None or not jars or not all(Path(j).is_file() for j in jars)
+            or not all(any(n in Path(j).name for j in jars) for n in needed)):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    part.write_text("\n".join(jars))
+    os.replace(part, path)
+    return True
 
 
 def java_option(flag: str, path: Path) -> str:

@@ -18,7 +18,7 @@ from pyspark.sql import types as T
 from etl import compat
 from etl.config import ConfigError, SparkConf
 from etl.fs import SCHEMES, ConnectorError, Store, local_path, scheme
-from etl.jvmarchive import KEY, delta_jars, driver_options
+from etl.jvmarchive import KEY, delta_jars, driver_options, record_jars
 from etl.redact import redact_text, redact_url
 
 DELTA_CONF = {
@@ -106,22 +106,36 @@ class JarPlan:
     jars: tuple[str, ...] | None = None
     maven: bool = False
     hadoop_aws: bool = False
+    # a local driver (which runs every task) takes hadoop-aws and its SDK on its class path:
+    # jars named in spark.jars are copied into every session's scratch folder (the SDK: ~0.6 GB)
+    classpath: str | None = None
+
+
+# hadoop-aws and what it brings; none is in Spark's own jars, so none can shadow one of them
+S3A_ARTIFACTS = ("hadoop-aws-", "awssdk_bundle-", "analyticsaccelerator-s3-", "wildfly-openssl-")
 
 
 def jar_plan(conf: SparkConf, how: Launch, s3a: bool = False,
              listed: Sequence[str] = ()) -> JarPlan:
     """Choose among the four jar sources, in order: ``conf.jars`` (local jars, air-gapped
-    clusters); Delta handed to spark-submit already (nothing to add); the Delta jars ``make
-    venv`` ``listed`` (:func:`etl.jvmarchive.delta_jars`: no Ivy resolution per start; not
-    under spark-submit, nor with s3a, which needs hadoop-aws too); else Maven. Jars that
-    ``spark.conf`` lists under ``spark.jars`` are kept alongside local ones."""
+    clusters); Delta handed to spark-submit already (nothing to add); the jars an earlier
+    resolution ``listed`` (:func:`etl.jvmarchive.delta_jars`, Delta's, with hadoop-aws's for
+    s3a: no Ivy resolution per start; hadoop-aws's on a local driver's class path, so no copy
+    of them per session; not under spark-submit); else Maven. Jars that ``spark.conf`` lists under ``spark.jars`` are kept alongside local
+    ones."""
     own = tuple(j for j in conf.conf.get("spark.jars", "").split(",") if j)
     if conf.jars:
         return JarPlan(jars=(*conf.jars, *own))
     if how.delta_given:
         return JarPlan()
-    if listed and not (s3a or how.submitted):
-        return JarPlan(jars=(*listed, *own))
+    if listed and not how.submitted:
+        local = conf.master.startswith("local") and not conf.remote
+        aws = [j for j in listed if local and any(a in Path(j).name for a in S3A_ARTIFACTS)]
+        rest = tuple(j for j in listed if j not in aws)
+        if not aws:
+            return JarPlan(jars=(*rest, *own))
+        given = conf.conf.get("spark.driver.extraClassPath", "")
+        return JarPlan(jars=(*rest, *own), classpath=os.pathsep.join([*aws, given] if given else aws))
     return JarPlan(maven=True, hadoop_aws=s3a)
 
 
@@ -160,7 +174,10 @@ def get_spark(conf: SparkConf | None = None, urls: Iterable[str] = (),
         builder = builder.master(conf.master)
     for key, value in session_options(conf, how, s3a, preload_models, driver, given).items():
         builder = builder.config(key, value)
-    spark = _with_jars(builder, jar_plan(conf, how, s3a, delta_jars())).getOrCreate()
+    plan = jar_plan(conf, how, s3a, delta_jars(s3a))
+    spark = _with_jars(builder, plan).getOrCreate()
+    if plan.maven and not (remote or how.submitted or conf.conf.get("spark.jars")):
+        record_jars(spark.conf.get("spark.jars", ""), s3a)  # the next session skips Ivy
     compat.set_log_level(spark, os.environ.get("DFN_SPARK_LOG_LEVEL", "ERROR"))
     return spark
 
@@ -223,6 +240,8 @@ def connect_session(conf: SparkConf, remote: str) -> SparkSession:
 
 
 def _with_jars(builder: SparkSession.Builder, plan: JarPlan) -> SparkSession.Builder:
+    if plan.classpath:
+        builder = builder.config("spark.driver.extraClassPath", plan.classpath)
     if plan.jars is not None:
         return builder.config("spark.jars", ",".join(plan.jars))
     if not plan.maven:

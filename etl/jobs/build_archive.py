@@ -50,7 +50,8 @@ def build(path: Path | None = None) -> Path:
         spark = get_spark(SparkConf(conf={jvm.KEY: archive_options(part)}), preload_models=False)
         proc = spark.sparkContext._gateway.proc
         try:
-            save_jars(spark, jvm.jars_list_path(path))
+            jvm.record_jars(spark.sparkContext.getConf().get("spark.jars", ""),
+                            path=jvm.jars_list_path(path))
             workload(spark, Path(tmp))
         finally:
             spark.stop()
@@ -60,19 +61,6 @@ def build(path: Path | None = None) -> Path:
         raise RuntimeError(f"the JVM wrote no archive to {part} (exit status {proc.returncode})")
     os.replace(part, path)
     return path
-
-
-def save_jars(spark: SparkSession, path: Path) -> None:
-    """List the local jars Ivy resolved for ``spark`` (``spark.jars``) in ``path``."""
-    from urllib.parse import unquote, urlparse
-
-    from etl.fs import Store
-
-    given = spark.sparkContext.getConf().get("spark.jars", "")
-    jars = [unquote(urlparse(j).path) if j.startswith("file:") else j
-            for j in given.split(",") if j]
-    if jars and all(Path(j).is_file() for j in jars) and any("delta-spark" in j for j in jars):
-        Store().write_bytes(str(path), "\n".join(jars).encode())  # temp file + rename
 
 
 def workload(spark: SparkSession, tmp: Path) -> None:

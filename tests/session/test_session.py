@@ -11,6 +11,7 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from pyspark.sql import types as T
@@ -112,8 +113,17 @@ def test_jar_plan_takes_the_first_source_that_applies():
     assert jar_plan(own, Launch(delta_given=True), listed=listed) == JarPlan()  # spark-submit's
     assert jar_plan(own, Launch(), listed=listed) == JarPlan(jars=(*listed, "/mine/a.jar",
                                                                    "/mine/b.jar"))
-    assert jar_plan(own, Launch(), s3a=True, listed=listed) == JarPlan(maven=True,
-                                                                       hadoop_aws=True)
+    assert jar_plan(own, Launch(), s3a=True) == JarPlan(maven=True, hadoop_aws=True)
+    aws = ["/ivy/org.apache.hadoop_hadoop-aws-3.4.2.jar", "/ivy/software.amazon.awssdk_bundle-2.2.jar",
+           "/ivy/x_analyticsaccelerator-s3-1.2.1.jar", "/ivy/org.wildfly.openssl_wildfly-openssl-2.1.jar"]
+    with_aws = [*listed, *aws]
+    assert jar_plan(SparkConf(), Launch(), s3a=True, listed=with_aws) == JarPlan(  # local driver
+        jars=tuple(listed), classpath=os.pathsep.join(aws))
+    mine = SparkConf(conf={"spark.driver.extraClassPath": "/x/y.jar"})
+    assert jar_plan(mine, Launch(), s3a=True, listed=with_aws).classpath == os.pathsep.join(
+        [*aws, "/x/y.jar"])
+    cluster = SparkConf(master="spark://h:7077")  # executors elsewhere need every jar
+    assert jar_plan(cluster, Launch(), s3a=True, listed=with_aws) == JarPlan(jars=tuple(with_aws))
     assert jar_plan(own, Launch(submitted=True), listed=listed) == JarPlan(maven=True)
     assert jar_plan(SparkConf(), Launch()) == JarPlan(maven=True)  # nothing listed: Maven
 
@@ -200,6 +210,25 @@ def test_delta_jars_are_listed_only_while_every_one_is_there(tmp_path, monkeypat
     assert jvmarchive.delta_jars() == [str(j) for j in jars]
     jars[1].unlink()  # e.g. the Ivy cache was cleared: resolve again rather than fail
     assert jvmarchive.delta_jars() == []
+
+
+def test_a_resolved_session_lists_its_jars_for_the_next_one(tmp_path, monkeypatch):
+    monkeypatch.setenv(jvmarchive.ENV, str(tmp_path / "spark.jsa"))
+    delta, storage, aws, sdk = (tmp_path / "ivy jars" / n for n in (
+        "io.delta_delta-spark_2.13-4.0.0.jar", "io.delta_delta-storage-4.0.0.jar",
+        "org.apache.hadoop_hadoop-aws-3.4.1.jar", "software.amazon.awssdk_bundle-2.29.52.jar"))
+    delta.parent.mkdir()
+    for jar in (delta, storage, aws, sdk):
+        jar.write_bytes(b"PK")
+    given = ",".join(f"file://{quote(str(j))}" for j in (delta, storage, aws, sdk))
+    assert not jvmarchive.record_jars(f"file://{quote(str(delta))}", s3a=True)  # no hadoop-aws
+    assert jvmarchive.delta_jars(s3a=True) == []
+    assert jvmarchive.record_jars(given, s3a=True)
+    assert jvmarchive.delta_jars(s3a=True) == [str(j) for j in (delta, storage, aws, sdk)]
+    assert jvmarchive.delta_jars() == []  # the plain list is another file
+    assert not jvmarchive.record_jars(given + ",file:///gone/x.jar")  # every jar must be there
+    assert jvmarchive.record_jars(given) and len(jvmarchive.delta_jars()) == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.slow
