@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast lint venv dist bench bench-scale bench-connect connect-server clean model sysdeps
+.PHONY: demo test test-fast lint venv dist bench bench-scale bench-incremental bench-connect connect-server clean model sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -71,6 +71,11 @@ bench: $(STAMP)
 # Cost per stage vs pool size (docs/performance.md); ARGS="--meta 100000,1000000 --images 2000" for less.
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py $(ARGS)
+	$(BIN)/python benchmarks/bench_incremental.py
+
+# Adding 1% and 10% to a pool: the incremental run vs a full run of the grown pool.
+bench-incremental: $(STAMP)
+	$(BIN)/python benchmarks/bench_incremental.py $(ARGS)
 
 # Spark Connect vs classic: the 1M-row metadata path, the demo, a 16-row ingest (docs/performance.md).
 bench-connect: $(STAMP) $(JSA)

@@ -52,15 +52,17 @@ BENCH_SPARK = {"spark.ui.enabled": "true", "spark.ui.retainedStages": "100000",
                "spark.ui.retainedJobs": "100000", "spark.sql.ui.retainedExecutions": "100000"}
 
 
-def write_metadata_pool(out: Path, n: int, seed: int = 0, per_file: int = 500_000) -> None:
-    """``n`` DataComp-style metadata rows as parquet files of ``per_file`` rows (streamed)."""
+def write_metadata_pool(out: Path, n: int, seed: int = 0, per_file: int = 500_000,
+                        first: int = 0) -> None:
+    """``n`` DataComp-style metadata rows as parquet files of ``per_file`` rows (streamed);
+    urls and texts number rows from ``first``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for part, start in enumerate(range(0, n, per_file)):
-        m = min(per_file, n - start)
+    for part, start in enumerate(range(first, first + n, per_file)):
+        m = min(per_file, first + n - start)
         hexes = rng.bytes(16 * m).hex()
         uids = [hexes[i:i + 32] for i in range(0, 32 * m, 32)]
         idx = range(start, start + m)

@@ -44,6 +44,18 @@ class SparkConf:
 
 
 @dataclass
+class LeaseConf:
+    """One run at a time per lakehouse: what a run does while another holds it
+    (docs/architecture.md, overlapping runs)."""
+
+    MODES = ("fail", "wait")
+    mode: str = "fail"  # fail: stop at once, one line naming the holder; wait: poll (or --wait)
+    wait_seconds: int = 3600  # wait: give up (as fail does) after this long
+    expire_seconds: int = 600  # a holder that stops renewing (crashed) loses it after this long
+    heartbeat_seconds: int = 60  # how often a running step renews it
+
+
+@dataclass
 class LakehouseConf:
     """Where the Delta tables live: a folder, or a metastore catalog/schema."""
 
@@ -54,6 +66,7 @@ class LakehouseConf:
     catalog: str | None = None
     # set: tables live in the metastore as [catalog.]schema.table instead of under root
     schema: str | None = None
+    lease: LeaseConf = field(default_factory=LeaseConf)
 
 
 @dataclass
@@ -96,6 +109,9 @@ class IngestConf:
     # in-input duplicate keys up to this many are broadcast to split them from the full rows
     # (no shuffle of the rows); more (a pathological input) falls back to a shuffle join
     broadcast_duplicates: int = 100_000
+    # a file ingested before whose size or modification time changed: error (stop, naming it)
+    # | reingest (read it again; rows whose uid is already in bronze stay as they are)
+    changed_files: str = "error"
 
 
 @dataclass
@@ -174,6 +190,8 @@ class SelectConf:
         "clip": "clip_l14_similarity_score", "clip_b32": "clip_b32_similarity_score",
         "targeted": "target_similarity"})
     seed: int = 0  # random(f)
+    # recompute: cut over the whole pool | frozen: keep the last selection's recorded cuts
+    mode: str = "recompute"
 
 
 @dataclass
@@ -382,6 +400,10 @@ def validate(cfg: Config) -> None:
         _check(name is None or re.fullmatch(r"[A-Za-z0-9_]+", name) is not None,
                f"lakehouse.{key}: {name!r} must be one name of letters, digits and _ (tables "
                "are catalog.schema.table; set catalog and schema apart)")
+    ls = cfg.lakehouse.lease
+    _check(ls.mode in LeaseConf.MODES, f"lakehouse.lease.mode: fail or wait, got {ls.mode!r}")
+    _check(0 < ls.heartbeat_seconds < ls.expire_seconds and ls.wait_seconds >= 0,
+           "lakehouse.lease: 0 < heartbeat_seconds < expire_seconds, wait_seconds >= 0")
     for i, src in enumerate(cfg.ingest.sources + cfg.ingest.eval_sources):
         _check(src.format in SourceConf.FORMATS,
                f"ingest source [{i}].format: {src.format!r} is not one of {', '.join(SourceConf.FORMATS)}")
@@ -394,6 +416,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.ingest.max_caption_chars > 0,
            f"ingest.max_caption_chars: must be > 0, got {cfg.ingest.max_caption_chars}")
     _check(cfg.ingest.broadcast_duplicates >= 0, "ingest.broadcast_duplicates: must be >= 0")
+    _check(cfg.ingest.changed_files in ("error", "reingest"),
+           f"ingest.changed_files: error or reingest, got {cfg.ingest.changed_files!r}")
     _check(cfg.sample.n_pairs >= 10, "sample.n_pairs: must be >= 10")
     _check(cfg.score.batch_size > 0, "score.batch_size: must be > 0")
     _check(cfg.score.files_per_commit > 0, "score.files_per_commit: must be > 0")
@@ -420,6 +444,8 @@ def validate(cfg: Config) -> None:
     _check(sel.min_score is None or sel.keep_fraction is None,
            "select: set min_score or keep_fraction, not both (null the other)")
     _check(sel.fraction_of in FRACTION_OF, "select.fraction_of: one of remaining, pool")
+    _check(sel.mode in ("recompute", "frozen"),
+           f"select.mode: one of recompute, frozen, got {sel.mode!r}")
     _check(cfg.export.shard_size > 0, "export.shard_size: must be > 0")
     tg = cfg.targets
     kind, _, rest = tg.source.partition(":")

@@ -30,6 +30,7 @@ class Threshold:
     value: float | None = None
     n_scored: int | None = None  # N (fractions)
     position: int | None = None  # n = int(N * fraction)
+    basis: dict | None = None  # what it was resolved over (etl.select.cut_basis), recorded
 
     @property
     def active(self) -> bool:

@@ -20,6 +20,9 @@ shipped to the tasks, which scan the pool batch by batch.
 Ranking everywhere (the canonical row of a group): highest score, then smallest uid; rows
 without a score rank last.
 
+:func:`etl.dedupinc.run_dedup` runs incrementally: frozen centres, stored per-row
+vectors, and only the clusters new rows touch compared again.
+
 Signals (``dedup.near_signals``): ``model`` = ``image_embedding`` of the selection model in
 ``silver_scores`` / ``silver_eval_embeddings``; ``thumbnail`` = a model-free perceptual vector
 (16x16 RGB box thumbnail, blurred, per-channel mean removed, L2-normalised) computed from the
@@ -40,9 +43,9 @@ from pyspark.sql.functions import pandas_udf
 
 from etl.compat import Staging
 from etl.config import Config, ConfigError, DedupConf
-from etl.silver import model_scores, scored_pool, selection_model_id
+from etl.silver import model_scores, selection_model_id
 from etl.spark import local_frame
-from etl.tables import BRONZE, DEDUP, EVAL_EMBEDDINGS, EVAL_IMAGES, Lakehouse
+from etl.tables import BRONZE, EVAL_EMBEDDINGS, EVAL_IMAGES, Lakehouse
 from etl.vectors import cluster_column, fit_centers, unit_rows
 from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
@@ -109,20 +112,27 @@ def near_duplicates(emb: DataFrame, threshold: float, n_clusters: int, iters: in
     try:
         clustered = assign_clusters(emb, n_clusters, iters, seed, min_cluster_rows,
                                     stage).persist()
-        grouped = bounded_groups(clustered, max_group_rows, seed)
-
-        def flag(pdf: pd.DataFrame) -> pd.DataFrame:  # typed: pyspark reads the eval type
-            return semdedup_cluster(pdf, threshold)
-
-        flags = (grouped.groupBy("cluster", "part", "sub")
-                 .applyInPandas(flag,
-                                "uid string, dup_of string, dup_similarity double")
-                 .withColumn("dup_reason", F.lit(reason)))
-        out = flags.select("uid", "dup_of", "dup_reason", "dup_similarity").localCheckpoint()
+        out = compare_clusters(clustered, threshold, reason, max_group_rows, seed)
+        out = out.localCheckpoint()
         clustered.unpersist()
         return out
     finally:
         emb.unpersist()
+
+
+def compare_clusters(clustered: DataFrame, threshold: float, reason: str,
+                     max_group_rows: int = MAX_GROUP_ROWS, seed: int = 0) -> DataFrame:
+    """(uid, score, embedding, cluster) -> flagged rows (uid, dup_of, dup_reason,
+    dup_similarity): SemDeDup within each cluster, big clusters in parts
+    (:func:`bounded_groups`). The one comparison of near duplicates."""
+    grouped = bounded_groups(clustered, max_group_rows, seed)
+
+    def flag(pdf: pd.DataFrame) -> pd.DataFrame:  # typed: pyspark reads the eval type
+        return semdedup_cluster(pdf, threshold)
+
+    return (grouped.groupBy("cluster", "part", "sub")
+            .applyInPandas(flag, "uid string, dup_of string, dup_similarity double")
+            .select("uid", "dup_of", F.lit(reason).alias("dup_reason"), "dup_similarity"))
 
 
 def bounded_groups(clustered: DataFrame, max_rows: int, seed: int = 0) -> DataFrame:
@@ -187,11 +197,16 @@ def assign_clusters(emb: DataFrame, n_clusters: int, iters: int, seed: int = 0,
                     min_cluster_rows: int = 1, stage: Staging | None = None) -> DataFrame:
     """Add ``cluster``: the nearest centre of spherical k-means (:mod:`etl.vectors`)."""
     n = emb.count()
-    k = max(1, min(n_clusters, n // max(1, min_cluster_rows)))
+    k = cluster_count(n, n_clusters, min_cluster_rows)
     if k == 1:
         return emb.withColumn("cluster", F.lit(0))
     centers = fit_centers(emb, k, iters, seed, count=n)
     return emb.withColumn("cluster", cluster_column(centers, stage)("embedding"))
+
+
+def cluster_count(n: int, n_clusters: int, min_cluster_rows: int = MIN_CLUSTER_ROWS) -> int:
+    """Clusters for ``n`` vectors: at most ``n_clusters``, about ``min_cluster_rows`` each."""
+    return max(1, min(n_clusters, n // max(1, min_cluster_rows)))
 
 
 def semdedup_cluster(pdf: pd.DataFrame, threshold: float, block: int = 1024) -> pd.DataFrame:
@@ -358,12 +373,16 @@ def check_signals(conf: DedupConf) -> None:
                           f"{', '.join(SIGNALS)}")
 
 
-def pool_vectors(lake: Lakehouse, cfg: Config, signal: str) -> DataFrame:
-    """(uid, embedding) of the pool for one signal."""
+def pool_vectors(lake: Lakehouse, cfg: Config, signal: str,
+                 uids: DataFrame | None = None) -> DataFrame:
+    """(uid, embedding) for one signal: of the pool, or of the rows of ``uids`` (a semi-join)."""
     if signal == "thumbnail":
-        udf = thumbnails(cfg.score.max_image_pixels)
-        return lake.read(BRONZE).select("uid", udf("image").alias("embedding"))
+        rows = lake.read(BRONZE)
+        rows = rows if uids is None else rows.join(uids.select("uid"), "uid", "left_semi")
+        return rows.select("uid", thumbnails(cfg.score.max_image_pixels)("image")
+                           .alias("embedding"))
     emb = model_scores(lake, cfg, embeddings=True)
+    emb = emb if uids is None else emb.join(uids.select("uid"), "uid", "left_semi")
     return emb.select("uid", F.col("image_embedding").alias("embedding"))
 
 
@@ -385,37 +404,6 @@ def eval_vectors(lake: Lakehouse, cfg: Config, signal: str) -> tuple[list[str], 
     if not got:
         return [], np.zeros((0, 1), np.float32)
     return [r["key"] for r in got], np.stack([np.asarray(r["v"], np.float32) for r in got])
-
-
-def run_dedup(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
-    """Edge: bronze (+ scores, eval images) -> ``silver_dedup``; prints and records counts."""
-    conf = cfg.dedup
-    check_signals(conf)
-    version = lake.version(BRONZE)  # recorded once silver_dedup is written (lineage)
-    pairs = scored_pool(lake, cfg).select("uid", "url", "text", "sha256", "score")
-    need = conf.near_signals if (conf.near or conf.decontaminate) else []
-    vectors = {s: pool_vectors(lake, cfg, s).persist() for s in need}
-    has_eval = conf.decontaminate and lake.exists(EVAL_IMAGES)
-    if conf.decontaminate and not has_eval:
-        print("dedup: no bronze_eval_images table; decontamination skipped")
-    evals, hashes = {}, None
-    if has_eval:
-        evals = {s: eval_vectors(lake, cfg, s) for s in vectors}
-        ev = lake.read(EVAL_IMAGES)
-        key = F.col("key") if "key" in ev.columns else F.col("uid")
-        hashes = ev.select(key.alias("key"), "sha256")
-    try:
-        lake.overwrite(dedup_pairs(pairs, conf, vectors, evals, hashes,
-                                   lake.staging("shared")), DEDUP)
-    finally:
-        for v in vectors.values():
-            v.unpersist()
-    counts = dedup_counts(lake.read(DEDUP))
-    for name, value in counts.items():
-        print(f"dedup: {name:<28}{value:>10}")
-    lake.record_stats(run_id, "dedup", counts)
-    lake.record_built(run_id, DEDUP, version)
-    return counts
 
 
 def dedup_counts(dedup: DataFrame) -> dict[str, int]:

@@ -146,10 +146,9 @@ def chosen_threshold(lake: Lakehouse, cfg: Config) -> float | None:
     """``select.min_score``, else the threshold ``gold_selection`` applied, else None."""
     if cfg.select.min_score is not None:
         return cfg.select.min_score
-    if lake.exists(SELECTION) and "threshold" in lake.read(SELECTION).columns:
-        row = lake.read(SELECTION).where(F.col("threshold").isNotNull()).select("threshold").first()
-        return None if row is None else float(row[0])
-    return None
+    from etl.provenance import applied_threshold
+
+    return applied_threshold(lake)
 
 
 def run_filter_quality(lake: Lakehouse, cfg: Config, run_id: str) -> list[dict[str, Any]]:

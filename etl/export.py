@@ -17,8 +17,9 @@ a single-object write that readers see whole or not at all. A crash at any point
 leaves the previous manifest, and every file it names, untouched. Readers go through
 :func:`read_export`; a run folder without its manifest is never read. After publishing, run
 folders other than the new one and (``export.keep_previous``) the one it replaced are removed,
-so a reader still streaming the previous export finishes; only folders marked as this
-project's by a ``_dfn_export`` file (written first) are removed, nothing else under ``<out>``.
+so a reader still streaming the previous export finishes; only finished folders marked as this
+project's (a ``_dfn_export`` file, written first, and the run's own manifest, written last) are
+removed: never a run still being written, nor anything else under ``<out>``.
 Exports into one ``out_dir`` must not run concurrently.
 
 ``<out>`` itself must be this project's (:func:`check_out_dir`, before any write): empty or
@@ -41,7 +42,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from etl.config import Config, ConfigError, ExportConf
+from etl.config import ConfigError, ExportConf
 from etl.fs import Store, ancestors, is_within, join
 from etl.redact import redact, redact_text
 from etl.spark import local_frame, session_conf
@@ -94,11 +95,17 @@ def prefilter_conf(spark, kept: int) -> dict[str, str]:
     return {k: v for k, v in keys.items() if spark.conf.get(k, None) is None}
 
 
-def write_gold(lake: Lakehouse) -> None:
-    """Overwrite ``gold_pairs`` with :func:`gold_pairs` under :func:`prefilter_conf`."""
+def write_gold(lake: Lakehouse) -> dict[str, int]:
+    """Make ``gold_pairs`` :func:`gold_pairs` (under :func:`prefilter_conf`), merging only the
+    rows that changed (image bytes not compared: a uid's bytes do not change); no commit when
+    none did (:func:`etl.tablesync.sync`). Returns its counts."""
+    from etl.tablesync import sync
+
     selection = lake.read(SELECTION)
     with session_conf(lake.spark, prefilter_conf(lake.spark, kept_rows(selection).count())):
-        lake.overwrite(without_removed(lake, gold_pairs(selection, lake.read(BRONZE))), GOLD)
+        gold = without_removed(lake, gold_pairs(selection, lake.read(BRONZE)))
+        return sync(lake, gold, GOLD, compare=[c for c in gold.columns if c not in
+                                               ("uid", "image")])
 
 
 def output_dir(lake: Lakehouse, conf: ExportConf) -> str:
@@ -229,9 +236,11 @@ def shard_writer(batches, out: str, width: int, store: Store,
 
 
 def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, index: str | None = None) -> list[dict]:
-    """Write ``df`` (uid, url, text, image, score, width, height) as WebDataset shards, and
-    (``index``) a parquet of (uid, shard) there: which shard holds each sample.
+                 max_pixels: int = DEFAULT_MAX_PIXELS, index: str | None = None,
+                 first: int = 0) -> list[dict]:
+    """Write ``df`` (uid, url, text, image, score, width, height) as WebDataset shards
+    numbered from ``first``, and (``index``) a parquet of (uid, shard) there: which shard
+    holds each sample.
 
     Images over ``max_pixels`` (or undecodable ones that need re-encoding) are skipped and
     counted per shard (``skipped``).
@@ -241,13 +250,13 @@ def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None =
     store, out = store or Store(), str(out)
     with_image = df.where(F.col("image").isNotNull())
     ids = number_rows(with_image.select("uid")).select(
-        "uid", F.floor(F.col("idx") / F.lit(shard_size)).alias("shard")).persist()
+        "uid", (F.floor(F.col("idx") / F.lit(shard_size)) + first).alias("shard")).persist()
     try:
-        n_shards = ids.agg(F.max("shard")).first()[0]
-        if n_shards is None:
+        last = ids.agg(F.max("shard")).first()[0]
+        if last is None:
             return []
-        n_shards += 1
-        width = max(5, len(str(n_shards - 1)))
+        n_shards = last + 1 - first
+        width = max(5, len(str(last)))
         if index is not None:
             ids.write.mode("overwrite").parquet(index)
         parts = (with_image.join(ids, "uid").select(*SHARD_COLUMNS)
@@ -258,8 +267,8 @@ def write_shards(df: DataFrame, out: str, shard_size: int, store: Store | None =
     finally:
         ids.unpersist()
     stats = sorted((r.asDict() for r in stats), key=lambda r: r["shard"])
-    if [r["shard"] for r in stats] != list(range(n_shards)):
-        raise AssertionError(f"expected shards 0..{n_shards - 1}, tasks wrote "
+    if [r["shard"] for r in stats] != list(range(first, last + 1)):
+        raise AssertionError(f"expected shards {first}..{last}, tasks wrote "
                              f"{[r['shard'] for r in stats]}")
     for r in stats:
         r["name"] = f"{r['shard']:0{width}d}.tar"
@@ -448,40 +457,14 @@ def read_export(out: str, store: Store | None = None) -> dict | None:
 
 
 def prune_runs(store: Store, out: str, keep: set[str]) -> list[str]:
-    """Remove this project's run folders under ``out/runs`` except those in ``keep``; folders
-    without the ``_dfn_export`` marker are left alone."""
+    """Remove this project's finished run folders under ``out/runs`` except those in
+    ``keep``. Folders without the ``_dfn_export`` marker are left alone, and so are folders
+    without their run manifest: a run still being written (a takedown republish may publish
+    while an export runs) or one that crashed before it finished."""
     runs_dir = join(out, "runs")
-    ours = [r for r in store.listdir(runs_dir) if store.exists(join(runs_dir, r, MARKER))]
+    ours = [r for r in store.listdir(runs_dir) if store.exists(join(runs_dir, r, MARKER))
+            and store.exists(join(runs_dir, r, MANIFEST))]
     removed = [r for r in ours if r not in keep]
     for r in removed:
         store.rm(join(runs_dir, r))
     return removed
-
-
-def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
-    """Edge: ``gold_selection`` + bronze -> ``gold_pairs`` and the export files; the export
-    folder is checked before any write. The step runner (:mod:`etl.steps`) refuses a stale
-    selection before calling this."""
-    from etl.provenance import export_lineage, read_versions
-
-    out = output_dir(lake, cfg.export)
-    check_out_dir(out, lake.store, lake.root)
-    read = read_versions(lake)
-    write_gold(lake)
-    lineage = export_lineage(lake, cfg, read, read_export(out, lake.store))
-    manifest = export_files(lake.read(GOLD), out, cfg.export, run_id,
-                            {"gold_table": lake.name(GOLD), "gold_version": lake.version(GOLD),
-                             "lineage": lineage},
-                            lake.store, lake.root, cfg.score.max_image_pixels)
-    wds = manifest.get("webdataset") or {}
-    counts = {"gold_pairs": manifest["kept"],
-              "uids_npy": manifest.get("uids_npy", {}).get("count", 0),
-              "shards": len(wds.get("shards", [])), "shard_samples": wds.get("samples", 0),
-              "shard_skipped": wds.get("skipped", 0)}
-    print(redact_text(f"export: {out} (run {manifest['run_dir']})"))
-    for name, value in counts.items():
-        print(f"export: {name:<20}{value:>10}")
-    if wds.get("train_data"):
-        print(f"export: train with: {train_command(wds)}")
-    lake.record_stats(run_id, "export", counts)
-    return manifest

@@ -4,6 +4,9 @@ Every row read ends in exactly one place: bronze (new or already present), the q
 table (an error, or a duplicate uid within the same input), or nowhere because a takedown names
 it (``blocked``: a ledger selector matches it, or its uid was removed; :mod:`etl.takedown`). The
 counts add up: ``read = new + already_present + in_input_duplicates + quarantined + blocked``.
+
+Only files not read before are read (:mod:`etl.ingestfiles`): ``rows_read``, the rows counted per
+file read, must equal ``read``; a source with nothing new is not read and commits nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pyspark.sql import types as T
 
 from etl.config import Config, IngestConf, SourceConf, TakedownConf
 from etl.fs import join
+from etl.ingestfiles import FilePlan, plan_files, record_files, rows_by_file
 from etl.readers import SIZED_FORMATS, read_source
 from etl.redact import redact_text
 from etl.sample import write_sample
@@ -25,6 +29,7 @@ from etl.spark import session_conf
 from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
 from etl.takedown.match import blocked_rows
 from etl.tarshards import header_size
+from etl.work import NEW, TOUCHED, work
 
 UID_RE = r"^[0-9a-f]{32}$"
 ASCII_SPACE = " \t\n\x0b\f\r"  # what a Java regex's \s matches: captions are trimmed of it
@@ -33,6 +38,8 @@ METADATA_FORMATS = ("datacomp", "csv", "tsv")  # url + caption rows, no image by
 MAX_CAPTION_CHARS = IngestConf().max_caption_chars
 BROADCAST_DUPLICATES = IngestConf().broadcast_duplicates
 ROW_ID = ["source_file", "source_pos"]  # an input row's identity
+NOTHING_READ = ("read", "quarantined", "in_input_duplicates", "blocked", "new",
+                "already_present", "rows_read")
 
 
 def resolve_sources(cfg: Config, lake: Lakehouse, sources: list[SourceConf],
@@ -164,9 +171,12 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
                  table: str = BRONZE, images: bool = True,
                  max_caption_chars: int = MAX_CAPTION_CHARS,
                  broadcast_duplicates: int = BROADCAST_DUPLICATES,
-                 takedown: TakedownConf | None = None) -> dict[str, int]:
+                 takedown: TakedownConf | None = None,
+                 files: FilePlan | None = None) -> dict[str, int]:
     """Normalize ``raw`` and merge it into ``table`` (insert-only on uid), leaving out the rows
-    a takedown names (``takedown``: the ledger's settings); returns the counts."""
+    a takedown names (``takedown``: the ledger's settings); returns the counts. ``files``: the
+    files ``raw`` was read from, recorded as read once the rows are in (counts ``rows_read``,
+    which must equal ``read``, before any write)."""
     df = normalize(raw, source, run_id, images, max_caption_chars)
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
     parts = stopped = None
@@ -177,6 +187,9 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
         with session_conf(df.sparkSession, {UNCOMPRESSED_CACHE: "false"}):
             read, quarantined, distinct = df.agg(  # one pass
                 F.count("*"), F.count("_reason"), F.count_distinct(good_uid)).first()
+        if files is not None:
+            per_file, stray = rows_by_file(df, files)
+            check_files_read(read, per_file, stray)
         kept, blocked, rest = df, 0, read
         stopped = blocked_rows(lake, takedown or TakedownConf(), df, ROW_ID)
         if stopped is not None:
@@ -210,7 +223,19 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
         df.unpersist()
     assert_identity(counts)
     assert_quarantined(counts, filed)
+    if files is not None:  # the last commit: a run stopped before it reads these files again
+        record_files(lake, files, per_file, run_id)
+        counts["rows_read"] = sum(per_file.values())
     return counts
+
+
+def check_files_read(read: int, per_file: dict[str, int], stray: int) -> None:
+    """Every row read came from a file the listing chose (counted per file), or fail before
+    any write."""
+    if stray or sum(per_file.values()) != read:
+        raise RuntimeError(f"ingest read {read} rows, {stray} of them from files its listing did "
+                           "not choose; the record of ingested files would be wrong, so nothing "
+                           "was written")
 
 
 def assert_identity(c: dict[str, int]) -> None:
@@ -242,25 +267,44 @@ def ingest(spark: SparkSession, cfg: Config, lake: Lakehouse, run_id: str) -> di
     totals: dict[str, int] = {}
     for table, sources, is_eval in ((BRONZE, cfg.ingest.sources, False),
                                     (EVAL_IMAGES, cfg.ingest.eval_sources, True)):
-        # read every source first so a structural error stops the job before any write
-        frames = [(s, read_source(spark, s, p, lake.staging("json")))
-                  for s, p in resolve_sources(cfg, lake, sources, is_eval)]
-        for src, raw in frames:
+        # list and read every source first so a structural error, or a changed file, stops the
+        # job before any write
+        frames = []
+        for src, path in resolve_sources(cfg, lake, sources, is_eval):
+            plan = plan_files(lake, src.format, path, src.name or src.format,
+                              "eval" if is_eval else "pool", cfg.ingest.changed_files, table)
+            raw = None  # nothing new: not read (an empty source is, to fail as it always did)
+            if plan.files or not plan.listed:
+                raw = read_source(spark, src, path, lake.staging("json"),
+                                  plan.paths if plan.listed else None, plan.reference)
+            frames.append((src, plan, raw))
+        for src, plan, raw in frames:
             name = src.name or src.format
-            counts = ingest_frame(lake, raw, name, run_id, table,
-                                  images=src.format not in METADATA_FORMATS + SIZED_FORMATS,
-                                  max_caption_chars=cfg.ingest.max_caption_chars,
-                                  broadcast_duplicates=cfg.ingest.broadcast_duplicates,
-                                  takedown=cfg.takedown)
+            counts = dict.fromkeys(NOTHING_READ, 0) if raw is None else ingest_frame(
+                lake, raw, name, run_id, table,
+                images=src.format not in METADATA_FORMATS + SIZED_FORMATS,
+                max_caption_chars=cfg.ingest.max_caption_chars,
+                broadcast_duplicates=cfg.ingest.broadcast_duplicates,
+                takedown=cfg.takedown, files=plan if plan.listed else None)
+            counts = {**counts, **plan.counts()}
+            pool = lake.read(table).count() if lake.exists(table) else 0  # from the Delta log
+            counts.update(work(counts["new"], counts["read"], pool))
             lake.record_stats(run_id, f"ingest:{table}:{name}", counts)
             print_counts(f"{table} <- {name} ({src.path})", counts)
             for k, v in counts.items():
                 totals[f"{table}.{k}"] = totals.get(f"{table}.{k}", 0) + v
-    return totals
+    got = {m: totals.get(f"{BRONZE}.{m}", 0) for m in (NEW, TOUCHED)}
+    pool = lake.read(BRONZE).count() if lake.exists(BRONZE) else 0
+    return {**totals, **work(got[NEW], got[TOUCHED], pool)}
 
 
 def print_counts(title: str, c: dict[str, int]) -> None:
-    print(f"ingest {title}\n  read={c['read']} = new {c['new']} + already present "
+    files = ("" if "files_listed" not in c else
+             f"\n  files: listed {c['files_listed']} = new {c['files_new']} + changed "
+             f"{c['files_changed']}"
+             + (f" + read again with their stem {c['files_again']}" if c.get("files_again")
+                else "") + f" + skipped {c['files_skipped']} (read before)")
+    print(f"ingest {title}{files}\n  read={c['read']} = new {c['new']} + already present "
           f"{c['already_present']} + in-input duplicates {c['in_input_duplicates']} "
           f"+ quarantined {c['quarantined']}" + (f" + blocked by takedowns {c['blocked']}"
                                                   if c.get("blocked") else ""))

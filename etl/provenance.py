@@ -19,15 +19,23 @@ from etl.tables import BRONZE, DEDUP, GOLD, SELECTION, SILVER, TARGETS, Lakehous
 
 RULE_PROPERTY = "dfn.select.rule"
 CUTS_PROPERTY = "dfn.select.cuts"
+# the cut of the selection model's score, as the row column ``threshold`` holds it when written;
+# rows an incremental select left alone keep the value of the run that wrote them
+THRESHOLD_PROPERTY = "dfn.select.threshold"
 READ = (BRONZE, SILVER, DEDUP, TARGETS, SELECTION)
 
 
-def record_selection(lake: Lakehouse, rule_text: str, cuts: dict[str, Threshold]) -> None:
-    """Store the rule and its resolved cuts on ``gold_selection`` (a metadata-only commit)."""
-    resolved = {name: {"kind": t.rule, "value": t.value, "N": t.n_scored, "n": t.position}
-                for name, t in cuts.items()}
-    lake.set_properties(SELECTION, {RULE_PROPERTY: rule_text,
-                                    CUTS_PROPERTY: json.dumps(resolved, sort_keys=True)})
+def record_selection(lake: Lakehouse, rule_text: str, cuts: dict[str, Threshold],
+                     threshold: float | None = None) -> None:
+    """Store the rule, its resolved cuts and the score ``threshold`` now applied on
+    ``gold_selection`` (a metadata-only commit, none when they are already stored)."""
+    resolved = {name: {"kind": t.rule, "value": t.value, "N": t.n_scored, "n": t.position,
+                       **(t.basis or {})} for name, t in cuts.items()}
+    values = {RULE_PROPERTY: rule_text, CUTS_PROPERTY: json.dumps(resolved, sort_keys=True),
+              THRESHOLD_PROPERTY: json.dumps(threshold)}
+    current = lake.properties(SELECTION)
+    if any(current.get(k) != v for k, v in values.items()):
+        lake.set_properties(SELECTION, values)
 
 
 def read_versions(lake: Lakehouse) -> dict[str, int | None]:
@@ -61,3 +69,21 @@ def _package_version() -> str | None:
         return metadata.version("dfn-curate")
     except metadata.PackageNotFoundError:
         return None
+
+
+def applied_threshold(lake: Lakehouse) -> float | None:
+    """The score threshold the last select applied (None: no cut, or no selection); the
+    recorded property, else (a selection written before it was recorded) the rows' column."""
+    from pyspark.sql import functions as F
+
+    if not lake.exists(SELECTION):
+        return None
+    text = lake.properties(SELECTION).get(THRESHOLD_PROPERTY)
+    if text is not None:
+        value = json.loads(text)
+        return None if value is None else float(value)
+    sel = lake.read(SELECTION)
+    if "threshold" not in sel.columns:
+        return None
+    row = sel.where(F.col("threshold").isNotNull()).select("threshold").first()
+    return None if row is None else float(row[0])

@@ -11,6 +11,7 @@ tar shards are read under size caps (:mod:`etl.tarshards`).
 from __future__ import annotations
 
 import json
+import re
 from contextlib import closing
 from functools import partial
 
@@ -62,27 +63,61 @@ class InputError(ValueError):
 
 
 def read_source(spark: SparkSession, src: SourceConf, path: str | None = None,
-                stage: Staging | None = None) -> DataFrame:
+                stage: Staging | None = None, files: list[str] | None = None,
+                reference: str | None = None) -> DataFrame:
     """Dispatch on ``src.format`` and return the raw frame; ``path`` may be any URL. ``stage``:
-    a folder for the JSON sample Spark Connect infers extra columns from."""
+    a folder for the JSON sample Spark Connect infers extra columns from. ``files``: read only
+    these files of the source (as :func:`source_files` lists them; None: every file).
+    ``reference``: a file of the source ingested before (not read again), that ``files`` must
+    agree with too (parquet column types, the delimited header line)."""
     path = path or src.path
     fmt = src.format
     try:
         if fmt == "datacomp":
-            return read_datacomp(spark, path, src)
+            return read_datacomp(spark, path, src, files, reference)
         if fmt in ("csv", "tsv"):
-            return read_delimited(spark, path, src, "\t" if fmt == "tsv" else ",")
+            return read_delimited(spark, path, src, "\t" if fmt == "tsv" else ",", files,
+                                  reference)
         if fmt in ("img2dataset", "webdataset"):
             caps = TarCaps(src.max_member_bytes, src.max_shard_bytes)
-            return read_webdataset(spark, path, src.json_sample_rows, caps, stage)
+            return read_webdataset(spark, path, src.json_sample_rows, caps, stage, files,
+                                   reference)
         if fmt == "folder":
-            return read_image_folder(spark, path, src.json_sample_rows, stage)
+            return read_image_folder(spark, path, src.json_sample_rows, stage, files)
     except AnalysisException as exc:
-        first = str(exc).strip().splitlines()[0][:300]
-        raise InputError(redact_text(f"{fmt} source {path}: {first}")) from None
+        raise _input_error(fmt, path, exc) from None
     except SchemaConflict as exc:
         raise InputError(str(exc)) from exc
     raise InputError(f"unknown source format {fmt!r}")
+
+
+def _input_error(fmt: str, path: str, exc: AnalysisException) -> InputError:
+    first = str(exc).strip().splitlines()[0][:300]
+    return InputError(redact_text(f"{fmt} source {path}: {first}"))
+
+
+# the files each format reads (Hadoop globs on the name; hidden _/. files are never listed)
+PATTERNS = {"datacomp": "*.parquet", "csv": "*", "tsv": "*", "folder": "*"}
+
+
+def source_files(spark: SparkSession, fmt: str, path: str) -> DataFrame:
+    """Every file of a ``fmt`` source at ``path`` that its reader reads (``path``, ``length``,
+    ``modified``), listed by Spark without reading a byte (:func:`list_files`)."""
+    try:
+        files = list_files(spark, path, PATTERNS.get(fmt, LISTED_GLOB))
+    except AnalysisException as exc:
+        raise _input_error(fmt, path, exc) from None
+    if fmt in ("img2dataset", "webdataset"):
+        return files.where(~F.col("path").endswith("_stats.parquet"))
+    if fmt == "folder":
+        ext = F.lower(F.regexp_extract("path", r"\.([^./]+)$", 1))
+        return files.where(ext.isin(*IMAGE_EXTS, "txt", "json"))
+    return files
+
+
+def glob_safe(paths: list[str]) -> list[str]:
+    """File paths with Hadoop's glob characters escaped, so each reads as exactly that file."""
+    return [re.sub(r"([\\*?\[\]{}])", r"\\\1", p) for p in paths]
 
 
 def _require(columns: list[str], needed: list[str], what: str) -> None:
@@ -120,11 +155,13 @@ def utf8_error(value: Column, field: str, where: str) -> Column:
     return F.when(value.isNotNull() & ~F.is_valid_utf8(value), F.lit(utf8_reason(field, where)))
 
 
-def read_datacomp(spark: SparkSession, path: str, src: SourceConf) -> DataFrame:
-    """DataComp metadata parquet: uid, url, text (+ original_width/height, sha256, scores)."""
-    check_parquet_files(spark, list_files(spark, path, "*.parquet"), Store.from_spark(spark),
-                        f"DataComp metadata at {path}")
-    df = spark.read.parquet(path)
+def read_datacomp(spark: SparkSession, path: str, src: SourceConf,
+                  files: list[str] | None = None, reference: str | None = None) -> DataFrame:
+    """DataComp metadata parquet: uid, url, text (+ original_width/height, sha256, scores);
+    ``files``: only these (checked against ``reference`` too)."""
+    listed = list_files(spark, path, "*.parquet") if files is None else _with(files, reference)
+    check_parquet_files(spark, listed, Store.from_spark(spark), f"DataComp metadata at {path}")
+    df = spark.read.parquet(*([path] if files is None else glob_safe(files)))
     _require(df.columns, [src.uid_column, "url", "text"], f"DataComp metadata at {path}")
     for col in ("url", "text"):
         if not isinstance(df.schema[col].dataType, T.StringType):
@@ -143,8 +180,10 @@ def read_datacomp(spark: SparkSession, path: str, src: SourceConf) -> DataFrame:
                    raw=F.when(error.isNotNull(), F.to_json(F.struct("url", "text")))).drop("_uid")
 
 
-def read_delimited(spark: SparkSession, path: str, src: SourceConf, sep: str) -> DataFrame:
-    """CSV/TSV with a header row holding url + caption columns.
+def read_delimited(spark: SparkSession, path: str, src: SourceConf, sep: str,
+                   files: list[str] | None = None, reference: str | None = None) -> DataFrame:
+    """CSV/TSV with a header row holding url + caption columns (``files``: only these, whose
+    header must be ``reference``'s too).
 
     Quoted fields may span lines (Spark ``multiLine``; each file is then parsed by one task).
     Files are parsed as Latin-1, one character per byte, and every field is turned back into
@@ -152,15 +191,18 @@ def read_delimited(spark: SparkSession, path: str, src: SourceConf, sep: str) ->
     files of one source must share one header line (checked up front).
     """
     what = f"{'TSV' if sep == chr(9) else 'CSV'} {path}"
-    header = spark.read.option("header", True).option("sep", sep).csv(path).columns
+    given = path if files is None else glob_safe(files)
+    header = spark.read.option("header", True).option("sep", sep).csv(given).columns
     _require(header, [src.url_column, src.text_column], what)
-    check_csv_headers(spark, list_files(spark, path, "*"), Store.from_spark(spark), sep, what)
+    check_csv_headers(spark, list_files(spark, path, "*") if files is None
+                      else _with(files, reference),
+                      Store.from_spark(spark), sep, what)
     schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
                           + [T.StructField("_corrupt", T.StringType())])
     df = (spark.read.schema(schema).option("header", True).option("sep", sep)
           .option("multiLine", True).option("encoding", LATIN1)
           .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt")
-          .option("escape", '"').csv(path))
+          .option("escape", '"').csv(given))
     df = _position(df)
     df = df.select("source_file", "source_pos", *[  # Latin-1 text -> the raw bytes, unchecked
         F.encode(F.col(c), LATIN1).cast("string").alias(c) for c in [*header, "_corrupt"]])
@@ -178,22 +220,31 @@ def read_delimited(spark: SparkSession, path: str, src: SourceConf, sep: str) ->
     return out.drop(*drop).select(*BASE, *[c for c in renamed if c not in drop | set(BASE)])
 
 
-def list_files(spark: SparkSession, path: str, pattern: str) -> DataFrame:
-    """``path`` (one file, a folder searched recursively, or a glob) of files whose names match
-    ``pattern``, listed by Spark's own Hadoop filesystem (any URL); columns ``path``, ``length``.
+def _with(files: list[str], reference: str | None) -> list[str]:
+    """``files`` and the ``reference`` file they are checked against (when not among them)."""
+    return files if reference is None or reference in files else [*files, reference]
+
+
+def list_files(spark: SparkSession, path: str | list[str], pattern: str) -> DataFrame:
+    """``path`` (one file, a folder searched recursively, or a glob; or a list of them) of files
+    whose names match ``pattern``, listed by Spark's own Hadoop filesystem (any URL); columns
+    ``path``, ``length``, ``modified`` (the file's modification time).
 
     Only the listing is read (``binaryFile`` without its ``content`` column reads no bytes).
     Local files come back as plain paths, remote ones as URLs.
     """
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", pattern).load(path))
-    return files.select(F.regexp_replace("path", "^file:", "").alias("path"), "length")
+    return files.select(F.regexp_replace("path", "^file:", "").alias("path"), "length",
+                        F.col("modificationTime").alias("modified"))
 
 
 def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000,
-                    caps: TarCaps | None = None, stage: Staging | None = None) -> DataFrame:
+                    caps: TarCaps | None = None, stage: Staging | None = None,
+                    files: list[str] | None = None, reference: str | None = None) -> DataFrame:
     """WebDataset / img2dataset shards (``.tar``, ``.tar.gz``, ``.tgz``) plus failed rows from
-    img2dataset sidecars.
+    img2dataset sidecars (``files``: only these shards and sidecars; new sidecars are checked
+    against the ``reference`` sidecar too).
 
     The folder is listed once. Each shard is streamed member by member, once, under the size
     ``caps`` (see :mod:`etl.tarshards`), with image sizes read from the headers as it goes: on
@@ -207,7 +258,7 @@ def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000
     defaults = SourceConf()
     caps = caps or TarCaps(defaults.max_member_bytes, defaults.max_shard_bytes)
     store = Store.from_spark(spark)
-    listing = list_files(spark, path, LISTED_GLOB)
+    listing = list_files(spark, path if files is None else glob_safe(files), LISTED_GLOB)
     is_parquet = F.col("path").endswith(".parquet")
     tars = listing.where(~is_parquet)
     sidecars = listing.where(is_parquet & ~F.col("path").endswith("_stats.parquet"))
@@ -215,7 +266,7 @@ def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000
             .unionByName(sidecars.withColumn("sidecar", F.lit(True)))
             .collect())  # a few shards, and one row per sidecar file (not per pair): one job
     first = [(r.path, r.length) for r in rows if not r.sidecar]
-    if not first:
+    if not first and (files is None or not rows):
         raise InputError(f"no .tar/.tar.gz/.tgz shards found under {path}")
     reader = partial(read_shards, store=store, caps=caps)
     if len(first) <= SAMPLE_SHARDS and sum(n for _, n in first) <= DRIVER_READ_BYTES:
@@ -231,7 +282,8 @@ def read_webdataset(spark: SparkSession, path: str, json_sample_rows: int = 1000
     records = records.select(*[  # the header's size over the JSON's (img2dataset's resize)
         F.coalesce(F.col(f"image_{c}"), F.col(c)).alias(c) if c in ("width", "height") else c
         for c in records.columns if c not in ("image_width", "image_height")])
-    failed = _sidecar_failures(spark, path, [r.path for r in rows if r.sidecar], store)
+    failed = _sidecar_failures(spark, path, [r.path for r in rows if r.sidecar], store,
+                               reference)
     return records if failed is None else records.unionByName(failed, allowMissingColumns=True)
 
 
@@ -325,14 +377,14 @@ def _expand_json(records: DataFrame, schema: T.StructType) -> DataFrame:
 
 
 def _sidecar_failures(spark: SparkSession, path: str, files: list[str],
-                      store: Store) -> DataFrame | None:
-    """img2dataset parquet sidecars (``files``): rows that never reached a shard (failed
-    downloads)."""
+                      store: Store, reference: str | None = None) -> DataFrame | None:
+    """img2dataset parquet sidecars (``files``, checked against ``reference`` too): rows that
+    never reached a shard (failed downloads)."""
     if not files:
         return None
-    check_parquet_files(spark, files, store, f"img2dataset sidecars at {path}",
+    check_parquet_files(spark, _with(files, reference), store, f"img2dataset sidecars at {path}",
                         ["status", "error_message", "url", "caption", "key"])
-    df = spark.read.parquet(*files)
+    df = spark.read.parquet(*glob_safe(files))
     if "status" not in df.columns:
         return None
     df = _position(df, parquet=True).where(F.col("status") != "success")
@@ -346,10 +398,11 @@ def _sidecar_failures(spark: SparkSession, path: str, files: list[str],
 
 
 def read_image_folder(spark: SparkSession, path: str, json_sample_rows: int = 1000,
-                      stage: Staging | None = None) -> DataFrame:
+                      stage: Staging | None = None, only: list[str] | None = None) -> DataFrame:
     """A folder of images with caption files ``stem.txt`` (and optional ``stem.json`` extras,
-    whose keys are taken from the first ``json_sample_rows`` of them)."""
-    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path)
+    whose keys are taken from the first ``json_sample_rows`` of them); ``only``: these files."""
+    given = path if only is None else glob_safe(only)
+    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(given)
              .select(F.regexp_replace("path", "^file:", "").alias("path"), "content")
              .withColumn("ext", F.lower(F.regexp_extract("path", r"\.([^./]+)$", 1)))
              .withColumn("stem", F.regexp_replace("path", r"\.[^./]+$", "")))

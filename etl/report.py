@@ -23,6 +23,7 @@ from etl.config import Config, to_dict
 from etl.fs import join
 from etl.funnel import Funnel
 from etl.metrics import drop_reason_quality, reason_labels
+from etl.provenance import applied_threshold
 from etl.redact import redact, redact_text
 from etl.select import selection_parts, selection_reasons
 from etl.tables import (
@@ -31,7 +32,6 @@ from etl.tables import (
     EVAL_IMAGES,
     GOLD,
     QUARANTINE,
-    RUN_STATS,
     SELECTION,
     SILVER,
     TABLES,
@@ -39,6 +39,7 @@ from etl.tables import (
 )
 from etl.takedown.ledger import summary
 from etl.takedown.match import without_removed
+from etl.work import latest_run_stats, stats_lines, work_rows
 from udfs.imaging import DEFAULT_MAX_PIXELS, decode_rgb
 
 THUMB = 128
@@ -77,6 +78,7 @@ class ReportData:
     pairs: dict[str, list[tuple[Tile, Tile]]] = field(default_factory=dict)
     quality: list[dict] | None = None
     run_stats: list[tuple[str, str, str]] = field(default_factory=list)
+    work: list[list] = field(default_factory=list)  # etl.work.work_rows
     versions: list[tuple[str, int | None, str]] = field(default_factory=list)
     config: str = ""
     takedowns: dict | None = None  # etl.takedown.ledger.summary
@@ -86,15 +88,8 @@ class ReportData:
 # ---- gathering (Spark) ----------------------------------------------------------------------
 
 
-def threshold_of(selection: DataFrame) -> float | None:
-    """The score threshold recorded by the select step (None if none was applied)."""
-    if "threshold" not in selection.columns:
-        return None
-    row = selection.where(F.col("threshold").isNotNull()).select("threshold").first()
-    return None if row is None else float(row[0])
-
-
-def score_histogram(selection: DataFrame, bins: int = 40) -> Histogram | None:
+def score_histogram(selection: DataFrame, threshold: float | None,
+                    bins: int = 40) -> Histogram | None:
     """Counts of scores per bin, split into kept / below-threshold / dropped earlier."""
     scored = selection.where(F.col("score").isNotNull() & ~F.isnan("score"))
     lo, hi = scored.agg(F.min("score"), F.max("score")).first()
@@ -107,12 +102,11 @@ def score_histogram(selection: DataFrame, bins: int = 40) -> Histogram | None:
     series = {name: [0] * bins for name in ("kept", "below-threshold", "dropped earlier")}
     for r in scored.groupBy(bucket.alias("b"), group.alias("g")).count().collect():
         series[r["g"]][r["b"]] = r["count"]
-    return Histogram([lo + i * width for i in range(bins + 1)], series, threshold_of(selection))
+    return Histogram([lo + i * width for i in range(bins + 1)], series, threshold)
 
 
-def near_threshold(selection: DataFrame, k: int) -> tuple[list, list]:
-    """Rows just above (kept) and just below (dropped) the threshold, closest first."""
-    thr = threshold_of(selection)
+def near_threshold(selection: DataFrame, thr: float | None, k: int) -> tuple[list, list]:
+    """Rows just above (kept) and just below (dropped) the threshold ``thr``, closest first."""
     if thr is None:
         return [], []
     cand = selection.where(F.col("kept") | (F.col("drop_reason") == "below-threshold"))
@@ -148,19 +142,6 @@ def images(lake: Lakehouse, table: str, key: str, values: list[str]) -> dict[str
         return {}
     rows = df.where(F.col(key).isin(sorted(set(values)))).select(key, "image", "text").collect()
     return {r[key]: (r["image"], r["text"]) for r in rows}
-
-
-def latest_run_stats(lake: Lakehouse) -> list[tuple[str, str, str]]:
-    """(step, run_id, "metric=value, ...") of the latest run of each step."""
-    if not lake.exists(RUN_STATS):
-        return []
-    stats = lake.read(RUN_STATS)
-    last = stats.groupBy("step").agg(F.max_by("run_id", "recorded_at").alias("run_id"))
-    rows = stats.join(last, ["step", "run_id"]).orderBy("recorded_at", "step", "metric").collect()
-    grouped: dict[tuple[str, str], list[str]] = {}
-    for r in rows:
-        grouped.setdefault((r["step"], r["run_id"]), []).append(f"{r['metric']}={r['value']}")
-    return [(step, run, ", ".join(m)) for (step, run), m in grouped.items()]
 
 
 def table_versions(lake: Lakehouse) -> list[tuple[str, int | None, str]]:
@@ -214,17 +195,20 @@ def gather(lake: Lakehouse, cfg: Config, k: int = 8) -> ReportData:
 
 def _gather(lake: Lakehouse, cfg: Config, sel: DataFrame, k: int) -> ReportData:
     funnel = Funnel.of(sel, selection_reasons(cfg.select))
-    above, below = near_threshold(sel, k)
+    thr = applied_threshold(lake)
+    above, below = near_threshold(sel, thr, k)
     examples = reason_examples(sel, example_reasons(funnel), k)
     pool, evals = example_images(lake, above + below, examples)
+    stats = latest_run_stats(lake)
     return ReportData(
-        funnel=funnel, histogram=score_histogram(sel),
+        funnel=funnel, histogram=score_histogram(sel, thr),
         above=[tile(r, pool) for r in above], below=[tile(r, pool) for r in below],
         examples={r: [tile(x, pool) for x in rs] for r, rs in examples.items()
                   if r not in PAIR_REASONS},
         pairs={r: [(tile(x, pool), original(x, PAIR_REASONS[r], pool, evals)) for x in rs]
                for r, rs in examples.items() if r in PAIR_REASONS},
-        quality=label_quality(sel, selection_parts(cfg.select)), run_stats=latest_run_stats(lake),
+        quality=label_quality(sel, selection_parts(cfg.select)), run_stats=stats_lines(stats),
+        work=work_rows(stats),
         versions=table_versions(lake), config=shown_config(cfg), takedowns=summary(lake),
         max_pixels=cfg.score.max_image_pixels)
 
@@ -461,7 +445,9 @@ def render(data: ReportData, charts: dict[str, bytes], title: str) -> str:
             ["request", "category", "selectors", "state", "uids removed"], td["requests"]),
             table_html(["table", "rows removed"], td["removed"]),
             table_html(["last proof", "result", "failures"], [td["proof"]] if td["proof"] else [])]
-    parts += ["<h2>Run stats (latest run of each step)</h2>",
+    parts += ["<h2>Work per step (latest run): new rows, rows touched, pool</h2>",
+              table_html(["step", "run_id", "new", "touched", "pool"], data.work),
+              "<h2>Run stats (latest run of each step)</h2>",
               table_html(["step", "run_id", "metrics"], [list(r) for r in data.run_stats]),
               "<h2>Delta tables</h2>", table_html(
                   ["table", "version", "name"],

@@ -73,7 +73,8 @@ def republish(lake: Lakehouse, cfg: Config, run_id: str, ledger_version: int,
             run_id = f"{run_id}-takedown-{uuid.uuid4().hex[:6]}"
         run_dir = start_run(store, out, run_id)
         kept = lake.read(GOLD).join(gone, "uid", "left_anti")
-        manifest = {**prev, "run_id": run_id, "run_dir": run_dir,
+        manifest = {**{k: v for k, v in prev.items() if k != "diff"},  # not this run's
+                    "run_id": run_id, "run_dir": run_dir,
                     "created_at": datetime.now(timezone.utc).isoformat(), "kept": kept.count(),
                     "gold_version": lake.version(GOLD)}
         if "uids_npy" in prev:
@@ -113,6 +114,21 @@ def _shards(lake: Lakehouse, wds: dict, kept: DataFrame, lost: DataFrame, run_di
             r["path"] = join(shard_dir, r["name"])
         return (webdataset_manifest(stats, shard_dir, wds["shard_size"], index if stats else None),
                 [r["name"] for r in stats], [])
+    entries, rewritten, remaining = drop_from_shards(lake, wds, lost, shard_dir)
+    remaining.write.mode("overwrite").parquet(index)
+    shards = [entries[k] for k in sorted(entries)]
+    runs = {e["path"].rsplit("/", 3)[-3] for e in shards}
+    section = webdataset_manifest(shards, shard_dir, wds["shard_size"], index)
+    section["skipped"] = wds.get("skipped", 0)
+    return section, rewritten, sorted(runs)
+
+
+def drop_from_shards(lake: Lakehouse, wds: dict, lost: DataFrame,
+                     shard_dir: str) -> tuple[dict[int, dict], list[str], DataFrame]:
+    """Rewrite into ``shard_dir`` only the shards of ``wds`` (a manifest's webdataset section,
+    with its shard index) that hold a ``lost`` uid, without them; a shard left empty is
+    removed. Returns (shard number -> manifest entry of every shard still read, rewritten
+    names, the shard index without the lost uids: not yet written)."""
     old_index = lake.spark.read.parquet(wds["index"])
     hit = old_index.join(lost, "uid")
     entries = {int(e["name"][:-4]): dict(e) for e in wds["shards"]}
@@ -120,19 +136,18 @@ def _shards(lake: Lakehouse, wds: dict, kept: DataFrame, lost: DataFrame, run_di
     paths = [(s, entries[s]["path"], join(shard_dir, entries[s]["name"])) for s in affected]
     stats = _rewrite(lake, hit, paths)
     rewritten = sorted(entries[shard]["name"] for shard, _, _ in stats)
+    emptied = []
     for shard, count, size in stats:
         entry = entries[shard]
         entry.update(count=count, bytes=size, path=join(shard_dir, entry["name"]))
         if not count:  # every sample removed: the shard leaves the export
             lake.store.rm(entry["path"])
             del entries[shard]
-    old_index.join(lost, "uid", "left_anti").where(F.col("shard").isin(list(entries))) \
-        .write.mode("overwrite").parquet(index)
-    shards = [entries[k] for k in sorted(entries)]
-    runs = {e["path"].rsplit("/", 3)[-3] for e in shards}
-    section = webdataset_manifest(shards, shard_dir, wds["shard_size"], index)
-    section["skipped"] = wds.get("skipped", 0)
-    return section, rewritten, sorted(runs)
+            emptied.append(shard)
+    remaining = old_index.join(lost, "uid", "left_anti")
+    if emptied:  # an emptied shard may still list samples it skipped (over the pixel cap)
+        remaining = remaining.where(~F.col("shard").isin(emptied))
+    return entries, rewritten, remaining
 
 
 def _rewrite(lake: Lakehouse, hit: DataFrame, paths: list[tuple]) -> list[tuple[int, int, int]]:

@@ -332,6 +332,12 @@ def _check_columns(pre: DataFrame, parts: tuple[Node, ...]) -> None:
                                       f"({leaf.column!r}) does not resolve: {first}") from exc
 
 
+def rand_column(seed: int) -> Column:
+    """The hash a ``random(f)`` cut ranks rows by: ``xxhash64(seed, uid)`` as a double (the one
+    definition; frozen selections apply recorded random cuts to it by value)."""
+    return F.xxhash64(F.lit(seed), F.col("uid")).cast("double")
+
+
 def _cut_columns(node: Node) -> list[str]:
     """The columns the fraction / random cuts inside ``node`` count over (none: no job)."""
     leaves = _leaves(node)
@@ -409,7 +415,7 @@ def apply_rule(pre: DataFrame, rule: Rule | str, ctx: RuleContext | None = None,
     _check_columns(pre, rule.parts)
     df = pre if "pre_reason" in pre.columns else pre.withColumn("pre_reason", F.lit(None))
     if any(leaf.kind == "random" for part in rule.parts for leaf in _leaves(part)):
-        df = df.withColumn(RAND, F.xxhash64(F.lit(rule.seed), F.col("uid")).cast("double"))
+        df = df.withColumn(RAND, rand_column(rule.seed))
     reason: Column = F.col("pre_reason").cast("string")
     alive: Column = F.col("pre_reason").isNull()
     results: list[PartResult] = []

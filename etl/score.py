@@ -48,6 +48,7 @@ from etl.redact import redact_text
 from etl.sqltext import sql_string
 from etl.tables import BRONZE, EVAL_EMBEDDINGS, EVAL_IMAGES, SILVER, Lakehouse
 from etl.takedown.match import without_removed
+from etl.work import work
 from udfs.models import ModelSpec, declared_digest, resolve_conf, weights_digest
 from udfs.score import ScoreOptions, make_score_udf
 
@@ -244,6 +245,8 @@ def score_table(lake: Lakehouse, source_table: str, target_table: str, cfg: Conf
         if checks[mid].record and lake.exists(target_table):
             lake.set_properties(target_table, {weights_property(mid): digests[mid]})
         lake.record_built(run_id, target_table, version, model_id=mid)
+    scored = sum(v for k, v in counts.items() if k.startswith("scored["))
+    counts.update(work(scored, scored, counts["source_rows"]))
     lake.record_stats(run_id, f"score:{target_table}", counts)
     return counts
 

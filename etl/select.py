@@ -17,9 +17,19 @@ A selection reads only what its rule names: the selection model's silver scores 
 reads ``score`` (:func:`needs_scores`), ``silver_targets`` only for the target signals
 (:func:`needs_targets`). Freshness of those inputs is checked by the step runner
 (:mod:`etl.lineage`) before ``select`` runs.
+
+``select.mode``: ``recompute`` (default) resolves every cut over the whole pool, exactly as a
+from-scratch run; ``frozen`` keeps the cuts the last selection recorded (``dfn.select.cuts``,
+:func:`frozen_rule`), as DataComp's ``--threshold``: each fraction / random cut becomes a fixed
+threshold applied by value, so new rows enter by value and a kept row leaves only by dedup or
+takedown. Either way ``gold_selection`` is written by :func:`etl.tablesync.sync`: one MERGE of
+the rows that are new or whose columns changed, and no commit when none did.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import replace
 
 import pandas as pd
 from pyspark.sql import Column, DataFrame
@@ -29,10 +39,21 @@ from etl.config import Config, SelectConf
 from etl.cuts import SMALL, Threshold
 from etl.filters import DATACOMP_BASIC, add_derived, configured_filters
 from etl.funnel import Funnel
-from etl.provenance import record_selection
-from etl.rules import Node, PartResult, Rule, RuleContext, apply_rule, compile_rule
-from etl.silver import alias_scores, scored_pool
+from etl.provenance import CUTS_PROPERTY, record_selection
+from etl.rules import (
+    RAND,
+    Node,
+    PartResult,
+    Rule,
+    RuleContext,
+    apply_rule,
+    compile_rule,
+    rand_column,
+)
+from etl.silver import alias_scores, scored_pool, selection_model_id
 from etl.tables import BRONZE, DEDUP, SELECTION, Lakehouse
+from etl.tablesync import sync
+from etl.work import work
 
 DEDUP_REASONS = ["eval-leak", "duplicate", "near-duplicate"]
 FLAGS = {"in_target_cluster": "in_target_cluster", "in_vocabulary": "caption_in_vocab",
@@ -163,6 +184,86 @@ def cut_stats(cuts: dict[str, Threshold]) -> dict[str, int]:
     return stats
 
 
+def frozen_rule(rule: Rule, recorded: dict[str, dict],
+                basis: dict[str, dict] | None = None) -> tuple[Rule, list[str]]:
+    """``rule`` with each fraction / random cut that ``recorded`` (the ``dfn.select.cuts``
+    property: part text -> kind, value, N, n and its basis) holds replaced by a fixed threshold
+    on the same column, keeping the part's text and drop reason; also the texts of the cuts not
+    recorded (they are resolved afresh). A cut counts as recorded only when it was resolved
+    over rows (N > 0; a random cut also kept some, n > 0) and, given ``basis`` (text -> what
+    the cut reads: :func:`cut_basis`), every basis entry matches the recorded one: a cut of
+    another score, model, ``fraction_of`` or seed is resolved again. A fraction recorded
+    without a value keeps every scored row; a random cut reads its hash column
+    (:data:`etl.rules.RAND`)."""
+    missing: list[str] = []
+
+    def usable(text: str) -> bool:
+        got = recorded.get(text)
+        if got is None or not got.get("N") or (got.get("kind") == "random" and not got.get("n")):
+            return False
+        want = (basis or {}).get(text, {})
+        return all(got.get(k) == v for k, v in want.items())
+
+    def freeze(node: Node) -> Node:
+        if node.children:
+            return replace(node, children=tuple(freeze(c) for c in node.children))
+        if node.kind not in ("fraction", "random"):
+            return node
+        if not usable(node.text):
+            missing.append(node.text)
+            return node
+        value = recorded[node.text].get("value")
+        if node.kind == "fraction":
+            return (Node("scored", node.text, node.column, reason=node.reason) if value is None
+                    else Node("threshold", node.text, node.column, value, reason=node.reason))
+        return Node("threshold", node.text, RAND,  # value None: random kept all (n > 0)
+                    float("-inf") if value is None else float(value), reason=node.reason)
+
+    return replace(rule, parts=tuple(freeze(p) for p in rule.parts)), missing
+
+
+def cut_basis(lake: Lakehouse, cfg: Config, rule: Rule) -> dict[str, dict]:
+    """What each fraction / random cut of ``rule`` is resolved over, by part text: the column,
+    its source (``model:<id>`` for a model score, else the bronze / derived column),
+    ``fraction_of`` and (random) the seed. Recorded with the cut; a frozen selection re-resolves
+    a cut whose basis changed."""
+    conf = cfg.select
+    sources = {_alias_column(a, src): src for a, src in conf.scores.items()}
+    if needs_scores(conf):
+        sources["score"] = f"model:{selection_model_id(lake, cfg)}"
+    out: dict[str, dict] = {}
+
+    def visit(node: Node) -> None:
+        for child in node.children:
+            visit(child)
+        if node.kind == "fraction":
+            out[node.text] = {"column": node.column, "fraction_of": rule.fraction_of,
+                              "source": sources.get(node.column, node.column)}
+        elif node.kind == "random":
+            out[node.text] = {"column": RAND, "fraction_of": rule.fraction_of,
+                              "seed": rule.seed}
+
+    for part in rule.parts:
+        visit(part)
+    return out
+
+
+def cut_texts(node: Node) -> set[str]:
+    """The texts of the fraction / random cuts in ``node`` (nested ones included)."""
+    if node.kind in ("fraction", "random"):
+        return {node.text}
+    return {t for child in node.children for t in cut_texts(child)}
+
+
+def recorded_cuts(lake: Lakehouse) -> dict[str, dict] | None:
+    """The cuts the last selection recorded on ``gold_selection`` (None: no selection, or one
+    written before cuts were recorded)."""
+    if not lake.exists(SELECTION):
+        return None
+    text = lake.properties(SELECTION).get(CUTS_PROPERTY)
+    return json.loads(text) if text else None
+
+
 def cut_lines(cuts: dict[str, Threshold]) -> list[str]:
     """One printed line per cut."""
     return [f"threshold: {name} -> keep >= {thr.value}"
@@ -212,22 +313,55 @@ def in_imagenet21k(text: Column) -> Column:
 
 
 def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
-    """Edge: bronze + silver scores + silver_dedup (+ silver_targets) -> ``gold_selection``;
-    prints the funnel and the cuts, records them and the bronze version it read."""
+    """Edge: bronze + silver scores + silver_dedup (+ silver_targets) -> ``gold_selection``
+    (merged: only changed rows are written); prints the funnel and the cuts, records them
+    and the bronze version it read. ``select.mode: frozen`` keeps the recorded cuts."""
     version = lake.version(BRONZE)
     dedup = lake.read(DEDUP) if lake.exists(DEDUP) else None
     if dedup is None:
         print("select: no silver_dedup table; run `dfn-curate dedup` to drop duplicates")
     rule = selection_rule(cfg.select)
     pre = rule_pre(selection_pool(lake, cfg), dedup, rule)
-    out, parts = apply_selection(pre, rule)
-    lake.overwrite(out, SELECTION)
+    recorded, applied, basis = None, rule, cut_basis(lake, cfg, rule)
+    existed = lake.exists(SELECTION)
+    if cfg.select.mode == "frozen":
+        recorded = recorded_cuts(lake)
+        if recorded is not None:  # only the cuts this rule makes (the rule may have changed)
+            texts = {t for part in rule.parts for t in cut_texts(part)}
+            recorded = {k: v for k, v in recorded.items() if k in texts}
+        if recorded is None:
+            print("select: mode frozen: no recorded cuts (no earlier selection); resolving "
+                  "them over the pool, as recompute, and recording them")
+        else:
+            applied, missing = frozen_rule(rule, recorded, basis)
+            recorded = {k: v for k, v in recorded.items() if k not in missing}
+            pre = pre.withColumn(RAND, rand_column(rule.seed))
+            for text in missing:
+                print(f"select: mode frozen: no usable recorded cut for {text!r} "
+                      "(none, resolved over no rows, or over another score, model, "
+                      "fraction_of or seed); resolving it")
+    out, parts = apply_selection(pre, applied)
+    # the per-row threshold moves whenever a fraction cut's pool grows: left out of the
+    # comparison, so only rows whose decision (or data) changed are rewritten
+    changes = sync(lake, out, SELECTION, watch=("kept", "drop_reason"),
+                   compare=[c for c in out.columns if c not in ("uid", "threshold")])
     funnel = Funnel.of(lake.read(SELECTION), selection_reasons(cfg.select))
     funnel.print()
     cuts = cuts_of(parts)
-    for line in cut_lines(cuts):
-        print(line)
-    record_selection(lake, " and ".join(p.text for p in rule.parts), cuts)
-    lake.record_stats(run_id, "select", {**funnel.metrics(), **cut_stats(cuts)})
+    if recorded:  # frozen: the recorded cuts stand; only cuts it lacked were resolved now
+        cuts = {k: v for k, v in cuts.items() if k not in recorded}
+        cuts.update({k: Threshold(v["kind"], v["value"], v.get("N"), v.get("n"))
+                     for k, v in recorded.items()})
+    cuts = {k: replace(v, basis=basis.get(k)) for k, v in cuts.items()}
+    for name, line in zip(cuts, cut_lines(cuts), strict=True):
+        print(line + (" (frozen)" if recorded and name in recorded else ""))
+    print("select: gold_selection " + ", ".join(f"{k} {v}" for k, v in changes.items()))
+    record_selection(lake, " and ".join(p.text for p in rule.parts), cuts,
+                     next((p.threshold for p in parts if p.column == "score"), None))
+    touched = sum(changes[k] for k in ("rows_new", "rows_updated", "rows_removed",
+                                       "rows_rewritten"))
+    new = changes["rows_new"] if existed else changes["rows_rewritten"]
+    metrics = {**funnel.metrics(), **changes, **work(new, touched, funnel.pool)}
+    lake.record_stats(run_id, "select", {**metrics, **cut_stats(cuts)})
     lake.record_built(run_id, SELECTION, version)
-    return funnel.metrics()
+    return metrics

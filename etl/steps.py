@@ -74,9 +74,9 @@ def _print_scored(ctx: JobContext, result: dict[str, dict[str, int]]) -> None:
 
 
 def _dedup(ctx: JobContext) -> dict[str, int]:
-    from etl.dedup import run_dedup
+    from etl.dedupinc import run_dedup
 
-    return run_dedup(ctx.lake, ctx.cfg, ctx.run_id)
+    return run_dedup(ctx.lake, ctx.cfg, ctx.run_id, refit=getattr(ctx.args, "refit", False))
 
 
 def _targets(ctx: JobContext) -> dict[str, int]:
@@ -92,7 +92,7 @@ def _select(ctx: JobContext) -> dict[str, int]:
 
 
 def _export(ctx: JobContext) -> dict:
-    from etl.export import run_export
+    from etl.exportdiff import run_export
 
     return run_export(ctx.lake, ctx.cfg, ctx.run_id)
 
@@ -237,6 +237,11 @@ def _check_takedown(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _dedup_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refit", action="store_true", help="refit the frozen k-means centroids "
+                   "and recompute every row's vectors, clusters and flags")
+
+
 def _report_options(p: argparse.ArgumentParser) -> None:
     _out_option(p, "<lakehouse.root>/report")
     p.add_argument("--examples", type=int, default=8,
@@ -253,7 +258,7 @@ STEPS: tuple[Step, ...] = (
     Step("score", "score", "Score every (image, text) pair with the DFN filter model(s).",
          _score, models=True, pipeline=True, after=_print_scored),
     Step("dedup", "dedup", "Flag duplicate, near-duplicate and eval-leaking pairs.", _dedup,
-         pipeline=True),
+         pipeline=True, options=_dedup_options),
     Step("targets", "targets", "Cluster the pool's image embeddings and compare them with a "
          "target image set.", _targets,
          pipeline=True),
@@ -305,21 +310,26 @@ def main(name: str, argv: list[str] | None = None) -> Any:
 
 
 def execute(ctx: JobContext, step: Step) -> Any:
-    """Refuse stale inputs (:func:`etl.lineage.require_fresh`), then run ``step`` and what only
+    """Hold the lakehouse lease (:func:`etl.lease.hold`: another run holding it stops or waits),
+    refuse stale inputs (:func:`etl.lineage.require_fresh`), then run ``step`` and what only
     its own command shows."""
     if not step.spark:
         return _finish(ctx, step, step.action(ctx))
+    from etl.lease import check_held, hold
     from etl.lineage import require_fresh
     from etl.takedown.apply import reconcile, versions
 
-    require_fresh(ctx.lake, ctx.cfg, step.name)
-    before = versions(ctx.lake)
-    try:
-        result = step.action(ctx)
-    finally:  # what the step committed before failing is reconciled too
-        if step.name != "takedown":
-            reconcile(ctx.lake, ctx.cfg, ctx.run_id, before)
-    return _finish(ctx, step, result)
+    with hold(ctx.lake, ctx.run_id, step.name) as lease:
+        require_fresh(ctx.lake, ctx.cfg, step.name)
+        before = versions(ctx.lake)
+        check_held(lease)  # a lost lease stops at each step boundary (etl.lease.LeaseLost)
+        try:
+            result = step.action(ctx)
+        finally:  # what the step committed before failing is reconciled too
+            if step.name != "takedown":
+                reconcile(ctx.lake, ctx.cfg, ctx.run_id, before)
+        check_held(lease)
+        return _finish(ctx, step, result)
 
 
 def _finish(ctx: JobContext, step: Step, result: Any) -> Any:
@@ -342,20 +352,31 @@ def run_pipeline(ctx: JobContext, names: list[str]) -> dict[str, dict]:
 
 def timed_step(ctx: JobContext, name: str, results: dict[str, dict]) -> None:
     """Run pipeline step ``name`` (inputs already fresh) and print how long it took."""
+    from etl.work import describe
+
     t0 = time.perf_counter()
     results[name] = pipeline_step(ctx, name)
-    print(f"[{name}] done in {time.perf_counter() - t0:.1f}s")
+    did = describe(results[name])
+    print(f"[{name}] done in {time.perf_counter() - t0:.1f}s{f': {did}' if did else ''}")
 
 
 def pipeline_step(ctx: JobContext, name: str) -> Any:
-    """Pipeline step ``name`` as ``run`` runs it: targets only when the selection reads it."""
+    """Pipeline step ``name`` as ``run`` runs it (under the run's lease, re-entered): targets
+    only when the selection reads it; stops (:class:`etl.lease.LeaseLost`) before or after
+    it when the run's lease was lost."""
+    from etl.lease import check_held, hold
+
     if name == "targets":
         from etl.select import needs_targets
 
         if not needs_targets(ctx.cfg.select):
             print("[targets] skipped: select.rule reads no target signal")
             return {}
-    return get(name).action(ctx)
+    with hold(ctx.lake, ctx.run_id, name) as lease:
+        check_held(lease)
+        result = get(name).action(ctx)
+        check_held(lease)
+        return result
 
 
 def bring_up_to_date(ctx: JobContext, name: str, results: dict[str, dict]) -> None:

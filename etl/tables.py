@@ -7,12 +7,9 @@ paths themselves. Every Delta operation is plain SQL (``DESCRIBE HISTORY``, ``ME
 ``CREATE TABLE IF NOT EXISTS``, ``DELETE FROM``) or a DataFrame write, so the same code runs on
 a classic session and over Spark Connect, where Delta's Python API needs server plugins.
 
-Versions: a step that derives a table from bronze records the bronze version it read in
-``run_stats`` once its output is complete (:meth:`Lakehouse.record_built`, under the run-stats
-step and metric of the table's registry entry). :meth:`Lakehouse.stale_table` compares that
-with bronze now (commits that change no data, e.g. OPTIMIZE, do not count), so a derived table
-that no longer covers bronze can be refused (:class:`StaleTableError`). Which step reads which
-table is declared in :mod:`etl.lineage`.
+Versions: a derived table's step records the bronze version it read (:meth:`Lakehouse.
+record_built`); :meth:`Lakehouse.stale_table` refuses a table that no longer covers bronze
+(:class:`StaleTableError`; commits that change no data do not count). See :mod:`etl.lineage`.
 """
 
 from __future__ import annotations
@@ -40,6 +37,8 @@ EVAL_IMAGES = "bronze_eval_images"
 SILVER = "silver_scores"
 EVAL_EMBEDDINGS = "silver_eval_embeddings"
 DEDUP = "silver_dedup"
+DEDUP_SIGNALS = "silver_dedup_signals"
+CENTROIDS = "dedup_centroids"
 TARGETS = "silver_targets"
 SELECTION = "gold_selection"
 GOLD = "gold_pairs"
@@ -49,6 +48,8 @@ FILTER_QUALITY = "gold_filter_quality"
 LEDGER = "takedown_ledger"
 MATCHES = "takedown_matches"
 EVENTS = "takedown_events"
+INGEST_FILES = "ingest_files"
+LEASES = "run_leases"
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,15 @@ TABLES: tuple[Table, ...] = (
     Table(BRONZE, "bronze", "ingest", "the pool: one row per image-text pair, with image bytes"),
     Table(QUARANTINE, "bronze", "ingest", "input rows refused by ingest, with the reason"),
     Table(EVAL_IMAGES, "bronze", "ingest", "evaluation images, kept out of the selection"),
+    Table(INGEST_FILES, "ops", "ingest", "the input files ingest read: size, modified, rows"),
     Table(SILVER, "silver", "score", "filter-model scores and image embeddings per uid and model",
           source=BRONZE, per_model=True),
     Table(EVAL_EMBEDDINGS, "silver", "score", "image embeddings of the evaluation images per "
           "model", source=EVAL_IMAGES, per_model=True),
     Table(DEDUP, "silver", "dedup", "duplicate, near-duplicate and eval-leak flags per uid",
           source=BRONZE),
+    Table(DEDUP_SIGNALS, "silver", "dedup", "each row's dedup vector and frozen cluster per signal"),
+    Table(CENTROIDS, "silver", "dedup", "the frozen k-means centres of each dedup signal"),
     Table(TARGETS, "silver", "targets", "image clusters and target-set similarity per uid",
           source=BRONZE),
     Table(SELECTION, "gold", "select", "every pool uid once: kept, first drop reason, score",
@@ -102,10 +106,11 @@ TABLES: tuple[Table, ...] = (
     Table(LEDGER, "ops", "takedown", "removal requests, one row per selector (append-only)"),
     Table(MATCHES, "ops", "takedown", "the uids each request removed (blocks their return)"),
     Table(EVENTS, "ops", "takedown", "request states, rows removed per table, purge proofs"),
+    Table(LEASES, "ops", "every step", "the run holding the lakehouse (etl/lease.py)"),
 )
 # the tables holding pool or eval rows: what a takedown removes from
 ROW_TABLES: tuple[str, ...] = (BRONZE, QUARANTINE, EVAL_IMAGES, SILVER, EVAL_EMBEDDINGS, DEDUP,
-                               TARGETS, SELECTION, GOLD)
+                               DEDUP_SIGNALS, TARGETS, SELECTION, GOLD)
 TABLE_NAMES: tuple[str, ...] = tuple(t.name for t in TABLES)
 
 
@@ -122,13 +127,9 @@ NO_DATA_CHANGE = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPR
                             "UPGRADE PROTOCOL", "CHANGE COLUMN", "ADD COLUMNS", "FSCK",
                             "REORG"})  # REORG ... APPLY (PURGE): rows deleted before, rewritten
 
-RUN_STATS_SCHEMA = T.StructType([
-    T.StructField("run_id", T.StringType(), False),
-    T.StructField("step", T.StringType(), False),
-    T.StructField("metric", T.StringType(), False),
-    T.StructField("value", T.LongType(), True),
-    T.StructField("recorded_at", T.TimestampType(), False),
-])
+RUN_STATS_SCHEMA = T.StructType([T.StructField(n, t, n == "value") for n, t in (
+    ("run_id", T.StringType()), ("step", T.StringType()), ("metric", T.StringType()),
+    ("value", T.LongType()), ("recorded_at", T.TimestampType()))])
 
 
 class Lakehouse:
@@ -326,6 +327,10 @@ class Lakehouse:
         return self._merge(df.select(*keys).distinct(), table, keys,
                            "WHEN MATCHED THEN DELETE", "numTargetRowsDeleted",
                            f"{note} {_tag()}")
+
+    def merge(self, df: DataFrame, table: str, keys: list[str], clause: str) -> None:
+        """``MERGE INTO table t USING df s ON keys <clause>``, one tagged commit."""
+        self._merge(df, table, keys, clause, "numTargetRowsUpdated", _tag())
 
     def _merge(self, df: DataFrame, table: str, keys: list[str], clause: str, metric: str,
                tag: str) -> int:

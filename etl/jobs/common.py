@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pyspark.sql import SparkSession
 
 from etl.config import Config, ConfigError, config_urls, load_config
+from etl.lease import EXIT_BUSY, LeaseHeld
 from etl.redact import redact_text
 from etl.tables import Lakehouse, new_run_id
 
@@ -33,6 +34,8 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set score.batch_size=128 (repeatable)")
     p.add_argument("--run-id", default=None, help="id recorded in run_stats (default: new)")
+    p.add_argument("--wait", action="store_true", help="another run holds the lakehouse: wait "
+                   "for it instead of stopping (lakehouse.lease.mode=wait)")
     return p
 
 
@@ -49,7 +52,8 @@ def start(p: argparse.ArgumentParser, argv: list[str] | None, models: bool = Tru
     if error:
         p.exit(2, error)
     try:
-        cfg = load_config(args.conf, args.overrides)
+        wait = ["lakehouse.lease.mode=wait"] if args.wait else []
+        cfg = load_config(args.conf, args.overrides + wait)
     except ConfigError as exc:
         p.exit(2, f"{p.prog}: config error: {redact_text(str(exc))}\n")
     run_id = args.run_id or new_run_id()
@@ -71,3 +75,6 @@ def run_job(main_fn, argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         sys.exit(1)
+    except LeaseHeld as exc:  # another run holds the lakehouse: one line, retry later
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BUSY)

@@ -9,6 +9,8 @@
    have no uid): one ``MERGE ... WHEN MATCHED THEN DELETE`` per table that holds any, tagged
    with the ledger version, after recording which data files held them (the purge proves those
    gone). Tables that covered bronze before stay marked as covering it (removal adds nothing).
+   ``dedup_centroids`` (no uid; a centre can resemble a removed image) is deleted whole, files
+   included, when ``silver_dedup_signals`` held a removed row: the next dedup run refits it.
 3. The published export is republished without them (:mod:`etl.republish`: only the shards
    that held a removed sample are rewritten) and the report page is rewritten.
 
@@ -26,11 +28,13 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from etl.config import Config
+from etl.dedupinc import forget_centroids
 from etl.redact import redact_text
 from etl.spark import local_frame
 from etl.tables import (
     BRONZE,
     DEDUP,
+    DEDUP_SIGNALS,
     EVAL_IMAGES,
     EVENTS,
     GOLD,
@@ -184,6 +188,9 @@ def propagate(lake: Lakehouse, cfg: Config, run_id: str, ledger_version: int) ->
             if not n:
                 continue
             files = [r[0] for r in hits.select("_file").distinct().collect()]
+            if table == DEDUP_SIGNALS and forget_centroids(lake):  # before: a crash redoes it
+                print("takedown: dedup_centroids deleted (its centres may resemble a removed "
+                      "image); the next dedup run refits them")
             before = lake.version(table)
             deleted = lake.delete_keys(hits, table, keys,
                                        f"dfn-curate takedown ledger_version={ledger_version}")

@@ -17,10 +17,10 @@ from etl.dedup import (
     dedup_pairs,
     exact_duplicates,
     near_duplicates,
-    run_dedup,
     semdedup_cluster,
     thumbnails,
 )
+from etl.dedupinc import run_dedup
 from etl.sample import Attrs, draw, encode
 from etl.tables import BRONZE, DEDUP, EVAL_IMAGES, RUN_STATS, SILVER
 from tests.helpers.frames import assert_same_rows

@@ -13,7 +13,8 @@ from PIL import Image
 
 import etl.export as export
 from etl.config import Config, ConfigError, ExportConf, LakehouseConf
-from etl.export import export_files, read_export, run_export, write_shards
+from etl.export import export_files, read_export, write_shards
+from etl.exportdiff import run_export
 from etl.spark import session_conf
 from etl.tables import BRONZE, GOLD, RUN_STATS, SELECTION
 from etl.uidfile import UID_DTYPE, uid_pairs, uid_strings, write_uids_npy
@@ -162,10 +163,13 @@ def test_export_publishes_by_manifest_and_survives_a_crash(spark, tmp_path, monk
     second = export_files(gold_df(spark, gold_rows(3, null_image=0)), out, conf, "run-c")
     assert read_manifest(out)["run_id"] == "run-c" and second["webdataset"]["samples"] == 3
     assert second["webdataset"]["pattern"] == "00000.tar"
-    # published run + the one before it are kept; the crashed run-b and run-b2 are pruned
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["notes", "run-a", "run-c"]
+    # published run + the one before it are kept; run-b2 (finished, never published) is
+    # pruned; run-b has no run manifest: it may be a run still being written, left alone
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["notes", "run-a", "run-b",
+                                                                "run-c"]
     export_files(gold_df(spark, gold_rows(2, null_image=0)), out, conf, "run-d")
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["notes", "run-c", "run-d"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["notes", "run-b", "run-c",
+                                                                "run-d"]
     with pytest.raises(ValueError, match="already exists"):
         export_files(gold_df(spark, gold_rows(2)), out, conf, "run-d")
 
@@ -212,7 +216,8 @@ def test_run_export_refuses_folders_that_are_not_exports_before_any_write(spark,
                                  "export"]):
         cfg = Config(lakehouse=LakehouseConf(root=str(lake.root)),
                      export=ExportConf(out_dir=out_dir, shard_size=2))
-        assert run_export(lake, cfg, f"run-{i}")["run_id"] == f"run-{i}"
+        # the second export into a folder changes nothing: the first stays published
+        assert run_export(lake, cfg, f"run-{i}")["run_id"] == f"run-{i - i % 2}"
     assert (tmp_path / "empty" / "_dfn_export").exists() and read_export(str(tmp_path / "empty"))
     (Path(lake.resolve("export")) / "_dfn_export").unlink()  # published by an older version
     assert export.is_export_dir(lake.resolve("export"), lake.store)

@@ -69,7 +69,7 @@ def test_versions_list_every_registered_table(lake):
 
 
 def test_histogram_splits_series_and_marks_threshold(spark):
-    hist = score_histogram(selection_rows(spark), bins=4)
+    hist = score_histogram(selection_rows(spark), 0.5, bins=4)
     assert hist.threshold == 0.5
     assert hist.edges[0] == pytest.approx(0.1) and hist.edges[-1] == pytest.approx(0.9)
     totals = {k: sum(v) for k, v in hist.series.items()}
@@ -78,7 +78,7 @@ def test_histogram_splits_series_and_marks_threshold(spark):
 
 
 def test_near_threshold_takes_the_closest_rows(spark):
-    above, below = near_threshold(selection_rows(spark), 2)
+    above, below = near_threshold(selection_rows(spark), 0.5, 2)
     assert [r["uid"] for r in above] == ["g", "i"]
     assert [r["uid"] for r in below] == ["e", "f"]  # "d" (0.7) was dropped earlier
 

@@ -51,7 +51,7 @@ def run_step(lake, cfg: Config, name: str, run_id: str):
 def test_select_and_export_refuse_tables_that_miss_new_bronze_rows(lake, tmp_path):
     from safetensors.torch import save_file
 
-    from etl.dedup import run_dedup
+    from etl.dedupinc import run_dedup
     from etl.jobs.run import main as run_main
     from etl.score import score_all
     from etl.select import run_select

@@ -9,6 +9,7 @@ must not.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import threading
 from pathlib import Path
@@ -148,8 +149,11 @@ def pool(spark, tmp_path_factory):
         manifest_again = read_export(str(root / "export"), lake.store)
         purged = steps.main("takedown", ["purge", *args, "--run-id", "purge"])
         more = write_later(tmp / "later")
+        for f in [*web.glob("*.tar"), *(root / "raw" / "sample" / "pool").glob("*.*")]:
+            os.utime(f, (f.stat().st_atime, f.stat().st_mtime + 10))  # read them again too
         later = [*args, "--set", "ingest.sources=[{format: sample}, {format: webdataset, path: "
-                 f"'{web}', name: web}}, {{format: webdataset, path: '{more}', name: later}}]"]
+                 f"'{web}', name: web}}, {{format: webdataset, path: '{more}', name: later}}]",
+                 "--set", "ingest.changed_files=reingest"]
         reingest = steps.main("ingest", [*later, "--run-id", "reingest"])
     finally:
         spark.conf.set(RETENTION_CHECK, "true")

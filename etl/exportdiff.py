@@ -1,0 +1,276 @@
+"""Exports as a diff of the published one: write only what changed, publish nothing when
+nothing did.
+
+When an export is already published under ``export.out_dir`` with the same file kinds and
+shard size, :func:`publish_export` compares ``gold_pairs`` with it instead of writing every
+shard again. The comparison is joins on the executors (only counts reach the driver):
+
+- *added*: kept uids the published export does not hold (its ``urls.parquet`` / shard index);
+- *removed*: uids it holds that are no longer kept;
+- *updated*: uids in both whose exported columns (score, url, caption, size) changed since
+  the ``gold_pairs`` version it exported (read by Delta time travel).
+
+With none of them the step says ``export unchanged`` and writes nothing: no run folder, no
+shards. Otherwise a new run is published (:func:`etl.export.publish`) whose manifest's
+``diff`` section states the previous run, the counts and the rewritten / new shards, with
+``added_uids.npy`` and ``removed_uids.npy`` (DataComp ``u8,u8`` files) in its run folder:
+
+- the shards that held a removed or updated uid are rewritten without it
+  (:func:`etl.republish.drop_from_shards`, the takedown's path); every other shard stays where
+  it is, byte-identical, and the manifest points at it (``runs``, ``train_data`` joined by
+  ``::`` across folders);
+- added and updated samples go into new shards numbered after the previous ones;
+- the full ``uids.npy`` and ``urls.parquet`` are written again, as in every export.
+
+Anything else (no published export, other file kinds or shard size, an export without a uid
+list, a ``gold_pairs`` version no longer readable: its log gone, or its data files vacuumed
+or purged, which the diff's own read finds) gets a full export (:func:`etl.export.export_files`)
+and the step prints why. Without ``urls.parquet`` the published uids come from the shard
+index, which lists only samples with an image: those are compared, and a change in the number
+of kept samples (image-less ones, in ``uids.npy`` only) also publishes a new run.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from functools import reduce
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl.config import Config
+from etl.export import (
+    FORMAT,
+    SHARD_COLUMNS,
+    check_out_dir,
+    export_files,
+    output_dir,
+    publish,
+    read_export,
+    start_run,
+    train_command,
+    webdataset_manifest,
+    write_gold,
+    write_shards,
+)
+from etl.fs import join
+from etl.lease import check_current
+from etl.redact import redact, redact_text
+from etl.republish import drop_from_shards, export_uids
+from etl.tables import GOLD, Lakehouse
+from etl.uidfile import write_uids_npy
+from etl.work import work
+
+META = ("score", "url", "text", "width", "height")  # the exported columns a sample may change
+
+
+def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dict | None,
+                   extra: dict) -> dict:
+    """Publish ``gold_pairs`` under ``out`` as a diff of ``prev`` (the published manifest)
+    when it can be, else in full; returns the published manifest (``prev`` itself when
+    nothing changed)."""
+    why = _not_diffable(lake, cfg, run_id, out, prev)
+    if why:
+        return _full(lake, cfg, run_id, out, prev, extra, why)
+    check_out_dir(out, lake.store, lake.root)
+    now = lake.read(GOLD)
+    urls = _urls(lake, prev)
+    held = (lake.spark.read.parquet(urls) if urls else export_uids(lake, prev)).select(
+        "uid").distinct()
+    # a shard index lists only samples with an image: compare those (image-less ones are in
+    # uids.npy only, which is written whole; a change of their number is caught by `kept`)
+    listed = now if urls else now.where(F.col("image").isNotNull())
+    then = lake.spark.sql(f"SELECT * FROM {lake.name(GOLD)} VERSION AS OF "
+                          f"{int(prev['gold_version'])}")
+    cols = [c for c in META if c in now.columns and c in then.columns]
+    same = reduce(lambda a, b: a & b, [F.col(c).eqNullSafe(F.col(f"_then_{c}")) for c in cols],
+                  F.lit(True))
+    before = then.select("uid", *[F.col(c).alias(f"_then_{c}") for c in cols])
+    parts = {"added": listed.select("uid").join(held, "uid", "left_anti"),
+             "removed": held.join(listed.select("uid"), "uid", "left_anti"),
+             "updated": listed.select("uid", *cols).join(before, "uid").where(~same)
+             .select("uid")}
+    parts = {k: v.persist(StorageLevel.MEMORY_AND_DISK) for k, v in parts.items()}
+    try:
+        try:  # the real read of the exported gold_pairs version
+            counts = {k: v.count() for k, v in parts.items()}
+        except Exception as exc:  # noqa: BLE001 - only missing files are handled
+            if not _files_missing(exc):
+                raise
+            return _full(lake, cfg, run_id, out, prev, extra,
+                         f"the files of gold_pairs version {prev['gold_version']} are gone "
+                         f"(VACUUM or a takedown purge): {_first_line(exc)}")
+        if not any(counts.values()) and (urls or now.count() == prev.get("kept")):
+            print(redact_text(f"export: unchanged; run {prev['run_id']} stays published "
+                              f"({out})"))
+            return prev
+        return _publish_diff(lake, cfg, run_id, out, prev, extra, parts, counts)
+    finally:
+        for v in parts.values():
+            v.unpersist()
+
+
+def _not_diffable(lake: Lakehouse, cfg: Config, run_id: str, out: str,
+                  prev: dict | None) -> str | None:
+    """Why ``prev`` cannot be the base of a diff export (None: it can)."""
+    conf = cfg.export
+    if prev is None:
+        return "nothing published"
+    kinds = {"uids_npy": conf.uids_npy, "urls_parquet": conf.urls_parquet,
+             "webdataset": conf.webdataset}
+    if any(bool(prev.get(k)) != v for k, v in kinds.items()):
+        return "the file kinds changed"
+    wds = prev.get("webdataset") or {}
+    if wds and (wds.get("shard_size") != conf.shard_size
+                or (wds.get("shards") and not (wds.get("index")
+                                               and lake.store.exists(wds["index"])))):
+        return "the shard size changed or the shard index is missing"
+    if prev.get("gold_version") is None or prev.get("format") != FORMAT:
+        return "the published export records no gold_pairs version"
+    if _held(lake, prev) is None:
+        return "the published export has no uid list to compare with"
+    try:  # the version's log only (its data files are read by the diff itself)
+        lake.spark.sql(f"SELECT uid FROM {lake.name(GOLD)} VERSION AS OF "
+                       f"{int(prev['gold_version'])} LIMIT 0").collect()
+    except Exception as exc:  # noqa: BLE001 - its log is gone: diff against nothing
+        return f"gold_pairs version {prev['gold_version']} is no longer readable: " \
+               f"{_first_line(exc)}"
+    return None
+
+
+def _full(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dict | None,
+          extra: dict, why: str) -> dict:
+    """A full export, saying why it is not a diff (when something was published)."""
+    if prev is not None:
+        print(redact_text(f"export: full export ({why})"))
+    return export_files(lake.read(GOLD), out, cfg.export, run_id, extra, lake.store,
+                        lake.root, cfg.score.max_image_pixels)
+
+
+def _files_missing(exc: Exception) -> bool:
+    """Whether ``exc`` says data files of a table version are gone (vacuumed / purged)."""
+    text = str(exc)
+    return any(s in text for s in ("FileNotFound", "FILE_NOT_FOUND", "does not exist",
+                                   "No such file"))
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _urls(lake: Lakehouse, prev: dict) -> str | None:
+    """The published export's ``urls.parquet`` (every sample, with or without an image)."""
+    urls = (prev.get("urls_parquet") or {}).get("path")
+    return urls if urls and lake.store.exists(urls) else None
+
+
+def _held(lake: Lakehouse, prev: dict) -> DataFrame | None:
+    """The uids of the published export: its ``urls.parquet``, else its shard index (samples
+    with an image only)."""
+    urls = _urls(lake, prev)
+    return lake.spark.read.parquet(urls).select("uid") if urls else export_uids(lake, prev)
+
+
+def _publish_diff(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dict,
+                  extra: dict, parts: dict[str, DataFrame], counts: dict[str, int]) -> dict:
+    """Write the changed files of a diff export into run ``run_id`` and publish it."""
+    store, conf = lake.store, cfg.export
+    now = lake.read(GOLD)
+    run_dir = start_run(store, out, run_id)
+    manifest = {"format": FORMAT, "run_id": run_id,
+                "created_at": datetime.now(timezone.utc).isoformat(), "run_dir": run_dir,
+                "kept": now.count(), **extra}
+    diff = {"previous_run": prev["run_id"], **counts}
+    for kind in ("added", "removed"):
+        path = join(run_dir, f"{kind}_uids.npy")
+        diff[f"{kind}_uids"] = {"path": path, "count": write_uids_npy(parts[kind], path, store)}
+    if conf.uids_npy:
+        path = join(run_dir, "uids.npy")
+        manifest["uids_npy"] = {"path": path, "count": write_uids_npy(now, path, store)}
+    if conf.urls_parquet:
+        path = join(run_dir, "urls.parquet")
+        now.select("url", F.col("text").alias("caption"), "uid").write.mode(
+            "overwrite").parquet(path)
+        manifest["urls_parquet"] = {"path": path, "count": manifest["kept"]}
+    runs = {run_id}
+    if conf.webdataset:
+        manifest["webdataset"], rewritten, new, runs = _diff_shards(
+            lake, cfg, prev["webdataset"], now, parts, run_dir)
+        diff.update(rewritten_shards=rewritten, new_shards=new)
+    manifest["runs"] = sorted(set(runs) | {run_id})
+    manifest["diff"] = diff
+    manifest = redact(manifest)
+    publish(store, out, manifest, conf.keep_previous)
+    return manifest
+
+
+def _diff_shards(lake: Lakehouse, cfg: Config, wds: dict, now: DataFrame,
+                 parts: dict[str, DataFrame], run_dir: str
+                 ) -> tuple[dict, list[str], list[str], set[str]]:
+    """(the webdataset section, rewritten shard names, new shard names, run folders read)."""
+    shard_dir, index = join(run_dir, "shards"), join(run_dir, "shard_index.parquet")
+    size = cfg.export.shard_size
+    lost = parts["removed"].unionByName(parts["updated"])
+    if wds.get("shards"):
+        entries, rewritten, remaining = drop_from_shards(lake, wds, lost, shard_dir)
+        first = 1 + max(int(e["name"][:-4]) for e in wds["shards"])
+    else:
+        entries, rewritten, remaining, first = {}, [], None, 0
+    fresh = now.join(parts["added"].unionByName(parts["updated"]), "uid", "left_semi")
+    added_index = join(run_dir, "_added_index.parquet")
+    stats = write_shards(fresh.select(*SHARD_COLUMNS[1:]), shard_dir, size, lake.store,
+                         cfg.score.max_image_pixels, added_index, first)
+    for r in stats:
+        r["path"] = join(shard_dir, r["name"])
+        entries[r["shard"]] = {k: r[k] for k in ("name", "count", "bytes", "path")}
+    if stats:
+        new_rows = lake.spark.read.parquet(added_index)
+        remaining = new_rows if remaining is None else remaining.unionByName(new_rows)
+    shards = [entries[k] for k in sorted(entries)]
+    if remaining is not None and shards:
+        remaining.write.mode("overwrite").parquet(index)
+    if stats:
+        lake.store.rm(added_index)
+    section = webdataset_manifest(shards, shard_dir, size, index if shards else None)
+    section["skipped"] = wds.get("skipped", 0) + sum(r["skipped"] for r in stats)
+    runs = {e["path"].rsplit("/", 3)[-3] for e in shards}
+    return section, rewritten, [r["name"] for r in stats], runs
+
+
+def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
+    """Edge: ``gold_selection`` + bronze -> ``gold_pairs`` and the export files; the export
+    folder is checked before any write. The step runner (:mod:`etl.steps`) refuses a stale
+    selection before calling this."""
+    from etl.provenance import export_lineage, read_versions
+
+    out = output_dir(lake, cfg.export)
+    check_out_dir(out, lake.store, lake.root)
+    read = read_versions(lake)
+    write_gold(lake)
+    prev = read_export(out, lake.store)
+    lineage = export_lineage(lake, cfg, read, prev)
+    check_current(lake)  # a run that lost its lease publishes nothing
+    manifest = publish_export(lake, cfg, run_id, out, prev,
+                              {"gold_table": lake.name(GOLD), "gold_version": lake.version(GOLD),
+                               "lineage": lineage})
+    if manifest is prev:  # nothing changed: nothing written
+        lake.record_stats(run_id, "export", work(0, 0, manifest["kept"]))
+        return manifest
+    wds = manifest.get("webdataset") or {}
+    counts = {"gold_pairs": manifest["kept"],
+              "uids_npy": manifest.get("uids_npy", {}).get("count", 0),
+              "shards": len(wds.get("shards", [])), "shard_samples": wds.get("samples", 0),
+              "shard_skipped": wds.get("skipped", 0)}
+    print(redact_text(f"export: {out} (run {manifest['run_dir']})"))
+    diff = {k: v for k, v in (manifest.get("diff") or {}).items() if isinstance(v, int)}
+    counts.update(diff)
+    for name, value in counts.items():
+        print(f"export: {name:<20}{value:>10}")
+    if wds.get("train_data"):
+        print(f"export: train with: {train_command(wds)}")
+    added = diff.get("added", manifest["kept"])
+    touched = added + diff.get("updated", 0) + diff.get("removed", 0)
+    counts.update(work(added, touched, manifest["kept"]))
+    lake.record_stats(run_id, "export", counts)
+    return manifest

@@ -1,0 +1,139 @@
+"""Exports as a diff of the published one: new shards for added samples, only the shards that
+lost a sample rewritten, the rest referenced in place byte for byte; added / removed uid
+lists; an idle re-run writes nothing."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from etl.config import Config, ExportConf, LakehouseConf
+from etl.export import read_export
+from etl.exportdiff import run_export
+from etl.tables import BRONZE, GOLD, SELECTION
+from etl.uidfile import uid_strings
+from tests.export.test_export import gold_df, gold_rows
+
+SEL_SCHEMA = "uid string, kept boolean, drop_reason string, score double"
+
+
+def select(spark, lake, rows, kept: set[str], scores: dict | None = None) -> None:
+    scores = scores or {}
+    sel = [(r[0], r[0] in kept, None if r[0] in kept else "aspect", scores.get(r[0], r[6]))
+           for r in rows]
+    lake.overwrite(spark.sparkContext.parallelize(sel, 3).toDF(SEL_SCHEMA), SELECTION)
+
+
+def shard_bytes(manifest: dict) -> dict[str, bytes]:
+    return {s["name"]: Path(s["path"]).read_bytes() for s in manifest["webdataset"]["shards"]}
+
+
+def shard_uids(path: str) -> set[str]:
+    with tarfile.open(path) as tar:
+        return {m.name.split(".", 1)[0] for m in tar.getmembers()}
+
+
+def npy(path: str) -> set[str]:
+    return set(uid_strings(np.load(path)))
+
+
+@pytest.mark.slow
+def test_export_diff_adds_removes_and_rewrites_only_what_changed(spark, lake, capsys):
+    rows = gold_rows(10, null_image=0)
+    uids = [r[0] for r in rows]
+    lake.overwrite(gold_df(spark, rows).drop("score"), BRONZE)
+    cfg = Config(lakehouse=LakehouseConf(root=lake.root),
+                 export=ExportConf(out_dir="export", shard_size=2))
+    out = Path(lake.resolve("export"))
+
+    select(spark, lake, rows, set(uids[:6]))
+    first = run_export(lake, cfg, "run-1")
+    assert "diff" not in first and len(first["webdataset"]["shards"]) == 3
+    before = shard_bytes(first)
+
+    # add three samples: two new shards in run-2, the old ones referenced in place
+    select(spark, lake, rows, set(uids[:9]))
+    second = run_export(lake, cfg, "run-2")
+    diff = second["diff"]
+    assert (diff["added"], diff["removed"], diff["updated"]) == (3, 0, 0)
+    assert diff["previous_run"] == "run-1" and diff["rewritten_shards"] == []
+    assert diff["new_shards"] == ["00003.tar", "00004.tar"]
+    assert npy(diff["added_uids"]["path"]) == set(uids[6:9])
+    assert npy(diff["removed_uids"]["path"]) == set()
+    assert npy(second["uids_npy"]["path"]) == set(uids[:9])  # the full list, always
+    shards = {s["name"]: s for s in second["webdataset"]["shards"]}
+    for name in before:
+        assert "/runs/run-1/" in shards[name]["path"]
+        assert Path(shards[name]["path"]).read_bytes() == before[name]  # not rewritten
+    assert {"00003.tar", "00004.tar"} == {n for n, s in shards.items() if "/run-2/" in s["path"]}
+    assert sorted(p.name for p in (out / "runs" / "run-2" / "shards").iterdir()) == [
+        "00003.tar", "00004.tar"]
+    assert set().union(*(shard_uids(s["path"]) for s in shards.values())) == set(uids[:9])
+    assert second["webdataset"]["samples"] == 9 and second["runs"] == ["run-1", "run-2"]
+    assert "::" in second["webdataset"]["train_data"]
+    index = spark.read.parquet(second["webdataset"]["index"]).collect()
+    assert sorted(r.uid for r in index) == sorted(uids[:9])
+
+    # remove one sample and rescore another: only their two shards are rewritten
+    by_shard = {r.uid: int(r.shard) for r in index}
+    gone = next(u for u in uids[:6] if by_shard[u] == 1)
+    rescored = next(u for u in uids[:6] if by_shard[u] == 2)
+    select(spark, lake, rows, set(uids[:9]) - {gone}, {rescored: 0.123})
+    third = run_export(lake, cfg, "run-3")
+    diff = third["diff"]
+    assert (diff["added"], diff["removed"], diff["updated"]) == (0, 1, 1)
+    assert diff["rewritten_shards"] == ["00001.tar", "00002.tar"]
+    assert diff["new_shards"] == ["00005.tar"]
+    assert npy(diff["removed_uids"]["path"]) == {gone} and npy(diff["added_uids"]["path"]) == set()
+    shards = {s["name"]: s for s in third["webdataset"]["shards"]}
+    assert "/runs/run-1/" in shards["00000.tar"]["path"]
+    assert Path(shards["00000.tar"]["path"]).read_bytes() == before["00000.tar"]
+    assert all("/runs/run-2/" in shards[n]["path"] for n in ("00003.tar", "00004.tar"))
+    assert gone not in shard_uids(shards["00001.tar"]["path"])
+    assert shard_uids(shards["00005.tar"]["path"]) == {rescored}
+    assert rescored not in shard_uids(shards["00002.tar"]["path"])
+    assert set().union(*(shard_uids(s["path"]) for s in shards.values())) == \
+        set(uids[:9]) - {gone}
+    assert third["runs"] == ["run-1", "run-2", "run-3"]
+
+    # nothing new: no run folder, no gold commit, the same export stays published
+    gold_version, tree = lake.version(GOLD), sorted(p for p in out.rglob("*"))
+    fourth = run_export(lake, cfg, "run-4")
+    assert fourth["run_id"] == "run-3" and read_export(str(out))["run_id"] == "run-3"
+    assert not (out / "runs" / "run-4").exists() and sorted(out.rglob("*")) == tree
+    assert lake.version(GOLD) == gold_version
+    assert "export: unchanged; run run-3 stays published" in capsys.readouterr().out
+
+    # a takedown republish starting meanwhile: its unfinished folder survives a publish
+    (out / "runs" / "takedown-x").mkdir()
+    (out / "runs" / "takedown-x" / "_dfn_export").write_text("takedown-x")
+
+    # gold_pairs changes, then its old files are vacuumed: the diff's read of the exported
+    # version fails, and a full export is published instead, saying why
+    select(spark, lake, rows, set(uids[:9]) - {gone, uids[0]}, {rescored: 0.123})
+    from etl.export import write_gold
+
+    write_gold(lake)
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    try:
+        spark.sql(f"VACUUM {lake.name(GOLD)} RETAIN 0 HOURS")
+    finally:
+        spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+    vacuumed = run_export(lake, cfg, "run-4b")
+    assert "diff" not in vacuumed and vacuumed["kept"] == 7
+    assert "full export (the files of gold_pairs version" in capsys.readouterr().out
+    assert all("/runs/run-4b/" in s["path"] for s in vacuumed["webdataset"]["shards"])
+    assert vacuumed["run_id"] == "run-4b" and (out / "runs" / "takedown-x").exists()
+
+    # another shard size cannot be a diff: a full export, saying why
+    cfg.export.shard_size = 3
+    fifth = run_export(lake, cfg, "run-5")
+    assert "diff" not in fifth and len(fifth["webdataset"]["shards"]) == 3
+    assert all("/runs/run-5/" in s["path"] for s in fifth["webdataset"]["shards"])
+    assert "full export (the shard size changed" in capsys.readouterr().out
+    # finished runs no longer read are pruned; the unfinished folder is left alone
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["run-4b", "run-5",
+                                                                "takedown-x"]
