@@ -254,10 +254,12 @@ def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
     manifest = publish_export(lake, cfg, run_id, out, prev,
                               {"gold_table": lake.name(GOLD), "gold_version": lake.version(GOLD),
                                "lineage": lineage})
+    wds = manifest.get("webdataset") or {}
     if manifest is prev:  # nothing changed: nothing written
+        if wds.get("train_data"):
+            print(f"export: train with: {train_command(wds)}")
         lake.record_stats(run_id, "export", work(0, 0, manifest["kept"]))
         return manifest
-    wds = manifest.get("webdataset") or {}
     counts = {"gold_pairs": manifest["kept"],
               "uids_npy": manifest.get("uids_npy", {}).get("count", 0),
               "shards": len(wds.get("shards", [])), "shard_samples": wds.get("samples", 0),

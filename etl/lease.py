@@ -163,6 +163,12 @@ class Lease:
     def try_acquire(self) -> Holder | None:
         """Take the lease if it is free, expired or already ours: None when held now, else the
         run that holds it."""
+        try:  # the usual case, a released lease: one conditional UPDATE, no read
+            if self._write(acquire=True):
+                return None
+        except Exception as exc:  # noqa: BLE001 - no table yet, or a race: read the row
+            if not (_missing(exc) or any(m in str(exc) for m in _CONFLICTS)):
+                raise
         for _ in range(5):  # each try that loses a commit race reads the row again
             held = self.holder()
             dead = held if held is not None and self.gone(held) else None
@@ -170,14 +176,13 @@ class Lease:
                     and dead is None:
                 return held
             try:
-                self._write(acquire=True, create=held is None, dead=dead,
-                            insert=held is not None and held.run_id is None)
+                won = self._write(acquire=True, create=held is None, dead=dead,
+                                  insert=held is not None and held.run_id is None)
             except Exception as exc:  # noqa: BLE001 - a concurrent commit: read who won
                 if not any(m in str(exc) for m in _CONFLICTS):
                     raise
                 continue
-            held = self.holder()
-            if self.mine(held):
+            if won or self.mine(self.holder()):
                 return None
         raise RuntimeError(f"lease of {self.where}: lost five commit races in a row")
 
@@ -211,11 +216,12 @@ class Lease:
             if self.lost:
                 return False
             try:
-                self._write(acquire=False)
+                renewed = self._write(acquire=False)
             except Exception as exc:  # noqa: BLE001 - a lost race: the row says who holds it
                 if not any(m in str(exc) for m in _CONFLICTS):
                     raise
-            if not self.mine(self.holder()):
+                renewed = False
+            if not renewed and not self.mine(self.holder()):
                 self.lost = True
                 print(f"[{self.step}] lost the lease of lakehouse {redact_text(self.where)} "
                       "(it expired: raise lakehouse.lease.expire_seconds)", flush=True)
@@ -263,7 +269,7 @@ class Lease:
         return f"run_id = {sql_string(run_id)} AND host = {sql_string(host)} AND pid = {pid}"
 
     def _write(self, acquire: bool, create: bool = False, insert: bool = False,
-               dead: Holder | None = None) -> None:
+               dead: Holder | None = None) -> bool:
         """Take the lease row (``acquire``: when released, expired, ours or still ``dead``'s)
         or renew it (only when ours): one conditional UPDATE. ``create``: make the table with
         the row instead; ``insert``: the row is missing, MERGE it in."""
@@ -289,9 +295,11 @@ class Lease:
             if acquire:
                 gone = f" OR ({self._is_me(dead)})" if dead is not None else ""
                 whose = f"(expires_at IS NULL OR expires_at < {_ts(now)} OR {whose}{gone})"
-            self.lake.spark.sql(
+            done = self.lake.spark.sql(
                 f"UPDATE {name} SET " + ", ".join(f"{k} = {v}" for k, v in values.items())
-                + f" WHERE lease = {sql_string(KEY)} AND {whose}")
+                + f" WHERE lease = {sql_string(KEY)} AND {whose}").first()
+            return bool(done and done[0])  # num_affected_rows: the row matched, committed
+        return False
 
 
 _HELD: dict[str, Lease] = {}  # lease table -> the lease this process holds on it

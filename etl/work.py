@@ -12,7 +12,8 @@ metric of each step's latest run (:func:`latest_run_stats`).
 - ``touched``: rows the step read or rewrote to do that (ingest: rows in the files it read;
   dedup: rows passed to the near-duplicate comparison; select: rows whose decision was
   written; export: samples added plus removed).
-- ``pool``: rows of the step's output after the run.
+- ``pool``: rows of the step's output after the run (score: the bronze rows it covers, once
+  however many models score them).
 """
 
 from __future__ import annotations

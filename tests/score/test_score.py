@@ -19,6 +19,7 @@ from PIL import Image
 from etl.config import PROJECT_ROOT, Config, ModelConf, ScoreConf
 from etl.score import EVAL_EMBEDDINGS, configure_arrow, pending, score_all, score_pairs, score_table
 from etl.tables import BRONZE, EVAL_IMAGES, RUN_STATS, SILVER
+from etl.work import work
 from tests.helpers.images import encode, header_bomb, jpeg
 from tests.helpers.models import TINY_JSON, tiny_state
 from tests.helpers.score import PAIR_SCHEMA, pool_rows, write_pairs
@@ -308,7 +309,7 @@ def test_score_all_models_side_by_side_and_resume(lake, weights):
     counts = score_all(lake, cfg, "r1")[SILVER]
     assert counts == {"source_rows": 10, "pending[tiny-a]": 10, "scored[tiny-a]": 10,
                       "errors[tiny-a]": 1, "pending[tiny-b]": 10, "scored[tiny-b]": 10,
-                      "errors[tiny-b]": 1}
+                      "errors[tiny-b]": 1, **work(20, 20, 10)}  # rows scored, of 10 bronze
     silver = lake.read(SILVER)
     assert silver.count() == 20 and silver.select("uid", "model_id").distinct().count() == 20
     a = {r.uid: r.score for r in silver.filter("model_id = 'tiny-a'").collect()}
