@@ -124,9 +124,9 @@ def case(meter: Meter, kind: str, base: int, tmp: Path, results: list[dict]) -> 
             add_images(raw, n, f"inc{i}", seed=100 + i)
         rows += n
         inc, full = [], []
-        run_steps(meter, argv(lake, raw, f"{kind}-inc{i}"), steps, rows, kind, inc)
+        run_steps(meter, argv(lake, raw, f"{kind}-inc{i}"), steps, rows, kind, inc, True)
         fresh = tmp / kind / f"full{i}"
-        run_steps(meter, argv(fresh, raw, f"{kind}-full{i}"), steps, rows, kind, full)
+        run_steps(meter, argv(fresh, raw, f"{kind}-full{i}"), steps, rows, kind, full, True)
         work = work_of(lake, f"{kind}-inc{i}")
         same = same_uids(lake, fresh)
         for a, b in zip(inc, full, strict=True):
@@ -134,7 +134,8 @@ def case(meter: Meter, kind: str, base: int, tmp: Path, results: list[dict]) -> 
                       key=lambda w: w.get("pool", 0), default={})  # the pool's, not eval's
             results.append({"pool": kind, "base": base, "added": n, "step": a["step"],
                             "incremental_s": a["seconds"], "full_s": b["seconds"],
-                            "ratio": round(a["seconds"] / b["seconds"], 3), "work": did})
+                            "ratio": round(a["seconds"] / b["seconds"], 3), "work": did,
+                            "shuffle_mb": [a["shuffle_mb"], b["shuffle_mb"]]})
         total_inc, total_full = sum(a["seconds"] for a in inc), sum(b["seconds"] for b in full)
         results.append({"pool": kind, "base": base, "added": n, "step": "all",
                         "incremental_s": round(total_inc, 2), "full_s": round(total_full, 2),

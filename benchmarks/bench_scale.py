@@ -122,22 +122,35 @@ class Meter:
 
 
 def run_steps(meter: Meter, args: list[str], steps: tuple[str, ...], rows: int, pool: str,
-              results: list[dict]) -> None:
-    """Run each step as ``dfn-curate run`` would, in this process; record its costs."""
+              results: list[dict], lease_row: bool = False) -> None:
+    """Run each step as ``dfn-curate run`` would, in this process, under one lakehouse lease
+    (taken before the first step, released after the last, as ``run`` does); record each
+    step's costs, and with ``lease_row`` the lease's own seconds as a step ``lease``."""
     from etl.jobs.common import parser, start
+    from etl.lease import hold
     from etl.steps import pipeline_step
     from etl.tables import BRONZE
 
     ctx = start(parser("bench-scale", "scale benchmark"), args)
-    for step in steps:
-        if step == "score":  # about 4 silver commits at any size: a chunk is whole bronze files
-            files = len(ctx.lake.read(BRONZE).inputFiles())
-            ctx.cfg.score.files_per_commit = max(1, files // 4)
-        _, seconds, shuffle, rss = meter.measure(lambda s=step: pipeline_step(ctx, s))
-        results.append({"pool": pool, "rows": rows, "step": step, "seconds": round(seconds, 2),
-                        "rows_per_s": round(rows / seconds), "shuffle_mb": round(shuffle / 2**20, 1),
-                        "driver_rss_mb": round(rss / 2**20)})
-        print(json.dumps(results[-1]), flush=True)
+    with ExitStack() as stack:
+        begun = time.perf_counter()
+        stack.enter_context(hold(ctx.lake, ctx.run_id, "run"))
+        lease_s = time.perf_counter() - begun
+        for step in steps:
+            if step == "score":  # about 4 silver commits at any size: a chunk is whole files
+                files = len(ctx.lake.read(BRONZE).inputFiles())
+                ctx.cfg.score.files_per_commit = max(1, files // 4)
+            _, seconds, shuffle, rss = meter.measure(lambda s=step: pipeline_step(ctx, s))
+            results.append({"pool": pool, "rows": rows, "step": step,
+                            "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
+                            "shuffle_mb": round(shuffle / 2**20, 1),
+                            "driver_rss_mb": round(rss / 2**20)})
+            print(json.dumps(results[-1]), flush=True)
+        begun = time.perf_counter()
+    lease_s += time.perf_counter() - begun
+    if lease_row:
+        results.append({"pool": pool, "rows": rows, "step": "lease", "seconds": round(lease_s, 2),
+                        "rows_per_s": 0, "shuffle_mb": 0.0, "driver_rss_mb": 0})
 
 
 def silver_commit_times(lake_root: str) -> dict[str, float] | None:

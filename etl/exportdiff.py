@@ -2,13 +2,15 @@
 nothing did.
 
 When an export is already published under ``export.out_dir`` with the same file kinds and
-shard size, :func:`publish_export` compares ``gold_pairs`` with it instead of writing every
-shard again. The comparison is joins on the executors (only counts reach the driver):
+shard size, :func:`publish_export` compares ``gold_pairs`` now with the ``gold_pairs`` version
+that export was made from (its manifest's ``gold_version``, read by Delta time travel; a
+takedown's republish records the version after its delete) instead of writing every shard
+again. When that version is still the current one, nothing is read at all. Otherwise one
+join of uids and row digests on the executors (only counts reach the driver) finds:
 
-- *added*: kept uids the published export does not hold (its ``urls.parquet`` / shard index);
-- *removed*: uids it holds that are no longer kept;
-- *updated*: uids in both whose exported columns (score, url, caption, size) changed since
-  the ``gold_pairs`` version it exported (read by Delta time travel).
+- *added*: kept uids the exported version did not hold;
+- *removed*: uids it held that are no longer kept;
+- *updated*: uids in both whose exported columns (score, url, caption, size) changed.
 
 With none of them the step says ``export unchanged`` and writes nothing: no run folder, no
 shards. Otherwise a new run is published (:func:`etl.export.publish`) whose manifest's
@@ -19,21 +21,19 @@ shards. Otherwise a new run is published (:func:`etl.export.publish`) whose mani
   (:func:`etl.republish.drop_from_shards`, the takedown's path); every other shard stays where
   it is, byte-identical, and the manifest points at it (``runs``, ``train_data`` joined by
   ``::`` across folders);
-- added and updated samples go into new shards numbered after the previous ones;
+- added and updated samples go into new shards numbered after the previous ones (samples
+  without an image are counted as skipped, as a full export counts them);
 - the full ``uids.npy`` and ``urls.parquet`` are written again, as in every export.
 
-Anything else (no published export, other file kinds or shard size, an export without a uid
-list, a ``gold_pairs`` version no longer readable: its log gone, or its data files vacuumed
-or purged, which the diff's own read finds) gets a full export (:func:`etl.export.export_files`)
-and the step prints why. Without ``urls.parquet`` the published uids come from the shard
-index, which lists only samples with an image: those are compared, and a change in the number
-of kept samples (image-less ones, in ``uids.npy`` only) also publishes a new run.
+Anything else (no published export, other file kinds or shard size, a missing shard index, a
+``gold_pairs`` version no longer readable: its log gone, or its data files vacuumed or
+purged, which the diff's own read finds) gets a full export (:func:`etl.export.export_files`)
+and the step prints why.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from functools import reduce
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
@@ -57,58 +57,65 @@ from etl.export import (
 from etl.fs import join
 from etl.lease import check_current
 from etl.redact import redact, redact_text
-from etl.republish import drop_from_shards, export_uids
+from etl.republish import drop_from_shards
 from etl.tables import GOLD, Lakehouse
+from etl.tablesync import row_digest
 from etl.uidfile import write_uids_npy
 from etl.work import work
 
 META = ("score", "url", "text", "width", "height")  # the exported columns a sample may change
+KIND = "_dfn_kind"
 
 
 def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dict | None,
                    extra: dict) -> dict:
     """Publish ``gold_pairs`` under ``out`` as a diff of ``prev`` (the published manifest)
     when it can be, else in full; returns the published manifest (``prev`` itself when
-    nothing changed)."""
+    nothing changed: ``gold_pairs`` is at the version it exported, or no row differs)."""
     why = _not_diffable(lake, cfg, run_id, out, prev)
     if why:
         return _full(lake, cfg, run_id, out, prev, extra, why)
     check_out_dir(out, lake.store, lake.root)
+    if extra.get("gold_version") == prev["gold_version"]:  # no commit since: no join either
+        return _unchanged(out, prev)
     now = lake.read(GOLD)
-    urls = _urls(lake, prev)
-    held = (lake.spark.read.parquet(urls) if urls else export_uids(lake, prev)).select(
-        "uid").distinct()
-    # a shard index lists only samples with an image: compare those (image-less ones are in
-    # uids.npy only, which is written whole; a change of their number is caught by `kept`)
-    listed = now if urls else now.where(F.col("image").isNotNull())
     then = lake.spark.sql(f"SELECT * FROM {lake.name(GOLD)} VERSION AS OF "
                           f"{int(prev['gold_version'])}")
-    cols = [c for c in META if c in now.columns and c in then.columns]
-    same = reduce(lambda a, b: a & b, [F.col(c).eqNullSafe(F.col(f"_then_{c}")) for c in cols],
-                  F.lit(True))
-    before = then.select("uid", *[F.col(c).alias(f"_then_{c}") for c in cols])
-    parts = {"added": listed.select("uid").join(held, "uid", "left_anti"),
-             "removed": held.join(listed.select("uid"), "uid", "left_anti"),
-             "updated": listed.select("uid", *cols).join(before, "uid").where(~same)
-             .select("uid")}
-    parts = {k: v.persist(StorageLevel.MEMORY_AND_DISK) for k, v in parts.items()}
+    changes = _changes(now, then).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         try:  # the real read of the exported gold_pairs version
-            counts = {k: v.count() for k, v in parts.items()}
+            counts = dict.fromkeys(("added", "removed", "updated"), 0)
+            counts.update({r[0]: r[1] for r in changes.groupBy(KIND).count().collect()})
         except Exception as exc:  # noqa: BLE001 - only missing files are handled
             if not _files_missing(exc):
                 raise
             return _full(lake, cfg, run_id, out, prev, extra,
                          f"the files of gold_pairs version {prev['gold_version']} are gone "
                          f"(VACUUM or a takedown purge): {_first_line(exc)}")
-        if not any(counts.values()) and (urls or now.count() == prev.get("kept")):
-            print(redact_text(f"export: unchanged; run {prev['run_id']} stays published "
-                              f"({out})"))
-            return prev
+        if not any(counts.values()):
+            return _unchanged(out, prev)
+        parts = {k: changes.where(F.col(KIND) == k).select("uid") for k in counts}
         return _publish_diff(lake, cfg, run_id, out, prev, extra, parts, counts)
     finally:
-        for v in parts.values():
-            v.unpersist()
+        changes.unpersist()
+
+
+def _changes(now: DataFrame, then: DataFrame) -> DataFrame:
+    """``(uid, kind)`` of every uid added to, removed from or updated in (an exported column
+    differs) ``now`` relative to ``then``: one join of uids and row digests (only keys and
+    hashes are shuffled, never captions or image bytes)."""
+    cols = [c for c in META if c in now.columns and c in then.columns]
+    new = now.select("uid", F.lit(True).alias("_now"), row_digest(cols).alias("_h_now"))
+    old = then.select("uid", F.lit(True).alias("_then"), row_digest(cols).alias("_h_then"))
+    kind = (F.when(F.col("_then").isNull(), "added").when(F.col("_now").isNull(), "removed")
+            .when(~F.col("_h_now").eqNullSafe(F.col("_h_then")), "updated"))
+    return (new.join(old, "uid", "full_outer").withColumn(KIND, kind)
+            .where(F.col(KIND).isNotNull()).select("uid", KIND))
+
+
+def _unchanged(out: str, prev: dict) -> dict:
+    print(redact_text(f"export: unchanged; run {prev['run_id']} stays published ({out})"))
+    return prev
 
 
 def _not_diffable(lake: Lakehouse, cfg: Config, run_id: str, out: str,
@@ -128,8 +135,6 @@ def _not_diffable(lake: Lakehouse, cfg: Config, run_id: str, out: str,
         return "the shard size changed or the shard index is missing"
     if prev.get("gold_version") is None or prev.get("format") != FORMAT:
         return "the published export records no gold_pairs version"
-    if _held(lake, prev) is None:
-        return "the published export has no uid list to compare with"
     try:  # the version's log only (its data files are read by the diff itself)
         lake.spark.sql(f"SELECT uid FROM {lake.name(GOLD)} VERSION AS OF "
                        f"{int(prev['gold_version'])} LIMIT 0").collect()
@@ -157,19 +162,6 @@ def _files_missing(exc: Exception) -> bool:
 
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
-def _urls(lake: Lakehouse, prev: dict) -> str | None:
-    """The published export's ``urls.parquet`` (every sample, with or without an image)."""
-    urls = (prev.get("urls_parquet") or {}).get("path")
-    return urls if urls and lake.store.exists(urls) else None
-
-
-def _held(lake: Lakehouse, prev: dict) -> DataFrame | None:
-    """The uids of the published export: its ``urls.parquet``, else its shard index (samples
-    with an image only)."""
-    urls = _urls(lake, prev)
-    return lake.spark.read.parquet(urls).select("uid") if urls else export_uids(lake, prev)
 
 
 def _publish_diff(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dict,

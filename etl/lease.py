@@ -113,6 +113,7 @@ class Lease:
         self.conf = conf or lake.conf.lease
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.lost = False
+        self._confirmed = float("-inf")  # monotonic time before the last write that held it
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -190,7 +191,7 @@ class Lease:
         """Take the lease, or raise :class:`LeaseHeld` (``mode: fail``), or wait for it
         (``mode: wait``, up to ``wait_seconds``); then renew it in the background."""
         start, said = time.monotonic(), None
-        held = self.try_acquire()
+        tried, held = time.monotonic(), self.try_acquire()
         while held is not None:
             waited = time.monotonic() - start
             if self.conf.mode != "wait":
@@ -203,7 +204,8 @@ class Lease:
                       f"{redact_text(self.where)} ({waited:.0f}s of "
                       f"{self.conf.wait_seconds}s)", flush=True)
             time.sleep(min(POLL_SECONDS, max(0.1, self.conf.wait_seconds - waited)))
-            held = self.try_acquire()
+            tried, held = time.monotonic(), self.try_acquire()
+        self._confirmed = tried
         self._stop.clear()
         self._beat = threading.Thread(target=self._heartbeat, daemon=True,
                                       name=f"lease-{self.run_id}")
@@ -215,13 +217,16 @@ class Lease:
         with self._lock:
             if self.lost:
                 return False
+            tried = time.monotonic()
             try:
                 renewed = self._write(acquire=False)
             except Exception as exc:  # noqa: BLE001 - a lost race: the row says who holds it
                 if not any(m in str(exc) for m in _CONFLICTS):
                     raise
                 renewed = False
-            if not renewed and not self.mine(self.holder()):
+            if renewed:
+                self._confirmed = tried
+            elif not self.mine(self.holder()):
                 self.lost = True
                 print(f"[{self.step}] lost the lease of lakehouse {redact_text(self.where)} "
                       "(it expired: raise lakehouse.lease.expire_seconds)", flush=True)
@@ -229,7 +234,11 @@ class Lease:
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` when the lease is no longer this run's (the heartbeat found
-        it lost, or the row names another holder or none now): one read of the lease row."""
+        it lost, or the row names another holder or none now): one read of the lease row, none
+        within half the expiry of the last write that held it (no other run may take it before
+        it expires, and this process, alive, is not taken for a killed one)."""
+        if not self.lost and time.monotonic() - self._confirmed < self.conf.expire_seconds / 2:
+            return
         if not self.lost:
             held = self.holder()
             if self.mine(held):  # still ours (late renewals alone lose nothing)

@@ -15,16 +15,50 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from etl.config import Config
+from etl.config import Config, ConfigError
 from etl.tables import (
     DEDUP,
     SELECTION,
     SILVER,
     TARGETS,
     Lakehouse,
-    StaleTableError,
     table_info,
 )
+
+
+class StaleTableError(ConfigError):
+    """A derived table was built from an older version of its source than the current one.
+
+    ``step`` is the pipeline step that rebuilds it (``dfn-curate run`` runs it itself)."""
+
+    def __init__(self, table: str, source: str, built: int, current: int, step: str,
+                 needed_by: str):
+        self.table, self.source, self.built, self.current = table, source, built, current
+        self.step = step
+        super().__init__(
+            f"{needed_by}: {table} is stale: it was built from {source} version {built}, but "
+            f"{source} is now at version {current} (rows were added or changed since). Run "
+            f"`dfn-curate {step}` first (then `dfn-curate {needed_by}`), or `dfn-curate run "
+            f"--steps {needed_by}`, which re-runs stale steps itself")
+
+
+def stale_table(lake: Lakehouse, table: str, needed_by: str,
+                model_id: str | None = None) -> StaleTableError | None:
+    """The error to raise when registered ``table`` (of ``model_id``, for a per-model table)
+    no longer covers its source (:meth:`Lakehouse.record_built`); None when it does, or when no version
+    was recorded (said on stdout: it cannot be checked)."""
+    info = table_info(table)
+    source, command = info.source, info.step
+    built = lake.built_from(info.stats_step, info.version_metric(model_id))
+    if built is None:
+        print(f"{needed_by}: {table} has no recorded {source} version (built before "
+              f"versions were recorded); cannot tell whether it covers {source}. Run "
+              f"`dfn-curate {command}` to record it")
+        return None
+    if not lake.data_changed_since(source, built):
+        return None
+    return StaleTableError(table, source, built, lake.version(source), command, needed_by)
+
 
 Condition = Callable[[Lakehouse, Config], bool]
 ModelOf = Callable[[Lakehouse, Config], str]
@@ -117,7 +151,7 @@ def stale_inputs(lake: Lakehouse, cfg: Config, step: str) -> list[StaleTableErro
     found = []
     for inp in inputs(lake, cfg, step):
         model = inp.model(lake, cfg) if inp.model is not None else None
-        error = lake.stale_table(inp.table, step, model)
+        error = stale_table(lake, inp.table, step, model)
         if error is not None:
             found.append(error)
     return found

@@ -8,7 +8,7 @@ paths themselves. Every Delta operation is plain SQL (``DESCRIBE HISTORY``, ``ME
 a classic session and over Spark Connect, where Delta's Python API needs server plugins.
 
 Versions: a derived table's step records the bronze version it read (:meth:`Lakehouse.
-record_built`); :meth:`Lakehouse.stale_table` refuses a table that no longer covers bronze
+record_built`); :func:`etl.lineage.stale_table` refuses a table that no longer covers bronze
 (:class:`StaleTableError`; commits that change no data do not count). See :mod:`etl.lineage`.
 """
 
@@ -140,6 +140,7 @@ class Lakehouse:
         self.conf = conf
         self._store = store
         self._schema_ready = False
+        self._present: set[str] = set()  # tables seen to exist (none is dropped but CENTROIDS)
 
     @property
     def store(self) -> Store:
@@ -179,6 +180,16 @@ class Lakehouse:
         return f"delta.`{self.path(table)}`"
 
     def exists(self, table: str) -> bool:
+        """Whether ``table`` exists; a yes is remembered (tables are never dropped, but
+        :data:`CENTROIDS`, which is asked each time), so steps ask the catalog once."""
+        if table in self._present:
+            return True
+        found = self._ask(table)
+        if found and table != CENTROIDS:
+            self._present.add(table)
+        return found
+
+    def _ask(self, table: str) -> bool:
         if self.conf.schema:
             return self.spark.catalog.tableExists(self.name(table))
         try:  # a folder without a Delta log (a killed first write) is "not a Delta table"
@@ -434,43 +445,8 @@ class Lakehouse:
         history = self.history(table, current - version).select("version", "operation")
         return any(r[0] > version and r[1] not in NO_DATA_CHANGE for r in history.collect())
 
-    def stale_table(self, table: str, needed_by: str,
-                    model_id: str | None = None) -> StaleTableError | None:
-        """The error to raise when registered ``table`` (of ``model_id``, for a per-model table)
-        no longer covers its source (:meth:`record_built`); None when it does, or when no version
-        was recorded (said on stdout: it cannot be checked)."""
-        info = table_info(table)
-        source, command = info.source, info.step
-        built = self.built_from(info.stats_step, info.version_metric(model_id))
-        if built is None:
-            print(f"{needed_by}: {table} has no recorded {source} version (built before "
-                  f"versions were recorded); cannot tell whether it covers {source}. Run "
-                  f"`dfn-curate {command}` to record it")
-            return None
-        if not self.data_changed_since(source, built):
-            return None
-        return StaleTableError(table, source, built, self.version(source), command, needed_by)
-
-
-class StaleTableError(ConfigError):
-    """A derived table was built from an older version of its source than the current one.
-
-    ``step`` is the pipeline step that rebuilds it (``dfn-curate run`` runs it itself)."""
-
-    def __init__(self, table: str, source: str, built: int, current: int, step: str,
-                 needed_by: str):
-        self.table, self.source, self.built, self.current = table, source, built, current
-        self.step = step
-        super().__init__(
-            f"{needed_by}: {table} is stale: it was built from {source} version {built}, but "
-            f"{source} is now at version {current} (rows were added or changed since). Run "
-            f"`dfn-curate {step}` first (then `dfn-curate {needed_by}`), or `dfn-curate run "
-            f"--steps {needed_by}`, which re-runs stale steps itself")
-
 
 USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
-
-
 
 
 def _tag() -> str:

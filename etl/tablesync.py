@@ -1,16 +1,15 @@
 """Change-only rewrites of a derived table: MERGE the rows that differ, no commit when none do.
 
 A step that derives a whole table from its inputs (``gold_selection``, ``gold_pairs``) hands
-:func:`sync` the table's full new content. The new rows are joined with the table on the key
-(on the executors); only rows that are new, gone, or differ in a compared column reach one
-``MERGE INTO`` (delete, update, insert), so the table ends exactly as an overwrite would leave
-it, and a re-run that changes nothing makes no commit at all. A first write, or a new content
-whose columns differ from the table's, overwrites it instead.
+:func:`sync` the table's full new content. The key and a digest of the compared columns of
+each new row are joined with the table's (on the executors); only rows that are new, gone, or
+differ in a compared column reach one ``MERGE INTO`` (delete, update, insert), so the table
+ends exactly as an overwrite would leave it, and a re-run that changes nothing makes no
+commit at all. A first write, or a new content whose columns differ from the table's,
+overwrites it instead.
 """
 
 from __future__ import annotations
-
-from functools import reduce
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
@@ -25,18 +24,25 @@ def _shape(df: DataFrame) -> list[tuple[str, str]]:
     return [(f.name, f.dataType.simpleString()) for f in df.schema.fields]
 
 
-def _all(cols: list[Column]) -> Column:
-    return reduce(lambda a, b: a & b, cols, F.lit(True))
+def row_digest(cols: list[str]) -> Column:
+    """A 96-bit digest of the values of ``cols`` (xxhash64 and murmur3 over the values and
+    their null flags: a null in one column never reads as the value of another), so rows are
+    compared by shuffling keys and digests, not their columns."""
+    if not cols:
+        return F.lit(0)
+    parts = [F.col(c) for c in cols] + [F.col(c).isNull() for c in cols]
+    return F.struct(F.xxhash64(*parts).alias("x"), F.hash(*parts).alias("m"))
 
 
 def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
          compare: list[str] | None = None, watch: tuple[str, ...] = ()) -> dict[str, int]:
     """Make ``table`` hold exactly ``df`` (one row per ``key``) with the fewest row writes.
 
-    Rows whose ``compare`` columns (default: all) equal the table's (null-safe) are left
-    alone. Returns ``rows_new`` (inserted), ``rows_updated``, ``rows_removed`` (keys no longer
-    in ``df``), ``rows_changed`` (updated rows whose ``watch`` columns changed) and
-    ``rows_rewritten`` (every row, when the table was written whole: absent or re-shaped)."""
+    Rows whose ``compare`` columns (default: all) equal the table's are left alone (compared
+    by :func:`row_digest`). Returns ``rows_new`` (inserted), ``rows_updated``, ``rows_removed``
+    (keys no longer in ``df``), ``rows_changed`` (updated rows whose ``watch`` columns
+    changed) and ``rows_rewritten`` (every row, when the table was written whole: absent or
+    re-shaped). ``df`` is computed twice: once for the digests, once for the changed rows."""
     counts = dict.fromkeys(("rows_new", "rows_updated", "rows_removed", "rows_changed",
                             "rows_rewritten"), 0)
     if not lake.exists(table) or _shape(lake.read(table)) != _shape(df):
@@ -45,26 +51,30 @@ def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
         return counts
     cols = [c for c in df.columns if c != key]
     compare = cols if compare is None else list(compare)
-    seen = sorted(set(compare) | set(watch))
-    old = lake.read(table).select(key, F.lit(True).alias(OLD),
-                                  *[F.col(c).alias(f"_dfn_o_{c}") for c in seen])
-    joined = df.withColumn(NEW, F.lit(True)).join(old, key, "full_outer")
 
-    def same(names) -> Column:
-        return _all([F.col(c).eqNullSafe(F.col(f"_dfn_o_{c}")) for c in names])
+    def digests(frame: DataFrame, side: str) -> DataFrame:
+        return frame.select(key, F.lit(True).alias(side), row_digest(compare).alias(f"{side}_c"),
+                            row_digest(list(watch)).alias(f"{side}_w"))
+
+    def same(what: str) -> Column:
+        return F.col(f"{NEW}_{what}").eqNullSafe(F.col(f"{OLD}_{what}"))
 
     op = (F.when(F.col(NEW).isNull(), "delete").when(F.col(OLD).isNull(), "insert")
-          .when(~same(compare), "update"))
-    changes = (joined.withColumn(OP, op).where(F.col(OP).isNotNull())
-               .withColumn(WATCHED, (F.col(OP) == "update") & ~same(watch))
-               .select(key, *cols, OP, WATCHED).persist(StorageLevel.MEMORY_AND_DISK))
+          .when(~same("c"), "update"))
+    keys = (digests(df, NEW).join(digests(lake.read(table), OLD), key, "full_outer")
+            .withColumn(OP, op).where(F.col(OP).isNotNull())
+            .withColumn(WATCHED, (F.col(OP) == "update") & ~same("w"))
+            .select(key, OP, WATCHED).persist(StorageLevel.MEMORY_AND_DISK))
     try:
         names = {"insert": "rows_new", "update": "rows_updated", "delete": "rows_removed"}
-        for row in changes.groupBy(OP, WATCHED).count().collect():
+        for row in keys.groupBy(OP, WATCHED).count().collect():
             counts[names[row[0]]] += row[2]
             counts["rows_changed"] += row[2] if row[1] else 0
         if not any(counts.values()):
             return counts
+        rows = df.join(keys.where(F.col(OP) != "delete").select(key, OP), key)
+        changes = rows.unionByName(keys.where(F.col(OP) == "delete").select(key, OP),
+                                   allowMissingColumns=True).select(key, *cols, OP)
         q = [f"`{c}`" for c in [key, *cols]]
         clause = (f"WHEN MATCHED AND s.{OP} = 'delete' THEN DELETE "
                   f"WHEN MATCHED THEN UPDATE SET {', '.join(f't.{c} = s.{c}' for c in q[1:])} "
@@ -72,5 +82,5 @@ def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
                   f"VALUES ({', '.join(f's.{c}' for c in q)})")
         lake.merge(changes, table, [key], clause)
     finally:
-        changes.unpersist()
+        keys.unpersist()
     return counts

@@ -70,21 +70,22 @@ def test_ensure_creates_an_empty_table_once_in_a_folder_and_in_a_schema(spark, l
 
 
 def test_a_recorded_build_is_stale_once_its_source_gains_rows(spark, lake, capsys):
-    from etl.tables import BRONZE, DEDUP, SILVER, StaleTableError
+    from etl.lineage import StaleTableError, stale_table
+    from etl.tables import BRONZE, DEDUP, SILVER
 
     lake.overwrite(_rows(spark, range(3)), BRONZE)
-    assert lake.stale_table(DEDUP, "select") is None  # nothing recorded: said, not refused
+    assert stale_table(lake, DEDUP, "select") is None  # nothing recorded: said, not refused
     assert "silver_dedup has no recorded bronze_pairs version" in capsys.readouterr().out
     lake.record_built("r1", DEDUP, lake.version(BRONZE))
     lake.record_built("r1", SILVER, lake.version(BRONZE), model_id="m")
-    assert lake.stale_table(DEDUP, "select") is None
-    assert lake.stale_table(SILVER, "select", model_id="m") is None
+    assert stale_table(lake, DEDUP, "select") is None
+    assert stale_table(lake, SILVER, "select", model_id="m") is None
     lake.append(_rows(spark, range(3, 5)), BRONZE)
-    stale = lake.stale_table(SILVER, "dedup", model_id="m")
+    stale = stale_table(lake, SILVER, "dedup", model_id="m")
     assert isinstance(stale, StaleTableError)
     assert (stale.table, stale.step, stale.built, stale.current) == (SILVER, "score", 0, 1)
     assert "dedup: silver_scores is stale" in str(stale) and "`dfn-curate score`" in str(stale)
-    assert lake.stale_table(DEDUP, "select").step == "dedup"
+    assert stale_table(lake, DEDUP, "select").step == "dedup"
 
 
 def test_schema_mode_creates_its_schema_and_counts_with_three_level_names(spark, tmp_path):
