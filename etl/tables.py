@@ -346,7 +346,8 @@ class Lakehouse:
     def _merge(self, df: DataFrame, table: str, keys: list[str], clause: str, metric: str,
                tag: str) -> int:
         """``MERGE INTO table USING df ON keys <clause>`` committed with userMetadata ``tag``;
-        the commit's ``metric`` read from the history (an untagged session: its MERGEs')."""
+        the commit's ``metric`` read from its log entry (a folder lakehouse) or the history (an
+        untagged session: its MERGEs')."""
         cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
         view, since = f"dfn_merge_{uuid.uuid4().hex}", self.version(table)
         df.createOrReplaceTempView(view)
@@ -356,6 +357,11 @@ class Lakehouse:
                                f"{clause}")
         finally:
             self.spark.catalog.dropTempView(view)
+        if tagged and not self.conf.schema:  # the log entry itself: no history query
+            first = 0 if since is None else since + 1
+            info = self._logged_commit(table, tag, first)
+            if info is not None:
+                return int((info.get("operationMetrics") or {}).get(metric, "0"))
         mine = (F.col("userMetadata") == tag) if tagged else (F.col("operation") == "MERGE")
         return self._commit_rows(table, since, metric, mine) or 0
 
@@ -397,11 +403,13 @@ class Lakehouse:
             return None
         return sum(int((r[0] or {}).get(metric, "0")) for r in history)
 
-    def _logged_commit(self, table: str, tag: str, most: int = 20) -> dict | None:
-        """The ``commitInfo`` tagged ``tag`` among the first ``most`` log entries of ``table``;
-        None when the log stops (or is kept elsewhere, as coordinated commits are) before it."""
+    def _logged_commit(self, table: str, tag: str, first: int = 0,
+                       most: int = 20) -> dict | None:
+        """The ``commitInfo`` tagged ``tag`` among ``most`` log entries of ``table`` from
+        version ``first``; None when the log stops (or is kept elsewhere, as coordinated
+        commits are) before it."""
         log = self.under(table, "_delta_log")
-        for version in range(most):
+        for version in range(first, first + most):
             try:
                 lines = self.store.read_bytes(f"{log}/{version:020d}.json").splitlines()
             except Exception:  # noqa: BLE001 - absent, or unreadable (a 403): use the history

@@ -178,6 +178,7 @@ def image_rows():
             for u, b, s in variants], encode(img, "jpg", 85)
 
 
+@pytest.mark.slow
 def test_thumbnail_signal_finds_reencoded_resized_cropped(spark):
     rows, leaked = image_rows()
     pairs = df(spark, rows, PAIRS + ", image binary", 3)

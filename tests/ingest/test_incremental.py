@@ -88,6 +88,7 @@ def _write_csv(path, rows: list[tuple[str, str]]) -> None:
     path.write_text("url,caption\n" + "".join(f"{u},{c}\n" for u, c in rows))
 
 
+@pytest.mark.slow
 def test_changed_csv_file_stops_naming_it_then_reingest_adds_only_new_rows(spark, lake,
                                                                             tmp_path):
     d = tmp_path / "csv"
@@ -189,6 +190,7 @@ def test_a_new_file_is_checked_against_the_files_already_ingested(spark, lake, t
     assert (second["bronze_pairs.files_new"], second["bronze_pairs.new"]) == (1, 1)
 
 
+@pytest.mark.slow
 def test_an_image_folder_is_planned_by_stem(spark, lake, tmp_path):
     """An image and its caption landing in different runs still meet: a stem with a missing
     half is quarantined but not recorded, so it is read again, whole, once the other half
