@@ -72,7 +72,7 @@ def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: di
     """Publish ``gold_pairs`` under ``out`` as a diff of ``prev`` (the published manifest)
     when it can be, else in full; returns the published manifest (``prev`` itself when
     nothing changed: ``gold_pairs`` is at the version it exported, or no row differs)."""
-    why = _not_diffable(lake, cfg, run_id, out, prev)
+    why = _not_diffable(lake, cfg, prev, extra.get("gold_version"))
     if why:
         return _full(lake, cfg, run_id, out, prev, extra, why)
     check_out_dir(out, lake.store, lake.root)
@@ -118,9 +118,10 @@ def _unchanged(out: str, prev: dict) -> dict:
     return prev
 
 
-def _not_diffable(lake: Lakehouse, cfg: Config, run_id: str, out: str,
-                  prev: dict | None) -> str | None:
-    """Why ``prev`` cannot be the base of a diff export (None: it can)."""
+def _not_diffable(lake: Lakehouse, cfg: Config, prev: dict | None,
+                  current: int | None) -> str | None:
+    """Why ``prev`` cannot be the base of a diff export (None: it can); ``current``: the
+    version of ``gold_pairs`` now (the exported one, when equal, is readable: not queried)."""
     conf = cfg.export
     if prev is None:
         return "nothing published"
@@ -135,6 +136,8 @@ def _not_diffable(lake: Lakehouse, cfg: Config, run_id: str, out: str,
         return "the shard size changed or the shard index is missing"
     if prev.get("gold_version") is None or prev.get("format") != FORMAT:
         return "the published export records no gold_pairs version"
+    if prev["gold_version"] == current:
+        return None
     try:  # the version's log only (its data files are read by the diff itself)
         lake.spark.sql(f"SELECT uid FROM {lake.name(GOLD)} VERSION AS OF "
                        f"{int(prev['gold_version'])} LIMIT 0").collect()

@@ -45,8 +45,8 @@ class StaleTableError(ConfigError):
 def stale_table(lake: Lakehouse, table: str, needed_by: str,
                 model_id: str | None = None) -> StaleTableError | None:
     """The error to raise when registered ``table`` (of ``model_id``, for a per-model table)
-    no longer covers its source (:meth:`Lakehouse.record_built`); None when it does, or when no version
-    was recorded (said on stdout: it cannot be checked)."""
+    no longer covers its source (:meth:`Lakehouse.record_built`); None when it does, or when
+    no version was recorded (said on stdout: it cannot be checked)."""
     info = table_info(table)
     source, command = info.source, info.step
     built = lake.built_from(info.stats_step, info.version_metric(model_id))
