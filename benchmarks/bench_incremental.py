@@ -2,6 +2,7 @@
 
     python benchmarks/bench_incremental.py                      # 1M metadata rows, 8,000 images
     python benchmarks/bench_incremental.py --meta 100000 --images 2000
+    python benchmarks/bench_incremental.py --meta 1000000 4000000 --images 0   # two pool sizes
 
 ``make bench-scale`` runs it after the scale benchmark (``make bench-incremental`` alone). Per
 pool kind (the two kinds of :mod:`benchmarks.bench_scale`, same steps and settings):
@@ -159,8 +160,10 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--meta", type=int, default=1_000_000, help="metadata base pool (0: none)")
-    ap.add_argument("--images", type=int, default=8_000, help="image base pool (0: none)")
+    ap.add_argument("--meta", type=int, nargs="+", default=[1_000_000],
+                    help="metadata base pool sizes (0: none)")
+    ap.add_argument("--images", type=int, nargs="+", default=[8_000],
+                    help="image base pool sizes (0: none)")
     ap.add_argument("--out", default="benchmarks/results/incremental.json")
     ap.add_argument("--tmp", default=None, help="work folder (default: a new temp folder)")
     args = ap.parse_args(argv)
@@ -171,10 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config("conf/local.yaml")
     cfg.spark.conf.update(BENCH_SPARK)
     results: list[dict] = []
-    for kind, base, models in (("metadata", args.meta, False), ("images", args.images, True)):
-        if base:
+    for kind, sizes, models in (("metadata", args.meta, False), ("images", args.images, True)):
+        for base in (b for b in sizes if b):
             spark = get_spark(cfg.spark, preload_models=models)
-            case(Meter(spark), kind, base, tmp, results)
+            case(Meter(spark), kind, base, tmp / str(base), results)
             spark.stop()
     out = write_json(args.out, {"cores": os.cpu_count(), "results": results})
     print(f"\n{os.cpu_count()} cores\n{table(results)}\n\nwrote {out}")

@@ -39,12 +39,15 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from etl.changefeed import Changes, changed_keys
 from etl.config import Config
 from etl.export import (
     FORMAT,
     SHARD_COLUMNS,
     check_out_dir,
     export_files,
+    gold_compared,
+    gold_pairs,
     output_dir,
     publish,
     read_export,
@@ -58,13 +61,51 @@ from etl.fs import join
 from etl.lease import check_current
 from etl.redact import redact, redact_text
 from etl.republish import drop_from_shards
-from etl.tables import GOLD, Lakehouse
-from etl.tablesync import row_digest
+from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
+from etl.tablesync import row_digest, same_shape, sync
+from etl.takedown.match import without_removed
 from etl.uidfile import write_uids_npy
 from etl.work import work
 
+GOLD_FROM = "dfn.gold.selection_version"  # the gold_selection version gold_pairs holds
 META = ("score", "url", "text", "width", "height")  # the exported columns a sample may change
 KIND = "_dfn_kind"
+
+
+def update_gold(lake: Lakehouse) -> dict[str, int]:
+    """Make ``gold_pairs`` hold the kept pairs of ``gold_selection`` now. When it records the
+    selection version it was made from and the selection's change feed can tell which uids
+    changed since, only their rows are read from bronze and compared; else every kept row
+    (:func:`etl.export.write_gold`). Records the selection version it read (a metadata commit,
+    only when it moved)."""
+    version = lake.version(SELECTION)
+    since = lake.properties(GOLD).get(GOLD_FROM) if lake.exists(GOLD) else None
+    feed = (changed_keys(lake, SELECTION, int(since), version) if since is not None
+            else "gold_pairs records no selection version")
+    try:
+        counts = _update_within(lake, feed) if isinstance(feed, Changes) else None
+    finally:
+        if isinstance(feed, Changes):
+            feed.release()
+    if counts is None:
+        counts = write_gold(lake)
+    if since != str(version):
+        lake.set_properties(GOLD, {GOLD_FROM: str(version)})
+    return counts
+
+
+def _update_within(lake: Lakehouse, feed: Changes) -> dict[str, int] | None:
+    """:func:`update_gold` over the uids ``feed`` names (None: ``gold_pairs`` has other
+    columns now, so it is rewritten)."""
+    if feed.keys is None:  # no commit reached the selection since
+        return dict.fromkeys(("rows_new", "rows_updated", "rows_removed", "rows_changed",
+                              "rows_rewritten"), 0)
+    keys = feed.keys.select("uid")
+    selection = lake.read(SELECTION).join(keys, "uid", "left_semi")
+    gold = without_removed(lake, gold_pairs(selection, lake.read(BRONZE)))
+    if not same_shape(lake, gold, GOLD):
+        return None
+    return sync(lake, gold, GOLD, compare=gold_compared(gold), within=keys)
 
 
 def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dict | None,
@@ -81,6 +122,10 @@ def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: di
     now = lake.read(GOLD)
     then = lake.spark.sql(f"SELECT * FROM {lake.name(GOLD)} VERSION AS OF "
                           f"{int(prev['gold_version'])}")
+    feed = changed_keys(lake, GOLD, int(prev["gold_version"]), extra.get("gold_version"))
+    if isinstance(feed, Changes) and feed.keys is not None:  # compare only the uids it names
+        keys = feed.keys.select("uid")
+        now, then = now.join(keys, "uid", "left_semi"), then.join(keys, "uid", "left_semi")
     changes = _changes(now, then).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         try:  # the real read of the exported gold_pairs version
@@ -98,6 +143,8 @@ def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: di
         return _publish_diff(lake, cfg, run_id, out, prev, extra, parts, counts)
     finally:
         changes.unpersist()
+        if isinstance(feed, Changes):
+            feed.release()
 
 
 def _changes(now: DataFrame, then: DataFrame) -> DataFrame:
@@ -242,7 +289,7 @@ def run_export(lake: Lakehouse, cfg: Config, run_id: str) -> dict:
     out = output_dir(lake, cfg.export)
     check_out_dir(out, lake.store, lake.root)
     read = read_versions(lake)
-    write_gold(lake)
+    update_gold(lake)
     prev = read_export(out, lake.store)
     lineage = export_lineage(lake, cfg, read, prev)
     check_current(lake)  # a run that lost its lease publishes nothing

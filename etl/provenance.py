@@ -26,14 +26,16 @@ READ = (BRONZE, SILVER, DEDUP, TARGETS, SELECTION)
 
 
 def record_selection(lake: Lakehouse, rule_text: str, cuts: dict[str, Threshold],
-                     threshold: float | None = None) -> None:
-    """Store the rule, its resolved cuts and the score ``threshold`` now applied on
-    ``gold_selection`` (a metadata-only commit, none when they are already stored)."""
+                     threshold: float | None = None, extra: dict[str, str] | None = None,
+                     current: dict[str, str] | None = None) -> None:
+    """Store the rule, its resolved cuts, the score ``threshold`` now applied and ``extra``
+    properties on ``gold_selection`` (a metadata-only commit, none when they are already
+    stored; ``current``: its properties, when the caller read them)."""
     resolved = {name: {"kind": t.rule, "value": t.value, "N": t.n_scored, "n": t.position,
                        **(t.basis or {})} for name, t in cuts.items()}
     values = {RULE_PROPERTY: rule_text, CUTS_PROPERTY: json.dumps(resolved, sort_keys=True),
-              THRESHOLD_PROPERTY: json.dumps(threshold)}
-    current = lake.properties(SELECTION)
+              THRESHOLD_PROPERTY: json.dumps(threshold), **(extra or {})}
+    current = lake.properties(SELECTION) if current is None else current
     if any(current.get(k) != v for k, v in values.items()):
         lake.set_properties(SELECTION, values)
 
@@ -53,7 +55,7 @@ def export_lineage(lake: Lakehouse, cfg: Config, read: dict[str, int | None],
     selection = lake.properties(SELECTION) if lake.exists(SELECTION) else {}
     cuts = selection.get(CUTS_PROPERTY)
     return {
-        "package": _package_version(),
+        "package": package_version(),
         "tables": {**{t: v for t, v in read.items()}, GOLD: lake.version(GOLD)},
         "models": [{"model_id": mid, "weights_sha256": silver.get(weights_property(mid))}
                    for mid in (resolve_conf(m).model_id for m in cfg.score.models)],
@@ -64,7 +66,7 @@ def export_lineage(lake: Lakehouse, cfg: Config, read: dict[str, int | None],
     }
 
 
-def _package_version() -> str | None:
+def package_version() -> str | None:
     try:
         return metadata.version("dfn-curate")
     except metadata.PackageNotFoundError:

@@ -32,9 +32,11 @@ import json
 from dataclasses import replace
 
 import pandas as pd
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from etl.changefeed import enable_feed
 from etl.config import Config, SelectConf
 from etl.cuts import SMALL, Threshold
 from etl.filters import DATACOMP_BASIC, add_derived, configured_filters
@@ -50,9 +52,17 @@ from etl.rules import (
     compile_rule,
     rand_column,
 )
+from etl.selectinc import (
+    INPUT_TABLES,
+    INPUTS_PROPERTY,
+    changed_rows,
+    fingerprint,
+    input_versions,
+    inputs_record,
+)
 from etl.silver import alias_scores, scored_pool, selection_model_id
 from etl.tables import BRONZE, DEDUP, SELECTION, Lakehouse
-from etl.tablesync import sync
+from etl.tablesync import same_shape, sync
 from etl.work import work
 
 DEDUP_REASONS = ["eval-leak", "duplicate", "near-duplicate"]
@@ -255,12 +265,10 @@ def cut_texts(node: Node) -> set[str]:
     return {t for child in node.children for t in cut_texts(child)}
 
 
-def recorded_cuts(lake: Lakehouse) -> dict[str, dict] | None:
-    """The cuts the last selection recorded on ``gold_selection`` (None: no selection, or one
-    written before cuts were recorded)."""
-    if not lake.exists(SELECTION):
-        return None
-    text = lake.properties(SELECTION).get(CUTS_PROPERTY)
+def recorded_cuts(properties: dict[str, str]) -> dict[str, dict] | None:
+    """The cuts the last selection recorded (``properties``: ``gold_selection``'s; None: no
+    selection, or one written before cuts were recorded)."""
+    text = properties.get(CUTS_PROPERTY)
     return json.loads(text) if text else None
 
 
@@ -314,9 +322,11 @@ def in_imagenet21k(text: Column) -> Column:
 
 def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     """Edge: bronze + silver scores + silver_dedup (+ silver_targets) -> ``gold_selection``
-    (merged: only changed rows are written); prints the funnel and the cuts, records them
-    and the bronze version it read. ``select.mode: frozen`` keeps the recorded cuts."""
-    version = lake.version(BRONZE)
+    (merged: only changed rows are written; only the rows that can have changed are compared,
+    when :func:`etl.selectinc.changed_rows` can tell them); prints the funnel and the cuts,
+    records them, the input versions it read and the configuration it ran under.
+    ``select.mode: frozen`` keeps the recorded cuts."""
+    versions = input_versions(lake)
     dedup = lake.read(DEDUP) if lake.exists(DEDUP) else None
     if dedup is None:
         print("select: no silver_dedup table; run `dfn-curate dedup` to drop duplicates")
@@ -324,8 +334,9 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     pre = rule_pre(selection_pool(lake, cfg), dedup, rule)
     recorded, applied, basis = None, rule, cut_basis(lake, cfg, rule)
     existed = lake.exists(SELECTION)
+    props = lake.properties(SELECTION) if existed else {}
     if cfg.select.mode == "frozen":
-        recorded = recorded_cuts(lake)
+        recorded = recorded_cuts(props)
         if recorded is not None:  # only the cuts this rule makes (the rule may have changed)
             texts = {t for part in rule.parts for t in cut_texts(part)}
             recorded = {k: v for k, v in recorded.items() if k in texts}
@@ -341,27 +352,61 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
                       "(none, resolved over no rows, or over another score, model, "
                       "fraction_of or seed); resolving it")
     out, parts = apply_selection(pre, applied)
-    # the per-row threshold moves whenever a fraction cut's pool grows: left out of the
-    # comparison, so only rows whose decision (or data) changed are rewritten
-    changes = sync(lake, out, SELECTION, watch=("kept", "drop_reason"),
-                   compare=[c for c in out.columns if c not in ("uid", "threshold")])
-    funnel = Funnel.of(lake.read(SELECTION), selection_reasons(cfg.select))
-    funnel.print()
     cuts = cuts_of(parts)
     if recorded:  # frozen: the recorded cuts stand; only cuts it lacked were resolved now
         cuts = {k: v for k, v in cuts.items() if k not in recorded}
         cuts.update({k: Threshold(v["kind"], v["value"], v.get("N"), v.get("n"))
                      for k, v in recorded.items()})
     cuts = {k: replace(v, basis=basis.get(k)) for k, v in cuts.items()}
+    fp = fingerprint(cfg, rule, basis)
+    changes = write_selection(lake, out, rule, cuts, props, fp, versions)
+    funnel = Funnel.of(lake.read(SELECTION), selection_reasons(cfg.select))
+    funnel.print()
+    changes.setdefault("rows_compared", funnel.pool)
     for name, line in zip(cuts, cut_lines(cuts), strict=True):
         print(line + (" (frozen)" if recorded and name in recorded else ""))
     print("select: gold_selection " + ", ".join(f"{k} {v}" for k, v in changes.items()))
     record_selection(lake, " and ".join(p.text for p in rule.parts), cuts,
-                     next((p.threshold for p in parts if p.column == "score"), None))
+                     next((p.threshold for p in parts if p.column == "score"), None),
+                     {INPUTS_PROPERTY: inputs_record(fp, versions)}, props)
     touched = sum(changes[k] for k in ("rows_new", "rows_updated", "rows_removed",
                                        "rows_rewritten"))
     new = changes["rows_new"] if existed else changes["rows_rewritten"]
     metrics = {**funnel.metrics(), **changes, **work(new, touched, funnel.pool)}
     lake.record_stats(run_id, "select", {**metrics, **cut_stats(cuts)})
-    lake.record_built(run_id, SELECTION, version)
+    lake.record_built(run_id, SELECTION, versions[BRONZE])
     return metrics
+
+
+def write_selection(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Threshold],
+                    props: dict[str, str], fp: str, versions: dict[str, int | None]
+                    ) -> dict[str, int]:
+    """Merge the new selection ``out`` (read from input ``versions``) into ``gold_selection``:
+    only the rows that can have changed are compared when that can be told
+    (``rows_compared``), else every row."""
+    # the per-row threshold moves whenever a fraction cut's pool grows: left out of the
+    # comparison, so only rows whose decision (or data) changed are rewritten
+    compare = [c for c in out.columns if c not in ("uid", "threshold")]
+    watch = ("kept", "drop_reason")
+    narrowed = (changed_rows(lake, out, rule, cuts, props, fp, versions)
+                if props and same_shape(lake, out, SELECTION) else None)
+    if not isinstance(narrowed, tuple):
+        if narrowed is not None:
+            print(f"select: comparing every row ({narrowed})")
+            for table in INPUT_TABLES:  # a table made before it recorded changes does now
+                if lake.exists(table):
+                    enable_feed(lake, table)
+        return sync(lake, out, SELECTION, watch=watch, compare=compare)  # compared: the pool
+    rows, feeds = narrowed
+    rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        compared = rows.count()
+        print(f"select: comparing {compared} rows (inputs changed since the last selection, "
+              "or a cut moved past them)")
+        changes = sync(lake, rows, SELECTION, watch=watch, compare=compare,
+                       within=rows.select("uid"))
+        return {**changes, "rows_compared": compared}
+    finally:
+        rows.unpersist()
+        for feed in feeds:
+            feed.release()

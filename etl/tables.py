@@ -63,6 +63,7 @@ class Table:
     description: str
     source: str | None = None
     per_model: bool = False  # one recorded source version per scoring model
+    feed: bool = False  # records its row changes (Delta change data feed: etl.changefeed)
 
     @property
     def stats_step(self) -> str:
@@ -82,23 +83,25 @@ class Table:
 
 # every table, in pipeline order
 TABLES: tuple[Table, ...] = (
-    Table(BRONZE, "bronze", "ingest", "the pool: one row per image-text pair, with image bytes"),
+    Table(BRONZE, "bronze", "ingest", "the pool: one row per image-text pair, with image bytes",
+          feed=True),
     Table(QUARANTINE, "bronze", "ingest", "input rows refused by ingest, with the reason"),
     Table(EVAL_IMAGES, "bronze", "ingest", "evaluation images, kept out of the selection"),
     Table(INGEST_FILES, "ops", "ingest", "the input files ingest read: size, modified, rows"),
     Table(SILVER, "silver", "score", "filter-model scores and image embeddings per uid and model",
-          source=BRONZE, per_model=True),
+          source=BRONZE, per_model=True, feed=True),
     Table(EVAL_EMBEDDINGS, "silver", "score", "image embeddings of the evaluation images per "
           "model", source=EVAL_IMAGES, per_model=True),
     Table(DEDUP, "silver", "dedup", "duplicate, near-duplicate and eval-leak flags per uid",
-          source=BRONZE),
+          source=BRONZE, feed=True),
     Table(DEDUP_SIGNALS, "silver", "dedup", "each row's dedup vector and frozen cluster per signal"),
     Table(CENTROIDS, "silver", "dedup", "the frozen k-means centres of each dedup signal"),
     Table(TARGETS, "silver", "targets", "image clusters and target-set similarity per uid",
-          source=BRONZE),
+          source=BRONZE, feed=True),
     Table(SELECTION, "gold", "select", "every pool uid once: kept, first drop reason, score",
-          source=BRONZE),
-    Table(GOLD, "gold", "export", "the kept pairs with their bronze columns, as exported"),
+          source=BRONZE, feed=True),
+    Table(GOLD, "gold", "export", "the kept pairs with their bronze columns, as exported",
+          feed=True),
     Table(FILTER_QUALITY, "gold", "evaluate", "ROC-AUC, precision and recall of the filter on "
           "labelled pairs"),
     Table(EVALUATION, "gold", "evaluate", "a small CLIP trained on each induced selection"),
@@ -112,6 +115,8 @@ TABLES: tuple[Table, ...] = (
 ROW_TABLES: tuple[str, ...] = (BRONZE, QUARANTINE, EVAL_IMAGES, SILVER, EVAL_EMBEDDINGS, DEDUP,
                                DEDUP_SIGNALS, TARGETS, SELECTION, GOLD)
 TABLE_NAMES: tuple[str, ...] = tuple(t.name for t in TABLES)
+FEED = "delta.enableChangeDataFeed"
+FEED_TABLES = frozenset(t.name for t in TABLES if t.feed)
 
 
 def table_info(name: str) -> Table:
@@ -260,8 +265,9 @@ class Lakehouse:
         # nullable, as a DataFrame write makes every column: a NOT NULL taken from the first
         # input's schema would make a later input's null a failed commit
         try:
+            props = f" TBLPROPERTIES ('{FEED}' = 'true')" if table in FEED_TABLES else ""
             self.spark.sql(f"CREATE TABLE IF NOT EXISTS {self.name(table)} ({ddl(schema)}) "
-                           "USING delta")
+                           f"USING delta{props}")
         except Exception:  # noqa: BLE001 - another writer may have created it meanwhile
             if not self.exists(table):
                 raise
@@ -283,6 +289,8 @@ class Lakehouse:
 
     def _save(self, writer, table: str) -> None:
         self.ensure_schema()
+        if table in FEED_TABLES:  # a new table records its changes from its first version
+            writer = writer.option(FEED, "true")
         if self.conf.schema:
             writer.saveAsTable(self.name(table))
         else:

@@ -24,6 +24,11 @@ def _shape(df: DataFrame) -> list[tuple[str, str]]:
     return [(f.name, f.dataType.simpleString()) for f in df.schema.fields]
 
 
+def same_shape(lake: Lakehouse, df: DataFrame, table: str) -> bool:
+    """Whether ``table`` exists with ``df``'s columns and types (in order)."""
+    return lake.exists(table) and _shape(lake.read(table)) == _shape(df)
+
+
 def row_digest(cols: list[str]) -> Column:
     """A 96-bit digest of the values of ``cols`` (xxhash64 and murmur3 over the values and
     their null flags: a null in one column never reads as the value of another), so rows are
@@ -35,8 +40,11 @@ def row_digest(cols: list[str]) -> Column:
 
 
 def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
-         compare: list[str] | None = None, watch: tuple[str, ...] = ()) -> dict[str, int]:
-    """Make ``table`` hold exactly ``df`` (one row per ``key``) with the fewest row writes.
+         compare: list[str] | None = None, watch: tuple[str, ...] = (),
+         within: DataFrame | None = None) -> dict[str, int]:
+    """Make ``table`` hold exactly ``df`` (one row per ``key``) with the fewest row writes;
+    ``within`` (one column, ``key``): only these keys may have changed, and ``df`` holds the
+    rows of those still present: the table's rows of other keys are neither read nor touched.
 
     Rows whose ``compare`` columns (default: all) equal the table's are left alone (compared
     by :func:`row_digest`). Returns ``rows_new`` (inserted), ``rows_updated``, ``rows_removed``
@@ -45,7 +53,9 @@ def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
     re-shaped). ``df`` is computed twice: once for the digests, once for the changed rows."""
     counts = dict.fromkeys(("rows_new", "rows_updated", "rows_removed", "rows_changed",
                             "rows_rewritten"), 0)
-    if not lake.exists(table) or _shape(lake.read(table)) != _shape(df):
+    if not same_shape(lake, df, table):
+        if within is not None:
+            raise ValueError(f"a sync within some keys needs {table} with the columns of its rows")
         lake.overwrite(df, table)
         counts["rows_rewritten"] = lake.read(table).count()
         return counts
@@ -61,7 +71,10 @@ def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
 
     op = (F.when(F.col(NEW).isNull(), "delete").when(F.col(OLD).isNull(), "insert")
           .when(~same("c"), "update"))
-    keys = (digests(df, NEW).join(digests(lake.read(table), OLD), key, "full_outer")
+    old = lake.read(table)
+    if within is not None:
+        old = old.join(within, key, "left_semi")
+    keys = (digests(df, NEW).join(digests(old, OLD), key, "full_outer")
             .withColumn(OP, op).where(F.col(OP).isNotNull())
             .withColumn(WATCHED, (F.col(OP) == "update") & ~same("w"))
             .select(key, OP, WATCHED).persist(StorageLevel.MEMORY_AND_DISK))

@@ -137,3 +137,29 @@ def test_export_diff_adds_removes_and_rewrites_only_what_changed(spark, lake, ca
     # finished runs no longer read are pruned; the unfinished folder is left alone
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["run-4b", "run-5",
                                                                 "takedown-x"]
+
+
+@pytest.mark.slow
+def test_gold_pairs_compares_only_uids_whose_selection_changed(spark, lake):
+    from etl.exportdiff import GOLD_FROM, update_gold
+
+    rows = gold_rows(10, null_image=0)
+    uids = [r[0] for r in rows]
+    lake.overwrite(gold_df(spark, rows).drop("score"), BRONZE)
+    select(spark, lake, rows, set(uids[:6]))
+    assert update_gold(lake)["rows_rewritten"] == 6  # the first build: every kept row
+    assert lake.properties(GOLD)[GOLD_FROM] == str(lake.version(SELECTION))
+    # a gold row edited behind the pipeline's back: no selection change names it
+    spark.sql(f"UPDATE {lake.name(GOLD)} SET text = 'edited' WHERE uid = '{uids[0]}'")
+    spark.sql(f"UPDATE {lake.name(SELECTION)} SET kept = true, drop_reason = NULL "
+              f"WHERE uid = '{uids[7]}'")
+    counts = update_gold(lake)
+    assert (counts["rows_new"], counts["rows_updated"], counts["rows_removed"]) == (1, 0, 0)
+    texts = {r.uid: r.text for r in lake.read(GOLD).collect()}
+    assert uids[7] in texts and texts[uids[0]] == "edited"  # only the changed uid was read
+    version = lake.version(GOLD)
+    assert update_gold(lake)["rows_new"] == 0 and lake.version(GOLD) == version  # idle
+    lake.set_properties(GOLD, {GOLD_FROM: None})  # no recorded version: every kept row
+    counts = update_gold(lake)
+    assert (counts["rows_new"], counts["rows_updated"]) == (0, 1)
+    assert {r.uid: r.text for r in lake.read(GOLD).collect()}[uids[0]] != "edited"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from etl.config import Config, ConfigError, LakehouseConf, SelectConf, validate
+from etl.provenance import CUTS_PROPERTY
 from etl.rules import RAND
 from etl.select import frozen_rule, rule_context, run_select
 from etl.tables import BRONZE, SELECTION, SILVER, Lakehouse
@@ -46,6 +47,7 @@ def test_frozen_keeps_the_recorded_threshold_and_merges_only_new_rows(spark, lak
     run_select(lake, cfg_of(lake, "frozen"), "r1")
     assert "no recorded cuts" in capsys.readouterr().out  # the first run resolves them
     first = selection(lake)
+    cuts = lake.properties(SELECTION)[CUTS_PROPERTY]
     # N=4 scored, n=int(4*0.5)=2 -> threshold 0.7 (ties kept)
     assert {u for u, v in first.items() if v[0]} == {"a", "b", "c"}
     assert first["none"][1] == "unscorable" and first["d"][1] == "below-threshold"
@@ -58,7 +60,11 @@ def test_frozen_keeps_the_recorded_threshold_and_merges_only_new_rows(spark, lak
     assert {v[2] for v in now.values()} == {0.7}  # the recorded cut, applied by value
     assert {u: now[u] for u in first} == first  # nothing left, nothing rewritten
     commit = last_merge(lake)
-    assert commit["version"] == lake.version(SELECTION)  # no property commit: cuts kept
+    # one metadata commit after it records the input versions read; the cuts stay as recorded
+    assert commit["version"] == lake.version(SELECTION) - 1
+    assert lake.history(SELECTION, 1).first()["operation"] == "SET TBLPROPERTIES"
+    assert lake.properties(SELECTION)[CUTS_PROPERTY] == cuts
+    assert counts["rows_compared"] == 4  # the new rows only: no cut moved
     metrics = commit["operationMetrics"]
     assert metrics["numTargetRowsInserted"] == "4" and metrics["numTargetRowsUpdated"] == "0"
     assert metrics["numTargetRowsDeleted"] == "0"
@@ -91,6 +97,7 @@ def test_recompute_equals_a_from_scratch_run_and_counts_changed_decisions(spark,
     assert {u for u, v in selection(lake).items() if v[0]} == {"a", "b", "e", "f", "g"}
     assert counts["rows_new"] == 4 and counts["rows_changed"] == 1
     assert counts["rows_updated"] == 1  # only c's decision changed: a b d none not rewritten
+    assert counts["rows_compared"] == 5  # the 4 new rows, and c: the cut moved past it
     assert last_merge(lake)["operationMetrics"]["numTargetRowsUpdated"] == "1"
     assert (counts["work:new"], counts["work:touched"], counts["work:pool"]) == (4, 5, 9)
     assert selection(lake)["c"][2] == 0.8 and selection(lake)["a"][2] == 0.7

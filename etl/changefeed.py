@@ -1,0 +1,100 @@
+"""Which keys of a Delta table changed since a version: its change data feed.
+
+The tables a later step reads incrementally (:data:`etl.tables.FEED_TABLES`: bronze, silver
+scores, dedup, targets, selection, gold pairs) record their row changes from their first version
+(``delta.enableChangeDataFeed``). A step that recorded the versions it read asks
+:func:`changed_keys` for the keys whose rows were inserted, updated or deleted since: reading the
+feed costs what changed (the files those commits added and their ``_change_data``), not the
+table. When the feed cannot answer (a table made before it recorded changes, a version whose
+log or change files are gone, a schema change in between) the answer is ``None`` with the
+reason, and the step does its whole-table work instead: never a wrong answer, only a slower one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from etl.tables import FEED, Lakehouse
+
+CHANGE = "_change_type"
+DELETE = "delete"
+
+
+@dataclass
+class Changes:
+    """The keys of one table that changed after version ``since`` up to ``version``: ``keys``
+    (``key``, ``deleted``: whether its last change deleted it), persisted; ``count`` of them."""
+
+    table: str
+    since: int
+    version: int
+    keys: DataFrame | None
+    count: int
+    deleted: int
+
+    def release(self) -> None:
+        """Drop the persisted keys."""
+        if self.keys is not None:
+            self.keys.unpersist()
+
+
+def feed_rows(lake: Lakehouse, table: str, since: int, until: int) -> DataFrame:
+    """The change data feed of ``table`` for versions ``since + 1 .. until`` (lazy)."""
+    reader = (lake.spark.read.format("delta").option("readChangeFeed", "true")
+              .option("startingVersion", since + 1).option("endingVersion", until))
+    return reader.table(lake.name(table)) if lake.conf.schema else reader.load(lake.path(table))
+
+
+def changed_keys(lake: Lakehouse, table: str, since: int | None, until: int | None = None,
+                 key: str = "uid") -> Changes | str:
+    """The keys of ``table`` changed after version ``since`` (to ``until``, default the current
+    version), or why the feed cannot tell (a string). No commit since: no read at all."""
+    if since is None:
+        return f"{table}: no version recorded by the last run"
+    current = lake.version(table) if until is None else until
+    if current is None:
+        return f"{table} does not exist"
+    if current < since:
+        return f"{table} is at version {current}, before the recorded {since}"
+    if current == since:
+        return Changes(table, since, current, None, 0, 0)
+    try:
+        rows = feed_rows(lake, table, since, current)
+        last = F.max_by(F.col(CHANGE) == DELETE, F.struct("_commit_version",
+                                                          F.col(CHANGE) != DELETE))
+        keys = (rows.groupBy(key).agg(last.alias("deleted"))
+                .persist(StorageLevel.MEMORY_AND_DISK))
+        counts = keys.groupBy("deleted").count().collect()
+    except Exception as exc:  # noqa: BLE001 - feed off, files gone, schema changed: say which
+        return f"{table}: its change feed since version {since} is unreadable ({_line(exc)})"
+    got = {bool(r[0]): int(r[1]) for r in counts}
+    return Changes(table, since, current, keys, sum(got.values()), got.get(True, 0))
+
+
+def feed_enabled(lake: Lakehouse, table: str) -> bool:
+    """Whether ``table`` records its changes now."""
+    return lake.properties(table).get(FEED, "false").lower() == "true"
+
+
+def enable_feed(lake: Lakehouse, table: str) -> bool:
+    """Make an existing ``table`` (made before it recorded changes) record them from now on;
+    True when it had to (one metadata-only commit). Refused (no ALTER privilege), it says so
+    in one line: the steps then keep comparing whole tables."""
+    if feed_enabled(lake, table):
+        return False
+    try:
+        lake.set_properties(table, {FEED: "true"})
+    except Exception as exc:  # noqa: BLE001 - a missing privilege costs speed, not data
+        print(f"cannot switch on the change data feed of {table} ({_line(exc)}); steps "
+              "reading it compare the whole table")
+        return False
+    return True
+
+
+def _line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]

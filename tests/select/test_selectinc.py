@@ -1,0 +1,74 @@
+"""A selection compares only the rows that can have changed (etl.selectinc): rows whose inputs
+changed, and rows a moved cut passed; anything it cannot vouch for compares every row. Either
+way the table ends as a from-scratch selection."""
+
+from __future__ import annotations
+
+import pytest
+
+from etl.config import Config, LakehouseConf, SelectConf
+from etl.select import run_select
+from etl.tables import BRONZE, SELECTION, SILVER, Lakehouse
+
+BRONZE_SCHEMA = "uid string, url string, text string, width int, height int"
+SILVER_SCHEMA = "uid string, model_id string, score double"
+
+
+def add_rows(spark, lake: Lakehouse, scores: dict) -> None:
+    rows = [(u, f"https://x/{u}", f"caption {u}", 400, 300) for u in scores]
+    lake.append(spark.sparkContext.parallelize(rows, 3).toDF(BRONZE_SCHEMA), BRONZE)
+    lake.append(spark.sparkContext.parallelize(
+        [(u, "m1", s) for u, s in scores.items()], 2).toDF(SILVER_SCHEMA), SILVER)
+
+
+def cfg_of(lake: Lakehouse, **select) -> Config:
+    conf = {"model_id": "m1", "preset": "none", "keep_fraction": 0.5, **select}
+    return Config(lakehouse=LakehouseConf(root=lake.root), select=SelectConf(**conf))
+
+
+def decisions(lake: Lakehouse) -> dict:
+    return {r.uid: (r.kept, r.drop_reason) for r in lake.read(SELECTION).collect()}
+
+
+def fresh_of(spark, tmp_path, scores: dict, **select) -> dict:
+    fresh = Lakehouse(spark, LakehouseConf(root=str(tmp_path / "fresh")))
+    add_rows(spark, fresh, scores)
+    run_select(fresh, cfg_of(fresh, **select), "f1")
+    return decisions(fresh)
+
+
+@pytest.mark.slow
+def test_random_cut_and_a_changed_configuration(spark, lake, tmp_path, capsys):
+    first = {f"u{i:02d}": i / 20 for i in range(20)}
+    second = {f"v{i:02d}": i / 20 + 0.01 for i in range(4)}
+    rule = "random(0.5) and dfn_fraction(0.5)"
+    add_rows(spark, lake, first)
+    run_select(lake, cfg_of(lake, rule=rule), "r1")
+    assert "comparing" not in capsys.readouterr().out  # a first selection writes the table
+    add_rows(spark, lake, second)
+    counts = run_select(lake, cfg_of(lake, rule=rule), "r2")
+    out = capsys.readouterr().out
+    assert f"comparing {counts['rows_compared']} rows" in out
+    assert 4 <= counts["rows_compared"] < 24  # the new rows and the cuts' bands, not the pool
+    assert decisions(lake) == fresh_of(spark, tmp_path, {**first, **second}, rule=rule)
+    # another cut: the recorded state is not this configuration's, so every row is compared
+    counts = run_select(lake, cfg_of(lake, rule="random(0.5) and dfn_fraction(0.25)"), "r3")
+    assert "comparing every row (the last selection was made under another configuration" \
+        in capsys.readouterr().out
+    assert counts["rows_compared"] == 24
+
+
+@pytest.mark.slow
+def test_a_rescored_row_is_compared_and_a_deleted_bronze_row_compares_all(spark, lake, capsys):
+    add_rows(spark, lake, {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6})
+    run_select(lake, cfg_of(lake, keep_fraction=None, min_score=0.75), "r1")
+    lake.spark.sql(f"UPDATE {lake.name(SILVER)} SET score = 0.1 WHERE uid = 'a'")
+    counts = run_select(lake, cfg_of(lake, keep_fraction=None, min_score=0.75), "r2")
+    assert counts["rows_compared"] == 1 and counts["rows_changed"] == 1
+    assert decisions(lake)["a"] == (False, "below-threshold")
+    lake.delete(BRONZE, "uid = 'd'")  # as a takedown does (it also deletes d's selection row)
+    lake.delete(SELECTION, "uid = 'd'")
+    capsys.readouterr()
+    counts = run_select(lake, cfg_of(lake, keep_fraction=None, min_score=0.75), "r3")
+    assert "comparing every row (1 bronze rows were deleted since" in capsys.readouterr().out
+    assert counts["rows_compared"] == 3 and set(decisions(lake)) == {"a", "b", "c"}
