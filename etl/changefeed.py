@@ -18,10 +18,15 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from etl.tables import FEED, Lakehouse
+from etl.tables import BROADCAST_KEYS, FEED, Lakehouse
 
 CHANGE = "_change_type"
 DELETE = "delete"
+
+
+def key_side(keys: DataFrame, count: int) -> DataFrame:
+    """``keys`` (``count`` of them) as the side of a join: broadcast when small."""
+    return F.broadcast(keys) if count <= BROADCAST_KEYS else keys
 
 
 @dataclass
@@ -35,6 +40,10 @@ class Changes:
     keys: DataFrame | None
     count: int
     deleted: int
+
+    def uids(self, key: str = "uid") -> DataFrame:
+        """The changed keys (one column), broadcast when few (:func:`key_side`)."""
+        return key_side(self.keys.select(key), self.count)
 
     def release(self) -> None:
         """Drop the persisted keys."""

@@ -39,7 +39,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from etl.changefeed import Changes, changed_keys
+from etl.changefeed import Changes, changed_keys, key_side
 from etl.config import Config
 from etl.export import (
     FORMAT,
@@ -49,6 +49,7 @@ from etl.export import (
     gold_compared,
     gold_pairs,
     output_dir,
+    prefilter_conf,
     publish,
     read_export,
     start_run,
@@ -61,6 +62,7 @@ from etl.fs import join
 from etl.lease import check_current
 from etl.redact import redact, redact_text
 from etl.republish import drop_from_shards
+from etl.spark import session_conf
 from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
 from etl.tablesync import row_digest, same_shape, sync
 from etl.takedown.match import without_removed
@@ -100,12 +102,13 @@ def _update_within(lake: Lakehouse, feed: Changes) -> dict[str, int] | None:
     if feed.keys is None:  # no commit reached the selection since
         return dict.fromkeys(("rows_new", "rows_updated", "rows_removed", "rows_changed",
                               "rows_rewritten"), 0)
-    keys = feed.keys.select("uid")
-    selection = lake.read(SELECTION).join(keys, "uid", "left_semi")
-    gold = without_removed(lake, gold_pairs(selection, lake.read(BRONZE)))
-    if not same_shape(lake, gold, GOLD):
-        return None
-    return sync(lake, gold, GOLD, compare=gold_compared(gold), within=keys)
+    keys = feed.uids()
+    selection = key_side(lake.read(SELECTION).join(keys, "uid", "left_semi"), feed.count)
+    with session_conf(lake.spark, prefilter_conf(lake.spark, feed.count)):
+        gold = without_removed(lake, gold_pairs(selection, lake.read(BRONZE)))
+        if not same_shape(lake, gold, GOLD):
+            return None
+        return sync(lake, gold, GOLD, compare=gold_compared(gold), within=keys)
 
 
 def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dict | None,
@@ -124,7 +127,7 @@ def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: di
                           f"{int(prev['gold_version'])}")
     feed = changed_keys(lake, GOLD, int(prev["gold_version"]), extra.get("gold_version"))
     if isinstance(feed, Changes) and feed.keys is not None:  # compare only the uids it names
-        keys = feed.keys.select("uid")
+        keys = feed.uids()
         now, then = now.join(keys, "uid", "left_semi"), then.join(keys, "uid", "left_semi")
     changes = _changes(now, then).persist(StorageLevel.MEMORY_AND_DISK)
     try:

@@ -36,7 +36,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from etl.changefeed import enable_feed
+from etl.changefeed import enable_feed, key_side
 from etl.config import Config, SelectConf
 from etl.cuts import SMALL, Threshold
 from etl.filters import DATACOMP_BASIC, add_derived, configured_filters
@@ -404,7 +404,7 @@ def write_selection(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str,
         print(f"select: comparing {compared} rows (inputs changed since the last selection, "
               "or a cut moved past them)")
         changes = sync(lake, rows, SELECTION, watch=watch, compare=compare,
-                       within=rows.select("uid"))
+                       within=key_side(rows.select("uid"), compared))
         return {**changes, "rows_compared": compared}
     finally:
         rows.unpersist()

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from etl.changefeed import Changes, changed_keys
+from etl.changefeed import Changes, changed_keys, key_side
 from etl.config import Config
 from etl.cuts import Threshold
 from etl.rules import RAND, Node, Rule, rand_column
@@ -88,7 +88,8 @@ def changed_rows(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Th
     changed = keys[0]
     for more in keys[1:]:
         changed = changed.unionByName(more)
-    marked = changed.distinct().withColumn(CHANGED, F.lit(True))
+    marked = key_side(changed.distinct().withColumn(CHANGED, F.lit(True)),
+                      sum(c.count for c in found))
     rows = out.join(marked, "uid", "left").where(F.col(CHANGED).isNotNull() | band)
     return rows.drop(CHANGED, RAND), found
 

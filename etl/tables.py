@@ -116,6 +116,10 @@ ROW_TABLES: tuple[str, ...] = (BRONZE, QUARANTINE, EVAL_IMAGES, SILVER, EVAL_EMB
                                DEDUP_SIGNALS, TARGETS, SELECTION, GOLD)
 TABLE_NAMES: tuple[str, ...] = tuple(t.name for t in TABLES)
 FEED = "delta.enableChangeDataFeed"
+# a key set up to this many keys is broadcast to the tasks that join with it (about 10 MB of
+# uids), so the table side is scanned, never shuffled, for an increment's keys; a larger one
+# is joined by a shuffle like any other (no unbounded broadcast)
+BROADCAST_KEYS = 200_000
 FEED_TABLES = frozenset(t.name for t in TABLES if t.feed)
 
 
@@ -316,14 +320,19 @@ class Lakehouse:
     def count_present(self, df: DataFrame, table: str, keys: list[str]) -> int:
         """Rows of ``df`` whose ``keys`` already exist in ``table`` (0 when it does not exist).
 
-        Counted on the executors with a semi-join on the condition :meth:`insert_new` merges on,
-        before the insert: an independent count, not one derived from the insert's result.
+        Counted on the executors on the condition :meth:`insert_new` merges on, before the
+        insert: an independent count, not one derived from the insert's result. ``df``'s keys
+        (with their row counts) are joined with the table's: broadcast when at most
+        :data:`BROADCAST_KEYS`, so the table's keys are scanned, not shuffled.
         """
         if not self.exists(table):
             return 0
-        target = self.read(table).select(*keys).distinct()
-        cond = [df[k].eqNullSafe(target[k]) for k in keys]
-        return df.join(target, cond, "left_semi").count()
+        mine = df.groupBy(*keys).count().toDF(*[f"_k{i}" for i in range(len(keys))], "_n")
+        found = mine.count()
+        side = F.broadcast(mine) if found <= BROADCAST_KEYS else mine
+        cond = [F.col(f"_k{i}").eqNullSafe(F.col(k)) for i, k in enumerate(keys)]
+        hits = self.read(table).select(*keys).join(side, cond).drop(*keys).dropDuplicates()
+        return int(hits.agg(F.sum("_n")).first()[0] or 0)
 
     def insert_new(self, df: DataFrame, table: str, keys: list[str]) -> int:
         """Insert-only ``MERGE INTO`` of ``df`` on ``keys``; returns the number of rows
