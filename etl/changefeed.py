@@ -18,15 +18,11 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from etl.tables import BROADCAST_KEYS, FEED, Lakehouse
+from etl.tables import FEED, Lakehouse
+from etl.tablesync import key_side
 
 CHANGE = "_change_type"
 DELETE = "delete"
-
-
-def key_side(keys: DataFrame, count: int) -> DataFrame:
-    """``keys`` (``count`` of them) as the side of a join: broadcast when small."""
-    return F.broadcast(keys) if count <= BROADCAST_KEYS else keys
 
 
 @dataclass

@@ -66,7 +66,7 @@ from etl.spark import session_conf
 from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
 from etl.tablesync import row_digest, same_shape, sync
 from etl.takedown.match import without_removed
-from etl.uidfile import write_uids_npy
+from etl.uidfile import write_empty_npy, write_uids_npy
 from etl.work import work
 
 GOLD_FROM = "dfn.gold.selection_version"  # the gold_selection version gold_pairs holds
@@ -108,7 +108,11 @@ def _update_within(lake: Lakehouse, feed: Changes) -> dict[str, int] | None:
         gold = without_removed(lake, gold_pairs(selection, lake.read(BRONZE)))
         if not same_shape(lake, gold, GOLD):
             return None
-        return sync(lake, gold, GOLD, compare=gold_compared(gold), within=keys)
+        gold = gold.persist(StorageLevel.MEMORY_AND_DISK)  # the changed uids' rows: read once
+        try:
+            return sync(lake, gold, GOLD, compare=gold_compared(gold), within=keys)
+        finally:
+            gold.unpersist()
 
 
 def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dict | None,
@@ -229,7 +233,9 @@ def _publish_diff(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dic
     diff = {"previous_run": prev["run_id"], **counts}
     for kind in ("added", "removed"):
         path = join(run_dir, f"{kind}_uids.npy")
-        diff[f"{kind}_uids"] = {"path": path, "count": write_uids_npy(parts[kind], path, store)}
+        count = (write_uids_npy(parts[kind], path, store) if counts[kind]
+                 else write_empty_npy(path, store))  # none: no Spark job
+        diff[f"{kind}_uids"] = {"path": path, "count": count}
     if conf.uids_npy:
         path = join(run_dir, "uids.npy")
         manifest["uids_npy"] = {"path": path, "count": write_uids_npy(now, path, store)}

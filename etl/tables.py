@@ -116,10 +116,10 @@ ROW_TABLES: tuple[str, ...] = (BRONZE, QUARANTINE, EVAL_IMAGES, SILVER, EVAL_EMB
                                DEDUP_SIGNALS, TARGETS, SELECTION, GOLD)
 TABLE_NAMES: tuple[str, ...] = tuple(t.name for t in TABLES)
 FEED = "delta.enableChangeDataFeed"
-# a key set up to this many keys is broadcast to the tasks that join with it (about 10 MB of
-# uids), so the table side is scanned, never shuffled, for an increment's keys; a larger one
-# is joined by a shuffle like any other (no unbounded broadcast)
-BROADCAST_KEYS = 200_000
+# a key set up to this many keys is broadcast to the tasks that join with it (~40 MB of uids),
+# so the table side is scanned, never shuffled, for an increment's keys; a larger one is
+# joined by a shuffle like any other (no unbounded broadcast)
+BROADCAST_KEYS = 500_000
 FEED_TABLES = frozenset(t.name for t in TABLES if t.feed)
 
 

@@ -1,9 +1,10 @@
 """Change-only rewrites of a derived table: MERGE the rows that differ, no commit when none do.
 
 A step that derives a whole table from its inputs (``gold_selection``, ``gold_pairs``) hands
-:func:`sync` the table's full new content. The key and a digest of the compared columns of
-each new row are joined with the table's (on the executors); only rows that are new, gone, or
-differ in a compared column reach one ``MERGE INTO`` (delete, update, insert), so the table
+:func:`sync` the table's full new content (or the rows of the keys that may have changed). The
+key and a digest of the compared columns of each new row are joined with the table's (on the
+executors); only rows that are new, gone, or differ in a compared column reach one ``MERGE
+INTO`` (delete, update, insert; an append when all are new), so the table
 ends exactly as an overwrite would leave it, and a re-run that changes nothing makes no
 commit at all. A first write, or a new content whose columns differ from the table's,
 overwrites it instead.
@@ -15,13 +16,28 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from etl.tables import Lakehouse
+from etl.tables import BROADCAST_KEYS, Lakehouse
 
 OP, WATCHED, OLD, NEW = "_dfn_op", "_dfn_watched", "_dfn_old", "_dfn_new"
+BROADCAST_ROWS = 100_000  # changed rows of a MERGE broadcast to the table's tasks (~20 MB)
 
 
 def _shape(df: DataFrame) -> list[tuple[str, str]]:
     return [(f.name, f.dataType.simpleString()) for f in df.schema.fields]
+
+
+def key_side(keys: DataFrame, count: int) -> DataFrame:
+    """``keys`` (``count`` rows) as the side of a join: broadcast when at most
+    :data:`etl.tables.BROADCAST_KEYS`, so the other side is scanned, not shuffled."""
+    return F.broadcast(keys) if count <= BROADCAST_KEYS else keys
+
+
+def _merge_side(changes: DataFrame, rows: int) -> DataFrame:
+    """A MERGE's source: broadcast when it is at most :data:`BROADCAST_ROWS` rows without
+    binary columns (image bytes), so the MERGE finds its rows in the table without a shuffle
+    of the table."""
+    binary = any(f.dataType.typeName() == "binary" for f in changes.schema.fields)
+    return F.broadcast(changes) if rows <= BROADCAST_ROWS and not binary else changes
 
 
 def same_shape(lake: Lakehouse, df: DataFrame, table: str) -> bool:
@@ -85,6 +101,11 @@ def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
             counts["rows_changed"] += row[2] if row[1] else 0
         if not any(counts.values()):
             return counts
+        if counts["rows_updated"] == counts["rows_removed"] == 0:
+            # only keys the table lacks: appended (a MERGE would join them with the table to
+            # find what the comparison found); the run's lease keeps other writers out
+            lake.append(df.join(keys.select(key), key, "left_semi"), table)
+            return counts
         rows = df.join(keys.where(F.col(OP) != "delete").select(key, OP), key)
         changes = rows.unionByName(keys.where(F.col(OP) == "delete").select(key, OP),
                                    allowMissingColumns=True).select(key, *cols, OP)
@@ -93,7 +114,7 @@ def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
                   f"WHEN MATCHED THEN UPDATE SET {', '.join(f't.{c} = s.{c}' for c in q[1:])} "
                   f"WHEN NOT MATCHED AND s.{OP} = 'insert' THEN INSERT ({', '.join(q)}) "
                   f"VALUES ({', '.join(f's.{c}' for c in q)})")
-        lake.merge(changes, table, [key], clause)
+        lake.merge(_merge_side(changes, sum(counts.values())), table, [key], clause)
     finally:
         keys.unpersist()
     return counts

@@ -68,6 +68,15 @@ def write_uids_npy(df: DataFrame, path: str, store: Store | None = None,
     return total
 
 
+def write_empty_npy(path: str, store: Store | None = None) -> int:
+    """An empty DataComp subset ``.npy`` at ``path`` (no Spark job); returns 0."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(0, dtype=UID_DTYPE))
+    with (store or Store()).open(str(path), "wb") as fh:
+        fh.write(buf.getvalue())
+    return 0
+
+
 def uid_part_writer(batches, out: str, store: Store):
     """mapInPandas body: this task's sorted uids as raw ``u8,u8`` records in ``<part>.bin``.
 

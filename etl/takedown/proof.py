@@ -77,7 +77,7 @@ def _purge_table(lake: Lakehouse, table: str, hours: int) -> None:
                           "minimum (168 h by default, delta.deletedFileRetentionDuration); "
                           "files deleted more recently stay until then. Purge again later, or "
                           "lower the table's delta.deletedFileRetentionDuration if no reader "
-                          "can still be reading them") from None
+                          "can still be reading them") from exc
 
 
 def _has_deletion_vectors(lake: Lakehouse, table: str) -> bool:

@@ -59,15 +59,14 @@ def test_frozen_keeps_the_recorded_threshold_and_merges_only_new_rows(spark, lak
     assert {u for u, v in now.items() if v[0]} == {"a", "b", "c", "e", "f", "g"}
     assert {v[2] for v in now.values()} == {0.7}  # the recorded cut, applied by value
     assert {u: now[u] for u in first} == first  # nothing left, nothing rewritten
-    commit = last_merge(lake)
-    # one metadata commit after it records the input versions read; the cuts stay as recorded
-    assert commit["version"] == lake.version(SELECTION) - 1
-    assert lake.history(SELECTION, 1).first()["operation"] == "SET TBLPROPERTIES"
+    # only new rows: one append of them, then one metadata commit recording the input
+    # versions read; the cuts stay as recorded
+    data, props = lake.history(SELECTION, 2).orderBy("version").collect()
+    assert data["operation"] == "WRITE" and data["operationParameters"]["mode"] == "Append"
+    assert data["operationMetrics"]["numOutputRows"] == "4"
+    assert props["operation"] == "SET TBLPROPERTIES"
     assert lake.properties(SELECTION)[CUTS_PROPERTY] == cuts
     assert counts["rows_compared"] == 4  # the new rows only: no cut moved
-    metrics = commit["operationMetrics"]
-    assert metrics["numTargetRowsInserted"] == "4" and metrics["numTargetRowsUpdated"] == "0"
-    assert metrics["numTargetRowsDeleted"] == "0"
     assert counts["rows_new"] == 4 and counts["rows_changed"] == counts["rows_updated"] == 0
     assert counts["pool"] == 9 and counts["kept"] == 6
     assert (counts["work:new"], counts["work:touched"], counts["work:pool"]) == (4, 4, 9)
@@ -166,3 +165,19 @@ def test_sync_writes_exactly_the_changed_rows_and_digests_tell_nulls_apart(spark
         new, key=lambda r: r[0])
     assert sync(lake, spark.createDataFrame(new, schema), SELECTION, watch=("kept",)) == \
         dict.fromkeys(counts, 0)
+    # within a key set: its keys absent from the rows are removed, other keys are untouched;
+    # rows that are all new are appended
+    within = spark.createDataFrame([("1",), ("2",), ("6",)], "uid string")
+    part = [("2", "y", "z", True), ("6", "m", None, False)]  # "1" is gone, "6" is new
+    counts = sync(lake, spark.createDataFrame(part, schema), SELECTION, within=within)
+    assert (counts["rows_new"], counts["rows_updated"], counts["rows_removed"]) == (1, 1, 1)
+    assert sorted(tuple(r) for r in lake.read(SELECTION).collect()) == [
+        ("2", "y", "z", True), ("4", None, None, None), ("5", "n", None, True),
+        ("6", "m", None, False)]
+    version = lake.version(SELECTION)
+    more = [("7", "k", "l", True)]
+    counts = sync(lake, spark.createDataFrame(more, schema), SELECTION,
+                  within=spark.createDataFrame([("7",)], "uid string"))
+    assert counts["rows_new"] == 1 and lake.version(SELECTION) == version + 1
+    assert lake.history(SELECTION, 1).first()["operation"] == "WRITE"  # an append, no MERGE
+    assert len(lake.read(SELECTION).collect()) == 5
