@@ -23,7 +23,9 @@ from-scratch run; ``frozen`` keeps the cuts the last selection recorded (``dfn.s
 :func:`frozen_rule`), as DataComp's ``--threshold``: each fraction / random cut becomes a fixed
 threshold applied by value, so new rows enter by value and a kept row leaves only by dedup or
 takedown. Either way ``gold_selection`` is written by :func:`etl.tablesync.sync`: one MERGE of
-the rows that are new or whose columns changed, and no commit when none did.
+the rows that are new or whose columns changed (an append when all are new), and no commit when
+none did; only the rows whose inputs changed or that a moved cut passed are compared, when
+:mod:`etl.selectinc` can tell them.
 """
 
 from __future__ import annotations
