@@ -163,6 +163,7 @@ def test_compared_rows_stay_flat_as_the_pool_grows_4x(spark, tmp_path):
     assert lake.read(CENTROIDS).count() == 1 and flags(lake)["c00r0"] == ("new0", "near_model")
 
 
+@pytest.mark.slow
 def test_fingerprints_follow_weights_centres_and_clustering(spark, tmp_path):
     """The settings fingerprints change with the model's weights digest and the frozen
     centres; a changed n_clusters/kmeans_iters asks for a refit; a takedown's

@@ -247,6 +247,7 @@ def test_out_dir_checks_work_for_any_url():
         "s3a://bucket/lh2", "s3a://bucket/lh")
 
 
+@pytest.mark.slow
 def test_run_export_edge(spark, lake):
     rows = gold_rows(6)
     bronze = gold_df(spark, rows).drop("score")

@@ -87,6 +87,7 @@ def test_reingest_adds_nothing(spark, lake, datacomp_dir):
     assert lake.read(QUARANTINE).count() == 3
 
 
+@pytest.mark.slow
 def test_a_clean_input_leaves_an_empty_quarantine_that_later_rows_file_into(spark, lake, tmp_path,
                                                                            datacomp_dir):
     clean = tmp_path / "clean"

@@ -85,6 +85,7 @@ def silver_digests(lake) -> dict[str | None, int]:
     return {r[0]: r[1] for r in lake.read(SILVER).groupBy("weights_sha256").count().collect()}
 
 
+@pytest.mark.slow
 def test_other_weights_under_one_model_id_are_refused_or_replaced(lake, tmp_path, capsys):
     from safetensors.torch import save_file
 

@@ -143,6 +143,7 @@ def test_unknown_mode_is_a_config_error():
         validate(Config(select=SelectConf(mode="freeze")))
 
 
+@pytest.mark.slow
 def test_sync_writes_exactly_the_changed_rows_and_digests_tell_nulls_apart(spark, lake):
     """etl.tablesync.sync over 3 partitions: a value moved to another column's null slot, a
     changed watched column, a deleted and an inserted key are each found; equal rows are not
