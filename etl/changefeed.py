@@ -67,14 +67,17 @@ def changed_keys(lake: Lakehouse, table: str, since: int | None, until: int | No
         return f"{table} is at version {current}, before the recorded {since}"
     if current == since:
         return Changes(table, since, current, None, 0, 0)
+    keys = None
     try:
         rows = feed_rows(lake, table, since, current)
         last = F.max_by(F.col(CHANGE) == DELETE, F.struct("_commit_version",
                                                           F.col(CHANGE) != DELETE))
         keys = (rows.groupBy(key).agg(last.alias("deleted"))
                 .persist(StorageLevel.MEMORY_AND_DISK))
-        counts = keys.groupBy("deleted").count().collect()
+        counts = keys.groupBy("deleted").count().collect()  # at most two rows
     except Exception as exc:  # noqa: BLE001 - feed off, files gone, schema changed: say which
+        if keys is not None:
+            keys.unpersist()
         return f"{table}: its change feed since version {since} is unreadable ({_line(exc)})"
     got = {bool(r[0]): int(r[1]) for r in counts}
     return Changes(table, since, current, keys, sum(got.values()), got.get(True, 0))
