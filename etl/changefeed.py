@@ -23,12 +23,15 @@ from etl.tablesync import key_side
 
 CHANGE = "_change_type"
 DELETE = "delete"
+INSERT = "insert"
 
 
 @dataclass
 class Changes:
     """The keys of one table that changed after version ``since`` up to ``version``: ``keys``
-    (``key``, ``deleted``: whether its last change deleted it), persisted; ``count`` of them."""
+    (``key``; ``deleted``: whether its last change deleted it; ``born``: whether its first
+    change inserted it, so the table lacked it at ``since``), persisted; ``count`` of them,
+    how many are ``deleted`` and how many ``born`` and still present (``born_kept``)."""
 
     table: str
     since: int
@@ -36,6 +39,12 @@ class Changes:
     keys: DataFrame | None
     count: int
     deleted: int
+    born_kept: int = 0
+
+    def only_born(self) -> bool:
+        """Whether every changed key is a row the table lacked at ``since`` and still holds
+        (an append-only increment): their rows elsewhere need no lookup."""
+        return self.count == self.born_kept
 
     def uids(self, key: str = "uid") -> DataFrame:
         """The changed keys (one column), broadcast when few (:func:`key_side`)."""
@@ -66,21 +75,27 @@ def changed_keys(lake: Lakehouse, table: str, since: int | None, until: int | No
     if current < since:
         return f"{table} is at version {current}, before the recorded {since}"
     if current == since:
-        return Changes(table, since, current, None, 0, 0)
+        return Changes(table, since, current, None, 0, 0, 0)
     keys = None
     try:
         rows = feed_rows(lake, table, since, current)
+        # within one commit a delete or pre-image comes before an insert (an overwrite or
+        # update of an existing row is not a birth)
         last = F.max_by(F.col(CHANGE) == DELETE, F.struct("_commit_version",
                                                           F.col(CHANGE) != DELETE))
-        keys = (rows.groupBy(key).agg(last.alias("deleted"))
+        first = F.min_by(F.col(CHANGE) == INSERT, F.struct("_commit_version",
+                                                           F.col(CHANGE) == INSERT))
+        keys = (rows.groupBy(key).agg(last.alias("deleted"), first.alias("born"))
                 .persist(StorageLevel.MEMORY_AND_DISK))
-        counts = keys.groupBy("deleted").count().collect()  # at most two rows
+        counts = keys.groupBy("deleted", "born").count().collect()  # at most four rows
     except Exception as exc:  # noqa: BLE001 - feed off, files gone, schema changed: say which
         if keys is not None:
             keys.unpersist()
         return f"{table}: its change feed since version {since} is unreadable ({_line(exc)})"
-    got = {bool(r[0]): int(r[1]) for r in counts}
-    return Changes(table, since, current, keys, sum(got.values()), got.get(True, 0))
+    total = sum(int(r[2]) for r in counts)
+    deleted = sum(int(r[2]) for r in counts if r[0])
+    born_kept = sum(int(r[2]) for r in counts if r[1] and not r[0])
+    return Changes(table, since, current, keys, total, deleted, born_kept)
 
 
 def feed_enabled(lake: Lakehouse, table: str) -> bool:

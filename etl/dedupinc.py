@@ -265,8 +265,7 @@ def run_dedup(lake: Lakehouse, cfg: Config, run_id: str,
     counts.update(work(n_new, counts["rows_compared"], counts["rows"]))
     for name, value in counts.items():
         print(f"dedup: {name:<28}{value:>10}")
-    lake.record_stats(run_id, "dedup", counts)
-    lake.record_built(run_id, DEDUP, version)
+    lake.record_stats(run_id, "dedup", counts, built=(DEDUP, version))
     return counts
 
 

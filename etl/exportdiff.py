@@ -66,10 +66,11 @@ from etl.spark import session_conf
 from etl.tables import BRONZE, GOLD, SELECTION, Lakehouse
 from etl.tablesync import row_digest, same_shape, sync
 from etl.takedown.match import without_removed
-from etl.uidfile import write_empty_npy, write_uids_npy
+from etl.uidfile import merge_uids_npy, write_empty_npy, write_uids_npy
 from etl.work import work
 
 GOLD_FROM = "dfn.gold.selection_version"  # the gold_selection version gold_pairs holds
+GOLD_AT = "dfn.gold.table_version"  # the gold_pairs version that holds it (its record is next)
 META = ("score", "url", "text", "width", "height")  # the exported columns a sample may change
 KIND = "_dfn_kind"
 
@@ -77,26 +78,33 @@ KIND = "_dfn_kind"
 def update_gold(lake: Lakehouse) -> dict[str, int]:
     """Make ``gold_pairs`` hold the kept pairs of ``gold_selection`` now. When it records the
     selection version it was made from and the selection's change feed can tell which uids
-    changed since, only their rows are read from bronze and compared; else every kept row
-    (:func:`etl.export.write_gold`). Records the selection version it read (a metadata commit,
-    only when it moved)."""
+    changed since, only their rows are read from bronze and compared (uids the selection
+    gained since are appended without a lookup, when no commit reached ``gold_pairs`` after
+    its record); else every kept row (:func:`etl.export.write_gold`). Records the selection
+    version it read and the ``gold_pairs`` version that holds it (a metadata commit, only
+    when they moved)."""
     version = lake.version(SELECTION)
-    since = lake.properties(GOLD).get(GOLD_FROM) if lake.exists(GOLD) else None
+    props = lake.properties(GOLD) if lake.exists(GOLD) else {}
+    since = props.get(GOLD_FROM)
     feed = (changed_keys(lake, SELECTION, int(since), version) if since is not None
             else "gold_pairs records no selection version")
     try:
-        counts = _update_within(lake, feed) if isinstance(feed, Changes) else None
+        counts = _update_within(lake, feed, props) if isinstance(feed, Changes) else None
     finally:
         if isinstance(feed, Changes):
             feed.release()
     if counts is None:
         counts = write_gold(lake)
-    if since != str(version):
-        lake.set_properties(GOLD, {GOLD_FROM: str(version)})
+    at = lake.version(GOLD)
+    held = props.get(GOLD_AT) if since == str(version) and props.get(GOLD_AT) == str(at - 1) \
+        else str(at)
+    if since != str(version) or props.get(GOLD_AT) != held:
+        lake.set_properties(GOLD, {GOLD_FROM: str(version), GOLD_AT: held})
     return counts
 
 
-def _update_within(lake: Lakehouse, feed: Changes) -> dict[str, int] | None:
+def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str]
+                   ) -> dict[str, int] | None:
     """:func:`update_gold` over the uids ``feed`` names (None: ``gold_pairs`` has other
     columns now, so it is rewritten)."""
     if feed.keys is None:  # no commit reached the selection since
@@ -104,13 +112,19 @@ def _update_within(lake: Lakehouse, feed: Changes) -> dict[str, int] | None:
                               "rows_rewritten"), 0)
     keys = feed.uids()
     selection = key_side(lake.read(SELECTION).join(keys, "uid", "left_semi"), feed.count)
+    absent = None
+    if feed.born_kept and props.get(GOLD_AT) is not None \
+            and lake.version(GOLD) == int(props[GOLD_AT]) + 1:  # nothing after its record
+        absent = key_side(feed.keys.where(F.col("born") & ~F.col("deleted")).select("uid"),
+                          feed.born_kept)
     with session_conf(lake.spark, prefilter_conf(lake.spark, feed.count)):
         gold = without_removed(lake, gold_pairs(selection, lake.read(BRONZE)))
         if not same_shape(lake, gold, GOLD):
             return None
         gold = gold.persist(StorageLevel.MEMORY_AND_DISK)  # the changed uids' rows: read once
         try:
-            return sync(lake, gold, GOLD, compare=gold_compared(gold), within=keys)
+            return sync(lake, gold, GOLD, compare=gold_compared(gold), within=keys,
+                        absent=absent)
         finally:
             gold.unpersist()
 
@@ -130,14 +144,21 @@ def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: di
     then = lake.spark.sql(f"SELECT * FROM {lake.name(GOLD)} VERSION AS OF "
                           f"{int(prev['gold_version'])}")
     feed = changed_keys(lake, GOLD, int(prev["gold_version"]), extra.get("gold_version"))
-    if isinstance(feed, Changes) and feed.keys is not None:  # compare only the uids it names
-        keys = feed.uids()
-        now, then = now.join(keys, "uid", "left_semi"), then.join(keys, "uid", "left_semi")
-    changes = _changes(now, then).persist(StorageLevel.MEMORY_AND_DISK)
+    counts = dict.fromkeys(("added", "removed", "updated"), 0)
+    born = isinstance(feed, Changes) and feed.keys is not None and feed.only_born()
+    if born:  # every changed uid was inserted since: added, and no row is read
+        changes = feed.keys.select("uid", F.lit("added").alias(KIND))
+    else:
+        if isinstance(feed, Changes) and feed.keys is not None:  # compare only its uids
+            keys = feed.uids()
+            now, then = now.join(keys, "uid", "left_semi"), then.join(keys, "uid", "left_semi")
+        changes = _changes(now, then).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         try:  # the real read of the exported gold_pairs version
-            counts = dict.fromkeys(("added", "removed", "updated"), 0)
-            counts.update({r[0]: r[1] for r in changes.groupBy(KIND).count().collect()})
+            if born:
+                counts["added"] = feed.born_kept
+            else:
+                counts.update({r[0]: r[1] for r in changes.groupBy(KIND).count().collect()})
         except Exception as exc:  # noqa: BLE001 - only missing files are handled
             if not _files_missing(exc):
                 raise
@@ -233,12 +254,13 @@ def _publish_diff(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dic
     diff = {"previous_run": prev["run_id"], **counts}
     for kind in ("added", "removed"):
         path = join(run_dir, f"{kind}_uids.npy")
-        count = (write_uids_npy(parts[kind], path, store) if counts[kind]
+        count = (write_uids_npy(parts[kind], path, store, rows=counts[kind]) if counts[kind]
                  else write_empty_npy(path, store))  # none: no Spark job
         diff[f"{kind}_uids"] = {"path": path, "count": count}
     if conf.uids_npy:
         path = join(run_dir, "uids.npy")
-        manifest["uids_npy"] = {"path": path, "count": write_uids_npy(now, path, store)}
+        manifest["uids_npy"] = {"path": path, "count": _uids_file(
+            now, prev, diff, path, store, manifest["kept"])}
     if conf.urls_parquet:
         path = join(run_dir, "urls.parquet")
         now.select("url", F.col("text").alias("caption"), "uid").write.mode(
@@ -254,6 +276,24 @@ def _publish_diff(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dic
     manifest = redact(manifest)
     publish(store, out, manifest, conf.keep_previous)
     return manifest
+
+
+def _uids_file(now: DataFrame, prev: dict, diff: dict, path: str, store, kept: int) -> int:
+    """The full ``uids.npy`` of a diff export: the previous one with the added uids merged in
+    and the removed ones taken out (:func:`etl.uidfile.merge_uids_npy`, no Spark job); written
+    from ``gold_pairs`` instead when that merge cannot vouch for its result."""
+    base = (prev.get("uids_npy") or {}).get("path")
+    if base and store.exists(base):
+        try:
+            count = merge_uids_npy(base, diff["added_uids"]["path"],
+                                   diff["removed_uids"]["path"], path, store)
+            if count == kept:
+                return count
+            why = f"{count} uids, not the {kept} kept pairs"
+        except (ValueError, OSError) as exc:
+            why = _first_line(exc)
+        print(redact_text(f"export: uids.npy written from gold_pairs ({why})"))
+    return write_uids_npy(now, path, store)
 
 
 def _diff_shards(lake: Lakehouse, cfg: Config, wds: dict, now: DataFrame,

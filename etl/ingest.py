@@ -22,11 +22,12 @@ from pyspark.sql import types as T
 from etl.config import Config, IngestConf, SourceConf, TakedownConf
 from etl.fs import join
 from etl.ingestfiles import FilePlan, plan_files, record_files, rows_by_file
+from etl.lease import holds
 from etl.readers import SIZED_FORMATS, read_source
 from etl.redact import redact_text
 from etl.sample import write_sample
 from etl.spark import session_conf
-from etl.tables import BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
+from etl.tables import BROADCAST_KEYS, BRONZE, EVAL_IMAGES, QUARANTINE, Lakehouse
 from etl.takedown.match import blocked_rows
 from etl.tarshards import header_size
 from etl.work import NEW, TOUCHED, work
@@ -202,11 +203,11 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
         parts = split(kept, broadcast_duplicates, any_dups=rest - quarantined > distinct)
         unique, dups, errors = parts.unique, parts.dups, parts.errors
         counts = {"read": read, "quarantined": quarantined, "in_input_duplicates": parts.n_dups,
-                  "blocked": blocked,
-                  "already_present": lake.count_present(unique, table, ["uid"])}
+                  "blocked": blocked}
         if lake.exists(table) and "md5" not in lake.read(table).columns:  # made before md5
             lake.spark.sql(f"ALTER TABLE {lake.name(table)} ADD COLUMNS (md5 STRING)")
-        counts["new"] = lake.insert_new(unique, table, ["uid"])
+        counts["already_present"], counts["new"] = insert_absent(
+            lake, unique, table, rest - quarantined - parts.n_dups)
         bad = to_quarantine(errors, "error").unionByName(to_quarantine(dups, "duplicate"))
         keys = ["source_file", "source_pos"]
         if quarantined + parts.n_dups:
@@ -227,6 +228,33 @@ def ingest_frame(lake: Lakehouse, raw: DataFrame, source: str, run_id: str,
         record_files(lake, files, per_file, run_id)
         counts["rows_read"] = sum(per_file.values())
     return counts
+
+
+def insert_absent(lake: Lakehouse, rows: DataFrame, table: str, total: int) -> tuple[int, int]:
+    """Insert the ``rows`` (``total`` unique uids) whose uid ``table`` lacks: (rows already
+    there, rows inserted), each counted on its own (a semi-join before the insert; the
+    insert's commit). None new: no commit.
+
+    Under this process's lakehouse lease no other run writes meanwhile, so the rows the
+    semi-join did not find are appended: one pass over the table's uids. Without the lease
+    an insert-only ``MERGE`` (a second pass) keeps a concurrent writer's rows from doubling.
+    """
+    if not lake.exists(table) or not holds(lake):
+        return lake.count_present(rows, table, ["uid"]), lake.insert_new(rows, table, ["uid"])
+    if total == 0:
+        return 0, 0
+    found = lake.present_keys(rows, table, ["uid"]).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        present, keys = found.agg(F.sum("_n"), F.count("*")).first()
+        if not keys:
+            return 0, lake.append_counted(rows, table)
+        if present == total:
+            return int(present), 0
+        side = F.broadcast(found) if keys <= BROADCAST_KEYS else found
+        new = rows.join(side.select(F.col("_k0").alias("uid")), "uid", "left_anti")
+        return int(present), lake.append_counted(new, table)
+    finally:
+        found.unpersist()
 
 
 def check_files_read(read: int, per_file: dict[str, int], stray: int) -> None:

@@ -357,6 +357,15 @@ def check_held(lease: Lease | None) -> None:
         lease.check()
 
 
+def holds(lake: Lakehouse) -> bool:
+    """Whether this process holds the lease of ``lake`` and it is still its own
+    (:class:`LeaseLost` when it was lost): no other run writes to the lakehouse meanwhile."""
+    with _GUARD:
+        lease = _HELD.get(lake.name(LEASES))
+    check_held(lease)
+    return lease is not None
+
+
 def check_current(lake: Lakehouse) -> None:
     """:func:`check_held` on the lease this process holds on ``lake`` (none held: nothing to
     check), for a boundary inside a step (e.g. before export publishes its manifest)."""

@@ -61,6 +61,7 @@ from etl.selectinc import (
     fingerprint,
     input_versions,
     inputs_record,
+    known_absent,
 )
 from etl.silver import alias_scores, scored_pool, selection_model_id
 from etl.tables import BRONZE, DEDUP, SELECTION, Lakehouse
@@ -370,13 +371,14 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     print("select: gold_selection " + ", ".join(f"{k} {v}" for k, v in changes.items()))
     record_selection(lake, " and ".join(p.text for p in rule.parts), cuts,
                      next((p.threshold for p in parts if p.column == "score"), None),
-                     {INPUTS_PROPERTY: inputs_record(fp, versions)}, props)
+                     {INPUTS_PROPERTY: inputs_record(fp, versions, lake.version(SELECTION),
+                                                     props)}, props)
     touched = sum(changes[k] for k in ("rows_new", "rows_updated", "rows_removed",
                                        "rows_rewritten"))
     new = changes["rows_new"] if existed else changes["rows_rewritten"]
     metrics = {**funnel.metrics(), **changes, **work(new, touched, funnel.pool)}
-    lake.record_stats(run_id, "select", {**metrics, **cut_stats(cuts)})
-    lake.record_built(run_id, SELECTION, versions[BRONZE])
+    lake.record_stats(run_id, "select", {**metrics, **cut_stats(cuts)},
+                      built=(SELECTION, versions[BRONZE]))
     return metrics
 
 
@@ -406,7 +408,8 @@ def write_selection(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str,
         print(f"select: comparing {compared} rows (inputs changed since the last selection, "
               "or a cut moved past them)")
         changes = sync(lake, rows, SELECTION, watch=watch, compare=compare,
-                       within=key_side(rows.select("uid"), compared))
+                       within=key_side(rows.select("uid"), compared),
+                       absent=known_absent(lake, props, feeds))
         return {**changes, "rows_compared": compared}
     finally:
         rows.unpersist()

@@ -32,7 +32,7 @@ from etl.changefeed import Changes, changed_keys, key_side
 from etl.config import Config
 from etl.cuts import Threshold
 from etl.rules import RAND, Node, Rule, rand_column
-from etl.tables import BRONZE, DEDUP, SILVER, TARGETS, Lakehouse
+from etl.tables import BRONZE, DEDUP, SELECTION, SILVER, TARGETS, Lakehouse
 
 INPUTS_PROPERTY = "dfn.select.inputs"  # {"fingerprint": ..., "versions": {table: version}}
 INPUT_TABLES = (BRONZE, SILVER, DEDUP, TARGETS)
@@ -57,9 +57,33 @@ def fingerprint(cfg: Config, rule: Rule, basis: dict[str, dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def inputs_record(fp: str, versions: dict[str, int | None]) -> str:
-    """The :data:`INPUTS_PROPERTY` value a selection records."""
-    return json.dumps({"fingerprint": fp, "versions": versions}, sort_keys=True)
+def inputs_record(fp: str, versions: dict[str, int | None], table_version: int,
+                  properties: dict[str, str]) -> str:
+    """The :data:`INPUTS_PROPERTY` value a selection records, with the ``gold_selection``
+    version it covers (``table_version``: the version now; the record's own commit comes
+    next). When nothing but that commit followed the stored record, the stored one stands
+    (no commit)."""
+    record = {"fingerprint": fp, "versions": versions, "table_version": table_version - 1}
+    same = json.dumps(record, sort_keys=True)
+    if properties.get(INPUTS_PROPERTY) == same:
+        return same
+    return json.dumps({**record, "table_version": table_version}, sort_keys=True)
+
+
+def known_absent(lake: Lakehouse, properties: dict[str, str],
+                 found: list[Changes]) -> DataFrame | None:
+    """Keys ``gold_selection`` surely lacks: bronze rows inserted since the recorded versions
+    (and still there). Only when no commit reached ``gold_selection`` after its record (a
+    selection stopped between its merge and its record leaves rows the record does not
+    cover); None when there are none or that cannot be shown."""
+    covered = json.loads(properties.get(INPUTS_PROPERTY) or "{}").get("table_version")
+    bronze = next((c for c in found if c.table == BRONZE and c.keys is not None), None)
+    if covered is None or bronze is None or not bronze.born_kept:
+        return None
+    if lake.version(SELECTION) != covered + 1:
+        return None
+    return key_side(bronze.keys.where(F.col("born") & ~F.col("deleted")).select("uid"),
+                    bronze.born_kept)
 
 
 def changed_rows(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Threshold],

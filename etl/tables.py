@@ -321,18 +321,20 @@ class Lakehouse:
         """Rows of ``df`` whose ``keys`` already exist in ``table`` (0 when it does not exist).
 
         Counted on the executors on the condition :meth:`insert_new` merges on, before the
-        insert: an independent count, not one derived from the insert's result. ``df``'s keys
-        (with their row counts) are joined with the table's: broadcast when at most
-        :data:`BROADCAST_KEYS`, so the table's keys are scanned, not shuffled.
+        insert: an independent count, not one derived from the insert's result.
         """
         if not self.exists(table):
             return 0
+        return int(self.present_keys(df, table, keys).agg(F.sum("_n")).first()[0] or 0)
+
+    def present_keys(self, df: DataFrame, table: str, keys: list[str]) -> DataFrame:
+        """The distinct ``keys`` of ``df`` that ``table`` holds, as ``_k0..`` with ``_n``, their
+        rows in ``df``. ``df``'s keys are joined with the table's: broadcast when at most
+        :data:`BROADCAST_KEYS`, so the table's keys are scanned, not shuffled."""
         mine = df.groupBy(*keys).count().toDF(*[f"_k{i}" for i in range(len(keys))], "_n")
-        found = mine.count()
-        side = F.broadcast(mine) if found <= BROADCAST_KEYS else mine
+        side = F.broadcast(mine) if mine.count() <= BROADCAST_KEYS else mine
         cond = [F.col(f"_k{i}").eqNullSafe(F.col(k)) for i, k in enumerate(keys)]
-        hits = self.read(table).select(*keys).join(side, cond).drop(*keys).dropDuplicates()
-        return int(hits.agg(F.sum("_n")).first()[0] or 0)
+        return self.read(table).select(*keys).join(side, cond).drop(*keys).dropDuplicates()
 
     def insert_new(self, df: DataFrame, table: str, keys: list[str]) -> int:
         """Insert-only ``MERGE INTO`` of ``df`` on ``keys``; returns the number of rows
@@ -344,7 +346,7 @@ class Lakehouse:
         no MERGE, which on a small input costs more than the data).
         """
         if not self.exists(table):
-            return self._create(df, table)
+            return self.append_counted(df, table)
         return self._merge(df, table, keys, "WHEN NOT MATCHED THEN INSERT *",
                            "numTargetRowsInserted", _tag())
 
@@ -382,19 +384,22 @@ class Lakehouse:
         mine = (F.col("userMetadata") == tag) if tagged else (F.col("operation") == "MERGE")
         return self._commit_rows(table, since, metric, mine) or 0
 
-    def _create(self, df: DataFrame, table: str) -> int:
-        """Append ``df`` to a new ``table``; the rows that commit added (``numOutputRows``).
+    def append_counted(self, df: DataFrame, table: str) -> int:
+        """Append ``df`` to ``table`` (created when absent); the rows that commit added
+        (``numOutputRows``).
 
-        The commit is tagged with a one-off ``userMetadata`` and found by it, so a writer that
-        created the table first cannot be mistaken for this one. In a folder lakehouse its
-        log entry is read directly (no history query, which is slow on a new session).
+        The commit is tagged with a one-off ``userMetadata`` and found by it, so another writer
+        cannot be mistaken for this one. In a folder lakehouse its log entry is read directly
+        (no history query, which is slow on a new session).
         """
+        since = self.version(table) if self.exists(table) else None
         tag = _tag()
         self.append(df, table, userMetadata=tag)
-        info = None if self.conf.schema else self._logged_commit(table, tag)
+        first = 0 if since is None else since + 1
+        info = None if self.conf.schema else self._logged_commit(table, tag, first)
         if info is not None:
             return int((info.get("operationMetrics") or {}).get("numOutputRows", "0"))
-        rows = self.tagged_rows(table, tag)  # a metastore table, or a log kept elsewhere
+        rows = self.tagged_rows(table, tag, since)  # a metastore table, or a log elsewhere
         if rows is None:  # the catalog dropped the tag: this new table's last commit
             last = self.history(table, 1).select("operationMetrics").first()
             return int(((last[0] if last else None) or {}).get("numOutputRows", "0"))
@@ -437,10 +442,15 @@ class Lakehouse:
                     return info
         return None
 
-    def record_stats(self, run_id: str, step: str, counts: dict[str, int]) -> None:
-        """Append one row per metric to the run-stats table."""
+    def record_stats(self, run_id: str, step: str, counts: dict[str, int],
+                     built: tuple[str, int | None] | None = None) -> None:
+        """Append one row per metric to the run-stats table; with ``built`` (a table, the
+        source version it covers) the :meth:`record_built` row too, in the same commit."""
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         rows = [(run_id, step, k, int(v), now) for k, v in counts.items()]
+        if built is not None and built[1] is not None:
+            info = table_info(built[0])
+            rows.append((run_id, info.stats_step, info.version_metric(None), built[1], now))
         self.append(local_frame(self.spark, rows, RUN_STATS_SCHEMA), RUN_STATS)
 
     # ---- source versions (see etl.lineage) -------------------------------------------------

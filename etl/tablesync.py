@@ -57,10 +57,12 @@ def row_digest(cols: list[str]) -> Column:
 
 def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
          compare: list[str] | None = None, watch: tuple[str, ...] = (),
-         within: DataFrame | None = None) -> dict[str, int]:
+         within: DataFrame | None = None, absent: DataFrame | None = None) -> dict[str, int]:
     """Make ``table`` hold exactly ``df`` (one row per ``key``) with the fewest row writes;
     ``within`` (one column, ``key``): only these keys may have changed, and ``df`` holds the
     rows of those still present: the table's rows of other keys are neither read nor touched.
+    ``absent`` (one column, ``key``): keys the table is known to lack; when they are all of
+    ``within``, ``df`` is appended without reading the table at all.
 
     Rows whose ``compare`` columns (default: all) equal the table's are left alone (compared
     by :func:`row_digest`). Returns ``rows_new`` (inserted), ``rows_updated``, ``rows_removed``
@@ -74,6 +76,12 @@ def sync(lake: Lakehouse, df: DataFrame, table: str, key: str = "uid",
             raise ValueError(f"a sync within some keys needs {table} with the columns of its rows")
         lake.overwrite(df, table)
         counts["rows_rewritten"] = lake.read(table).count()
+        return counts
+    if within is not None and absent is not None and within.join(absent, key,
+                                                                 "left_anti").isEmpty():
+        counts["rows_new"] = df.count()
+        if counts["rows_new"]:
+            lake.append(df, table)
         return counts
     cols = [c for c in df.columns if c != key]
     compare = cols if compare is None else list(compare)

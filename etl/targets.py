@@ -304,6 +304,5 @@ def run_targets(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
                       f"land in {counts['target_clusters']} of {cfg.targets.n_clusters} pool "
                       f"clusters holding {counts['in_target_cluster']} of {counts['rows']} pool "
                       "rows"))
-    lake.record_stats(run_id, "targets", counts)
-    lake.record_built(run_id, TARGETS, version)
+    lake.record_stats(run_id, "targets", counts, built=(TARGETS, version))
     return counts

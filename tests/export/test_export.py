@@ -17,7 +17,7 @@ from etl.export import export_files, read_export, write_shards
 from etl.exportdiff import run_export
 from etl.spark import session_conf
 from etl.tables import BRONZE, GOLD, RUN_STATS, SELECTION
-from etl.uidfile import UID_DTYPE, uid_pairs, uid_strings, write_uids_npy
+from etl.uidfile import UID_DTYPE, merge_uids_npy, uid_pairs, uid_strings, write_uids_npy
 from tests.helpers.images import SMALL_CAP, encode, header_bomb, jpeg
 
 GOLD_SCHEMA = ("uid string, url string, text string, image binary, width int, height int, "
@@ -73,6 +73,37 @@ def test_write_uids_npy_sorted_unique_in_parts(spark, tmp_path):
     bad = spark.createDataFrame([("NOT-HEX",)], "uid string")
     with pytest.raises(ValueError, match="hex"):
         write_uids_npy(bad, tmp_path / "bad.npy")
+
+
+def test_a_few_uids_are_written_by_the_driver_with_the_same_bytes(spark, tmp_path):
+    uids = [uid(i) for i in (9, 2, 30, 2)]
+    df = spark.createDataFrame([(u,) for u in uids], "uid string").repartition(3)
+    assert write_uids_npy(df, tmp_path / "spark.npy") == 3
+    assert write_uids_npy(df, tmp_path / "driver.npy", rows=4) == 3
+    assert (tmp_path / "driver.npy").read_bytes() == (tmp_path / "spark.npy").read_bytes()
+    with pytest.raises(ValueError, match="hex"):
+        write_uids_npy(spark.createDataFrame([("ABC",)], "uid string"), tmp_path / "b.npy",
+                       rows=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 1000])
+def test_merged_uid_file_equals_the_sorted_set(tmp_path, chunk):
+    def save(name, ids):
+        np.save(tmp_path / name, uid_pairs(sorted(uid(i) for i in ids)) if ids
+                else np.zeros(0, UID_DTYPE))
+        return str(tmp_path / name)
+
+    base, added, removed = set(range(0, 40, 2)), {1, 3, 41, 99}, {0, 10, 38}
+    n = merge_uids_npy(save("b.npy", base), save("a.npy", added), save("r.npy", removed),
+                       str(tmp_path / "o.npy"), chunk=chunk)
+    want = sorted(uid(i) for i in (base - removed) | added)
+    assert n == len(want) and uid_strings(np.load(tmp_path / "o.npy")) == want
+    with pytest.raises(ValueError, match="already in the base"):
+        merge_uids_npy(save("b.npy", base), save("a.npy", {2}), save("r.npy", set()),
+                       str(tmp_path / "o.npy"), chunk=chunk)
+    with pytest.raises(ValueError, match="not in the base"):
+        merge_uids_npy(save("b.npy", base), save("a.npy", set()), save("r.npy", {7}),
+                       str(tmp_path / "o.npy"), chunk=chunk)
 
 
 def test_empty_uids_npy(spark, tmp_path):

@@ -163,3 +163,38 @@ def test_gold_pairs_compares_only_uids_whose_selection_changed(spark, lake):
     counts = update_gold(lake)
     assert (counts["rows_new"], counts["rows_updated"]) == (0, 1)
     assert {r.uid: r.text for r in lake.read(GOLD).collect()}[uids[0]] != "edited"
+
+
+@pytest.mark.slow
+def test_uids_the_selection_gained_are_appended_unless_a_commit_followed_the_record(
+        spark, lake, monkeypatch):
+    from etl.exportdiff import update_gold
+    from etl.tables import Lakehouse
+
+    rows = gold_rows(10, null_image=0)
+    uids = [r[0] for r in rows]
+    lake.overwrite(gold_df(spark, rows).drop("score"), BRONZE)
+    sel = spark.sparkContext.parallelize([(u, True, None, 0.5) for u in uids[:4]], 2)
+    lake.overwrite(sel.toDF(SEL_SCHEMA), SELECTION)
+    update_gold(lake)
+    update_gold(lake)  # idle: the record stands, no commit
+    before = lake.version(GOLD)
+    lake.append(spark.createDataFrame([(uids[4], True, None, 0.5), (uids[5], False, "aspect",
+                                                                   0.1)], SEL_SCHEMA), SELECTION)
+    assert update_gold(lake)["rows_new"] == 1
+    ops = {r[0] for r in lake.history(GOLD, lake.version(GOLD) - before).select(
+        "operation").collect()}
+    assert "MERGE" not in ops  # the gained uid was appended: gold_pairs was not read
+
+    lake.append(spark.createDataFrame([(uids[6], True, None, 0.5)], SEL_SCHEMA), SELECTION)
+
+    def stop(self, table, values):
+        raise RuntimeError("stopped before the record")
+
+    monkeypatch.setattr(Lakehouse, "set_properties", stop)
+    with pytest.raises(RuntimeError, match="stopped"):
+        update_gold(lake)  # uids[6] is in gold_pairs; its record still names the last version
+    monkeypatch.undo()
+    update_gold(lake)
+    got = [r.uid for r in lake.read(GOLD).collect()]
+    assert sorted(got) == sorted(uids[:5] + [uids[6]])  # compared, not appended twice

@@ -88,6 +88,28 @@ def test_reingest_adds_nothing(spark, lake, datacomp_dir):
 
 
 @pytest.mark.slow
+def test_under_the_lease_new_rows_are_appended_not_merged(spark, lake, datacomp_dir):
+    from etl.lease import hold
+
+    src = SourceConf(format="datacomp", path=str(datacomp_dir))
+    ingest_source(spark, lake, src)  # U1 and U3 (no lease: the table is created)
+    more = datacomp_dir.parent / "more"
+    more.mkdir()
+    pd.DataFrame({"uid": [U1, U2], "url": ["http://m/1.jpg", "http://m/2.jpg"],
+                  "text": ["again", "new"]}).to_parquet(more / "part-0.parquet")
+    before = lake.version(BRONZE)
+    with hold(lake, "run-lease", "ingest"):
+        counts = ingest_source(spark, lake, SourceConf(format="datacomp", path=str(more)))
+        again = ingest_source(spark, lake, SourceConf(format="datacomp", path=str(more)))
+    assert (counts["new"], counts["already_present"]) == (1, 1)
+    assert (again["new"], again["already_present"]) == (0, 2)
+    assert sorted(r.uid for r in lake.read(BRONZE).collect()) == sorted([U1, U2, U3])
+    ops = [r[0] for r in lake.history(BRONZE, lake.version(BRONZE) - before)
+           .select("operation").collect()]
+    assert ops == ["WRITE"]  # one append; nothing new made no commit
+
+
+@pytest.mark.slow
 def test_a_clean_input_leaves_an_empty_quarantine_that_later_rows_file_into(spark, lake, tmp_path,
                                                                            datacomp_dir):
     clean = tmp_path / "clean"

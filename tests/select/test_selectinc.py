@@ -72,3 +72,35 @@ def test_a_rescored_row_is_compared_and_a_deleted_bronze_row_compares_all(spark,
     counts = run_select(lake, cfg_of(lake, keep_fraction=None, min_score=0.75), "r3")
     assert "comparing every row (1 bronze rows were deleted since" in capsys.readouterr().out
     assert counts["rows_compared"] == 3 and set(decisions(lake)) == {"a", "b", "c"}
+
+
+@pytest.mark.slow
+def test_new_rows_are_appended_unless_a_commit_followed_the_record(spark, lake, tmp_path,
+                                                                   monkeypatch):
+    import etl.select
+
+    rows = {"a": 0.9, "b": 0.8, "c": 0.3}
+    add_rows(spark, lake, rows)
+    conf = cfg_of(lake, keep_fraction=None, min_score=0.5)
+    run_select(lake, conf, "r1")
+    add_rows(spark, lake, {"d": 0.7, "e": 0.1})
+    before = lake.version(SELECTION)
+    counts = run_select(lake, conf, "r2")
+    assert counts["rows_compared"] == 2 and counts["rows_new"] == 2
+    ops = lake.history(SELECTION, lake.version(SELECTION) - before).select("operation").collect()
+    assert "MERGE" not in {r[0] for r in ops}  # new bronze rows: appended, the table not read
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped before the record")
+
+    add_rows(spark, lake, {"f": 0.95, "g": 0.2})
+    monkeypatch.setattr(etl.select, "record_selection", stop)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_select(lake, conf, "r3")  # f and g are in the table, the record still says r2's
+    monkeypatch.undo()
+    counts = run_select(lake, conf, "r4")
+    uids = [r.uid for r in lake.read(SELECTION).collect()]
+    assert sorted(uids) == sorted(set(uids))  # compared, not appended again
+    assert counts["rows_new"] == 0
+    rows.update({"d": 0.7, "e": 0.1, "f": 0.95, "g": 0.2})
+    assert decisions(lake) == fresh_of(spark, tmp_path, rows, keep_fraction=None, min_score=0.5)

@@ -23,7 +23,7 @@ def test_insert_new_counts_what_each_commit_inserted(spark, lake):
 
 def test_the_creating_append_is_found_by_its_tag_behind_another_writers_commits(spark, lake):
     _rows(spark, range(7)).write.format("delta").save(lake.path("t"))  # someone else: v0
-    assert lake._create(_rows(spark, range(10, 12)), "t") == 2  # ours is v1, not v0's 7
+    assert lake.append_counted(_rows(spark, range(10, 12)), "t") == 2  # ours is v1, not v0's 7
     log = lake.path("t") + "/_delta_log/00000000000000000001.json"
     tags = [json.loads(line).get("commitInfo", {}).get("userMetadata")
             for line in open(log).read().splitlines()]
@@ -33,7 +33,7 @@ def test_the_creating_append_is_found_by_its_tag_behind_another_writers_commits(
 def test_without_the_log_entry_the_tag_is_looked_up_in_the_history(spark, lake, monkeypatch):
     _rows(spark, range(4)).write.format("delta").save(lake.path("t"))
     monkeypatch.setattr(Lakehouse, "_logged_commit", lambda self, table, tag, most=20: None)
-    assert lake._create(_rows(spark, range(10, 13)), "t") == 3
+    assert lake.append_counted(_rows(spark, range(10, 13)), "t") == 3
 
 
 def test_a_catalog_that_drops_the_tag_gets_the_new_tables_last_commit(spark, lake, monkeypatch):
@@ -41,7 +41,7 @@ def test_a_catalog_that_drops_the_tag_gets_the_new_tables_last_commit(spark, lak
     monkeypatch.setattr(Lakehouse, "_logged_commit", lambda self, table, tag, most=20: None)
     monkeypatch.setattr(Lakehouse, "_save",
                         lambda self, writer, table: real(self, writer.option("userMetadata", "x"), table))
-    assert lake._create(_rows(spark, range(6)), "t") == 6
+    assert lake.append_counted(_rows(spark, range(6)), "t") == 6
 
 
 def test_ensure_creates_an_empty_table_once_in_a_folder_and_in_a_schema(spark, lake, tmp_path):
