@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="image base pool sizes (0: none)")
     ap.add_argument("--out", default="benchmarks/results/incremental.json")
     ap.add_argument("--tmp", default=None, help="work folder (default: a new temp folder)")
+    ap.add_argument("--driver-memory", default=None,
+                    help="spark.driver.memory (local mode: all of Spark's heap), e.g. 12g for 16M")
     args = ap.parse_args(argv)
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bench-incremental-"))
     from etl.config import load_config
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_config("conf/local.yaml")
     cfg.spark.conf.update(BENCH_SPARK)
+    if args.driver_memory:
+        cfg.spark.conf["spark.driver.memory"] = args.driver_memory
     results: list[dict] = []
     for kind, sizes, models in (("metadata", args.meta, False), ("images", args.images, True)):
         for base in (b for b in sizes if b):

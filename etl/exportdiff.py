@@ -59,7 +59,7 @@ from etl.export import (
     write_shards,
 )
 from etl.fs import join
-from etl.lease import check_current
+from etl.lease import check_current, holds
 from etl.redact import redact, redact_text
 from etl.republish import drop_from_shards
 from etl.spark import session_conf
@@ -70,7 +70,7 @@ from etl.uidfile import merge_uids_npy, write_empty_npy, write_uids_npy
 from etl.work import work
 
 GOLD_FROM = "dfn.gold.selection_version"  # the gold_selection version gold_pairs holds
-GOLD_AT = "dfn.gold.table_version"  # the gold_pairs version that holds it (its record is next)
+GOLD_AT = "dfn.gold.table_version"  # the gold_pairs version whose rows hold that selection
 META = ("score", "url", "text", "width", "height")  # the exported columns a sample may change
 KIND = "_dfn_kind"
 
@@ -95,9 +95,9 @@ def update_gold(lake: Lakehouse) -> dict[str, int]:
             feed.release()
     if counts is None:
         counts = write_gold(lake)
-    at = lake.version(GOLD)
-    held = props.get(GOLD_AT) if since == str(version) and props.get(GOLD_AT) == str(at - 1) \
-        else str(at)
+    held = props.get(GOLD_AT)
+    if since != str(version) or held is None or lake.data_changed_since(GOLD, int(held)):
+        held = str(lake.version(GOLD))
     if since != str(version) or props.get(GOLD_AT) != held:
         lake.set_properties(GOLD, {GOLD_FROM: str(version), GOLD_AT: held})
     return counts
@@ -112,9 +112,9 @@ def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str]
                               "rows_rewritten"), 0)
     keys = feed.uids()
     selection = key_side(lake.read(SELECTION).join(keys, "uid", "left_semi"), feed.count)
-    absent = None
-    if feed.born_kept and props.get(GOLD_AT) is not None \
-            and lake.version(GOLD) == int(props[GOLD_AT]) + 1:  # nothing after its record
+    absent = None  # under the lease, and no row changed after its record: gained uids
+    if feed.born_kept and props.get(GOLD_AT) is not None and holds(lake) \
+            and not lake.data_changed_since(GOLD, int(props[GOLD_AT])):
         absent = key_side(feed.keys.where(F.col("born") & ~F.col("deleted")).select("uid"),
                           feed.born_kept)
     with session_conf(lake.spark, prefilter_conf(lake.spark, feed.count)):

@@ -243,18 +243,34 @@ def insert_absent(lake: Lakehouse, rows: DataFrame, table: str, total: int) -> t
         return lake.count_present(rows, table, ["uid"]), lake.insert_new(rows, table, ["uid"])
     if total == 0:
         return 0, 0
+    before = lake.version(table)
     found = lake.present_keys(rows, table, ["uid"]).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         present, keys = found.agg(F.sum("_n"), F.count("*")).first()
-        if not keys:
-            return 0, lake.append_counted(rows, table)
         if present == total:
             return int(present), 0
-        side = F.broadcast(found) if keys <= BROADCAST_KEYS else found
-        new = rows.join(side.select(F.col("_k0").alias("uid")), "uid", "left_anti")
-        return int(present), lake.append_counted(new, table)
+        new = rows
+        if keys:
+            side = F.broadcast(found) if keys <= BROADCAST_KEYS else found
+            new = rows.join(side.select(F.col("_k0").alias("uid")), "uid", "left_anti")
+        holds(lake)  # LeaseLost, rather than an append after another run took over
+        inserted = lake.append_counted(new, table)
+        if lake.version(table) != before + 1:  # another commit landed since the key check
+            _check_unique(lake, table, new)
+        return int(present or 0), inserted
     finally:
         found.unpersist()
+
+
+def _check_unique(lake: Lakehouse, table: str, new: DataFrame) -> None:
+    """Fail loudly when a uid just appended to ``table`` is there twice (a writer outside the
+    lease inserted it meanwhile)."""
+    twice = (lake.read(table).join(new.select("uid"), "uid", "left_semi").groupBy("uid")
+             .count().where(F.col("count") > 1).limit(1).collect())
+    if twice:
+        raise RuntimeError(f"{table} holds uid {twice[0]['uid']} twice: another writer "
+                           "inserted rows while this ingest held the lease; delete the "
+                           "duplicates (DESCRIBE HISTORY shows both commits) before re-running")
 
 
 def check_files_read(read: int, per_file: dict[str, int], stray: int) -> None:

@@ -371,8 +371,7 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     print("select: gold_selection " + ", ".join(f"{k} {v}" for k, v in changes.items()))
     record_selection(lake, " and ".join(p.text for p in rule.parts), cuts,
                      next((p.threshold for p in parts if p.column == "score"), None),
-                     {INPUTS_PROPERTY: inputs_record(fp, versions, lake.version(SELECTION),
-                                                     props)}, props)
+                     {INPUTS_PROPERTY: inputs_record(lake, fp, versions, props)}, props)
     touched = sum(changes[k] for k in ("rows_new", "rows_updated", "rows_removed",
                                        "rows_rewritten"))
     new = changes["rows_new"] if existed else changes["rows_rewritten"]

@@ -31,6 +31,7 @@ from pyspark.sql import functions as F
 from etl.changefeed import Changes, changed_keys, key_side
 from etl.config import Config
 from etl.cuts import Threshold
+from etl.lease import holds
 from etl.rules import RAND, Node, Rule, rand_column
 from etl.tables import BRONZE, DEDUP, SELECTION, SILVER, TARGETS, Lakehouse
 
@@ -57,30 +58,33 @@ def fingerprint(cfg: Config, rule: Rule, basis: dict[str, dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def inputs_record(fp: str, versions: dict[str, int | None], table_version: int,
+def inputs_record(lake: Lakehouse, fp: str, versions: dict[str, int | None],
                   properties: dict[str, str]) -> str:
     """The :data:`INPUTS_PROPERTY` value a selection records, with the ``gold_selection``
-    version it covers (``table_version``: the version now; the record's own commit comes
-    next). When nothing but that commit followed the stored record, the stored one stands
-    (no commit)."""
-    record = {"fingerprint": fp, "versions": versions, "table_version": table_version - 1}
-    same = json.dumps(record, sort_keys=True)
-    if properties.get(INPUTS_PROPERTY) == same:
-        return same
-    return json.dumps({**record, "table_version": table_version}, sort_keys=True)
+    version whose rows it covers (``table_version``). A stored record of the same inputs
+    stands (no commit) while no commit changed the table's rows after it."""
+    record = {"fingerprint": fp, "versions": versions}
+    stored = json.loads(properties.get(INPUTS_PROPERTY) or "{}")
+    covered = stored.get("table_version")
+    if (covered is not None and {k: stored.get(k) for k in record} == record
+            and not lake.data_changed_since(SELECTION, covered)):
+        return properties[INPUTS_PROPERTY]
+    return json.dumps({**record, "table_version": lake.version(SELECTION)}, sort_keys=True)
 
 
 def known_absent(lake: Lakehouse, properties: dict[str, str],
                  found: list[Changes]) -> DataFrame | None:
     """Keys ``gold_selection`` surely lacks: bronze rows inserted since the recorded versions
-    (and still there). Only when no commit reached ``gold_selection`` after its record (a
-    selection stopped between its merge and its record leaves rows the record does not
-    cover); None when there are none or that cannot be shown."""
+    (and still there). Only under this process's lakehouse lease (no other writer moved
+    bronze between the recorded versions and the selection's read) and when no commit changed
+    ``gold_selection``'s rows after its record (a selection stopped between its write and its
+    record leaves rows the record does not cover); None when there are none or that cannot
+    be shown."""
     covered = json.loads(properties.get(INPUTS_PROPERTY) or "{}").get("table_version")
     bronze = next((c for c in found if c.table == BRONZE and c.keys is not None), None)
-    if covered is None or bronze is None or not bronze.born_kept:
+    if covered is None or bronze is None or not bronze.born_kept or not holds(lake):
         return None
-    if lake.version(SELECTION) != covered + 1:
+    if lake.data_changed_since(SELECTION, covered):
         return None
     return key_side(bronze.keys.where(F.col("born") & ~F.col("deleted")).select("uid"),
                     bronze.born_kept)

@@ -105,14 +105,14 @@ def _merge(base: _Records, added: _Records, removed: _Records, out) -> int:
             s.fill()
         if not any(len(s.buf) for s in streams):
             return written
-        more = [s.buf[-1] for s in streams if s.left]  # streams with unread records
-        bound = min(more) if more else None
+        more = [s.buf[-1:] for s in streams if s.left]  # streams with unread records
+        bound = np.sort(np.concatenate(more))[:1] if more else None  # arrays: S16 compares
         base_part, added_part, removed_part = (s.take(bound) for s in streams)
         kept = np.concatenate([base_part, added_part])
         kept.sort(kind="stable")
         if len(kept) > 1 and not (kept[1:] > kept[:-1]).all():
             raise ValueError("an added uid is already in the base file (or a file is unsorted)")
-        if len(kept) and last is not None and not kept[0] > last:
+        if len(kept) and last is not None and not (kept[:1] > last).all():
             raise ValueError("the uid files are not sorted")
         at = np.searchsorted(base_part, removed_part)
         if len(removed_part) and ((at >= len(base_part)).any()
@@ -122,7 +122,7 @@ def _merge(base: _Records, added: _Records, removed: _Records, out) -> int:
         kept = kept[~np.isin(kept, removed_part)]
         if len(kept):
             out.write(_records(kept).tobytes())
-            last = kept[-1]
+            last = kept[-1:]
             written += len(kept)
 
 
@@ -154,7 +154,8 @@ class _Records:
 
     def take(self, bound) -> np.ndarray:
         """The buffered keys up to ``bound`` (all of them when None), removed from the buffer."""
-        end = len(self.buf) if bound is None else int(np.searchsorted(self.buf, bound, "right"))
+        end = (len(self.buf) if bound is None
+               else int(np.searchsorted(self.buf, bound, "right")[0]))
         part, self.buf = self.buf[:end], self.buf[end:]
         return part
 

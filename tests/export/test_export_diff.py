@@ -169,19 +169,25 @@ def test_gold_pairs_compares_only_uids_whose_selection_changed(spark, lake):
 def test_uids_the_selection_gained_are_appended_unless_a_commit_followed_the_record(
         spark, lake, monkeypatch):
     from etl.exportdiff import update_gold
+    from etl.lease import hold
     from etl.tables import Lakehouse
+
+    def update():
+        with hold(lake, "r", "export"):  # only under the lease are gained uids appended
+            return update_gold(lake)
 
     rows = gold_rows(10, null_image=0)
     uids = [r[0] for r in rows]
     lake.overwrite(gold_df(spark, rows).drop("score"), BRONZE)
     sel = spark.sparkContext.parallelize([(u, True, None, 0.5) for u in uids[:4]], 2)
     lake.overwrite(sel.toDF(SEL_SCHEMA), SELECTION)
-    update_gold(lake)
-    update_gold(lake)  # idle: the record stands, no commit
+    update()
     before = lake.version(GOLD)
+    update()
+    assert lake.version(GOLD) == before  # idle: the record stands, no commit
     lake.append(spark.createDataFrame([(uids[4], True, None, 0.5), (uids[5], False, "aspect",
                                                                    0.1)], SEL_SCHEMA), SELECTION)
-    assert update_gold(lake)["rows_new"] == 1
+    assert update()["rows_new"] == 1
     ops = {r[0] for r in lake.history(GOLD, lake.version(GOLD) - before).select(
         "operation").collect()}
     assert "MERGE" not in ops  # the gained uid was appended: gold_pairs was not read
@@ -193,8 +199,8 @@ def test_uids_the_selection_gained_are_appended_unless_a_commit_followed_the_rec
 
     monkeypatch.setattr(Lakehouse, "set_properties", stop)
     with pytest.raises(RuntimeError, match="stopped"):
-        update_gold(lake)  # uids[6] is in gold_pairs; its record still names the last version
+        update()  # uids[6] is in gold_pairs; its record still names the last version
     monkeypatch.undo()
-    update_gold(lake)
+    update()
     got = [r.uid for r in lake.read(GOLD).collect()]
     assert sorted(got) == sorted(uids[:5] + [uids[6]])  # compared, not appended twice

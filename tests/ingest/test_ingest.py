@@ -110,6 +110,28 @@ def test_under_the_lease_new_rows_are_appended_not_merged(spark, lake, datacomp_
 
 
 @pytest.mark.slow
+def test_a_uid_another_writer_inserted_meanwhile_fails_loudly(spark, lake, datacomp_dir,
+                                                             monkeypatch):
+    from etl.lease import hold
+    from etl.tables import Lakehouse
+
+    ingest_source(spark, lake, SourceConf(format="datacomp", path=str(datacomp_dir)))
+    more = datacomp_dir.parent / "more"
+    more.mkdir()
+    pd.DataFrame({"uid": [U2], "url": ["http://m/2.jpg"], "text": ["new"]}).to_parquet(
+        more / "part-0.parquet")
+    real = Lakehouse.append_counted
+
+    def racing(self, df, table):  # a writer outside the lease inserts the same uid first
+        self.append(df, table)
+        return real(self, df, table)
+
+    monkeypatch.setattr(Lakehouse, "append_counted", racing)
+    with hold(lake, "run-race", "ingest"), pytest.raises(RuntimeError, match="twice"):
+        ingest_source(spark, lake, SourceConf(format="datacomp", path=str(more)))
+
+
+@pytest.mark.slow
 def test_a_clean_input_leaves_an_empty_quarantine_that_later_rows_file_into(spark, lake, tmp_path,
                                                                            datacomp_dir):
     clean = tmp_path / "clean"

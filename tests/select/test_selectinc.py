@@ -78,17 +78,26 @@ def test_a_rescored_row_is_compared_and_a_deleted_bronze_row_compares_all(spark,
 def test_new_rows_are_appended_unless_a_commit_followed_the_record(spark, lake, tmp_path,
                                                                    monkeypatch):
     import etl.select
+    from etl.lease import hold
+
+    def select(run_id):
+        with hold(lake, run_id, "select"):  # only under the lease are bronze's new rows new
+            return run_select(lake, conf, run_id)
 
     rows = {"a": 0.9, "b": 0.8, "c": 0.3}
     add_rows(spark, lake, rows)
     conf = cfg_of(lake, keep_fraction=None, min_score=0.5)
-    run_select(lake, conf, "r1")
+    select("r1")
     add_rows(spark, lake, {"d": 0.7, "e": 0.1})
     before = lake.version(SELECTION)
-    counts = run_select(lake, conf, "r2")
+    counts = select("r2")
     assert counts["rows_compared"] == 2 and counts["rows_new"] == 2
     ops = lake.history(SELECTION, lake.version(SELECTION) - before).select("operation").collect()
     assert "MERGE" not in {r[0] for r in ops}  # new bronze rows: appended, the table not read
+    spark.sql(f"OPTIMIZE {lake.name(SELECTION)}")  # moves the version, not the rows
+    version = lake.version(SELECTION)
+    select("idle")
+    assert lake.version(SELECTION) == version  # the record stands: no commit
 
     def stop(*args, **kwargs):
         raise RuntimeError("stopped before the record")
@@ -96,9 +105,9 @@ def test_new_rows_are_appended_unless_a_commit_followed_the_record(spark, lake, 
     add_rows(spark, lake, {"f": 0.95, "g": 0.2})
     monkeypatch.setattr(etl.select, "record_selection", stop)
     with pytest.raises(RuntimeError, match="stopped"):
-        run_select(lake, conf, "r3")  # f and g are in the table, the record still says r2's
+        select("r3")  # f and g are in the table, the record still says r2's
     monkeypatch.undo()
-    counts = run_select(lake, conf, "r4")
+    counts = select("r4")
     uids = [r.uid for r in lake.read(SELECTION).collect()]
     assert sorted(uids) == sorted(set(uids))  # compared, not appended again
     assert counts["rows_new"] == 0
