@@ -50,6 +50,11 @@ class Changes:
         """The changed keys (one column), broadcast when few (:func:`key_side`)."""
         return key_side(self.keys.select(key), self.count)
 
+    def born_uids(self, key: str = "uid") -> DataFrame:
+        """The keys born since ``since`` and still present (one column), broadcast when few."""
+        return key_side(self.keys.where(F.col("born") & ~F.col("deleted")).select(key),
+                        self.born_kept)
+
     def release(self) -> None:
         """Drop the persisted keys."""
         if self.keys is not None:

@@ -115,8 +115,7 @@ def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str]
     absent = None  # under the lease, and no row changed after its record: gained uids
     if feed.born_kept and props.get(GOLD_AT) is not None and holds(lake) \
             and not lake.data_changed_since(GOLD, int(props[GOLD_AT])):
-        absent = key_side(feed.keys.where(F.col("born") & ~F.col("deleted")).select("uid"),
-                          feed.born_kept)
+        absent = feed.born_uids()
     with session_conf(lake.spark, prefilter_conf(lake.spark, feed.count)):
         gold = without_removed(lake, gold_pairs(selection, lake.read(BRONZE)))
         if not same_shape(lake, gold, GOLD):

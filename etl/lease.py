@@ -369,9 +369,7 @@ def holds(lake: Lakehouse) -> bool:
 def check_current(lake: Lakehouse) -> None:
     """:func:`check_held` on the lease this process holds on ``lake`` (none held: nothing to
     check), for a boundary inside a step (e.g. before export publishes its manifest)."""
-    with _GUARD:
-        lease = _HELD.get(lake.name(LEASES))
-    check_held(lease)
+    holds(lake)
 
 
 def _ts(seconds: float) -> str:

@@ -86,8 +86,7 @@ def known_absent(lake: Lakehouse, properties: dict[str, str],
         return None
     if lake.data_changed_since(SELECTION, covered):
         return None
-    return key_side(bronze.keys.where(F.col("born") & ~F.col("deleted")).select("uid"),
-                    bronze.born_kept)
+    return bronze.born_uids()
 
 
 def changed_rows(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Threshold],

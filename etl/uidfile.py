@@ -40,11 +40,14 @@ def write_uids_npy(df: DataFrame, path: str, store: Store | None = None,
     Tasks each write the raw records of one uid range next to ``path``; the driver writes the
     header and streams the parts in range order into ``path`` (16 bytes a uid; no uid is held
     in driver memory), then removes the parts. ``rows``: ``df``'s row count when known; at
-    most :data:`FEW_UIDS`, the uids are collected and written by the driver (one job).
+    most :data:`FEW_UIDS`, the uids are collected and written by the driver (one job; more
+    rows than that found there after all: the tasks write them).
     """
     store, path = store or Store(), str(path)
-    if rows is not None and rows <= FEW_UIDS:
-        uids = sorted({r[0] for r in df.select("uid").collect()})  # at most FEW_UIDS
+    few = (df.select("uid").limit(FEW_UIDS + 1).collect()
+           if rows is not None and rows <= FEW_UIDS else [])
+    if 0 < len(few) <= FEW_UIDS:
+        uids = sorted({r[0] for r in few})
         bad = next((u for u in uids if not _HEX.fullmatch(u or "")), None)
         if bad is not None:
             raise ValueError(f"uids.npy needs 32 lowercase hex digit uids, got {bad!r}")
