@@ -31,7 +31,8 @@ class Changes:
     """The keys of one table that changed after version ``since`` up to ``version``: ``keys``
     (``key``; ``deleted``: whether its last change deleted it; ``born``: whether its first
     change inserted it, so the table lacked it at ``since``), persisted; ``count`` of them,
-    how many are ``deleted`` and how many ``born`` and still present (``born_kept``)."""
+    how many are ``deleted``, how many ``born`` and still present (``born_kept``) and how many
+    of those changed only by their insert (``appended``)."""
 
     table: str
     since: int
@@ -40,6 +41,7 @@ class Changes:
     count: int
     deleted: int
     born_kept: int = 0
+    appended: int = 0
 
     def only_born(self) -> bool:
         """Whether every changed key is a row the table lacked at ``since`` and still holds
@@ -54,6 +56,11 @@ class Changes:
         """The keys born since ``since`` and still present (one column), broadcast when few."""
         return key_side(self.keys.where(F.col("born") & ~F.col("deleted")).select(key),
                         self.born_kept)
+
+    def only_appended(self) -> bool:
+        """Whether every change was an insert of a new key (an append-only window): the
+        feed's inserted rows are then the table's rows of those keys."""
+        return self.count == self.appended > 0
 
     def release(self) -> None:
         """Drop the persisted keys."""
@@ -90,17 +97,29 @@ def changed_keys(lake: Lakehouse, table: str, since: int | None, until: int | No
                                                           F.col(CHANGE) != DELETE))
         first = F.min_by(F.col(CHANGE) == INSERT, F.struct("_commit_version",
                                                            F.col(CHANGE) == INSERT))
-        keys = (rows.groupBy(key).agg(last.alias("deleted"), first.alias("born"))
+        keys = (rows.groupBy(key).agg(last.alias("deleted"), first.alias("born"),
+                                      (F.count("*") == 1).alias("once"))
                 .persist(StorageLevel.MEMORY_AND_DISK))
-        counts = keys.groupBy("deleted", "born").count().collect()  # at most four rows
+        counts = keys.groupBy("deleted", "born", "once").count().collect()  # at most 8 rows
     except Exception as exc:  # noqa: BLE001 - feed off, files gone, schema changed: say which
         if keys is not None:
             keys.unpersist()
         return f"{table}: its change feed since version {since} is unreadable ({_line(exc)})"
-    total = sum(int(r[2]) for r in counts)
-    deleted = sum(int(r[2]) for r in counts if r[0])
-    born_kept = sum(int(r[2]) for r in counts if r[1] and not r[0])
-    return Changes(table, since, current, keys, total, deleted, born_kept)
+    total = sum(int(r[3]) for r in counts)
+    deleted = sum(int(r[3]) for r in counts if r[0])
+    born_kept = sum(int(r[3]) for r in counts if r[1] and not r[0])
+    appended = sum(int(r[3]) for r in counts if r[1] and not r[0] and r[2])
+    return Changes(table, since, current, keys, total, deleted, born_kept, appended)
+
+
+def appended_rows(lake: Lakehouse, changes: Changes) -> DataFrame | None:
+    """The rows ``changes`` appended, read from the feed (what those commits wrote, not the
+    table), when every change was an insert of a new key; else None."""
+    if not changes.only_appended():
+        return None
+    rows = feed_rows(lake, changes.table, changes.since, changes.version)
+    return rows.where(F.col(CHANGE) == INSERT).drop(CHANGE, "_commit_version",
+                                                   "_commit_timestamp")
 
 
 def feed_enabled(lake: Lakehouse, table: str) -> bool:

@@ -51,49 +51,72 @@ def is_dropped(score: float | None, threshold: float | None) -> bool:
 
 def fraction_threshold(df: DataFrame, col: str, fraction: float, small: int = SMALL) -> Threshold:
     """DataComp's keep-fraction threshold over the non-null values of ``col``."""
-    scores = df.select(F.col(col).alias("v")).where(F.col("v").isNotNull())
-    n_scored = scores.count()
+    values = _values(df, col)
+    summary = _summary(values)
+    n_scored = summary[0]
     n = int(n_scored * fraction)
     if n >= n_scored:
         return Threshold("keep_fraction", None, n_scored, n)
-    return Threshold("keep_fraction", kth_largest(scores, "v", n, small, n_scored), n_scored, n)
+    return Threshold("keep_fraction", _kth(values, n, summary, small, 64), n_scored, n)
 
 
 def kth_largest(df: DataFrame, col: str, k: int, small: int = SMALL,
                 count: int | None = None, buckets: int = 64) -> float:
-    """Exact value at 0-based position ``k`` of ``col`` sorted descending (nulls excluded).
+    """Exact value at 0-based position ``k`` of ``col`` sorted descending (nulls excluded; NaN
+    sorts above every number, as in Spark).
 
-    Never collects the column: values are bucketed by approximate quantiles, only per-bucket
-    counts come to the driver, and the search narrows to the bucket holding position ``k``
-    until at most ``small`` values remain, whose top ``k + 1`` are then taken exactly.
+    Never collects the column: one pass takes the count and the range, then each pass counts
+    the values per equal-width bucket of the range (``width_bucket``: compiled, unlike a
+    search over quantile bounds) and narrows to the bucket holding position ``k``, until at
+    most ``small`` values remain, whose top ``k + 1`` are then taken exactly. ``count``, when
+    given, is checked against the pass's own.
     """
-    values = df.select(F.col(col).cast("double").alias("v")).where(F.col("v").isNotNull())
-    n = values.count() if count is None else count
+    values = _values(df, col)
+    summary = _summary(values)
+    if count is not None and count != summary[0]:
+        raise ValueError(f"{col}: {summary[0]} values, not the {count} expected")
+    return _kth(values, k, summary, small, buckets)
+
+
+def _values(df: DataFrame, col: str) -> DataFrame:
+    return df.select(F.col(col).cast("double").alias("v")).where(F.col("v").isNotNull())
+
+
+def _summary(values: DataFrame) -> tuple[int, float | None, float | None, int]:
+    """One pass: (values, min and max of the numbers, NaNs)."""
+    v = F.col("v")
+    number = F.when(~F.isnan(v), v)
+    row = values.agg(F.count("*"), F.min(number), F.max(number),
+                     F.count(F.when(F.isnan(v), 1))).first()
+    return row[0], row[1], row[2], row[3]
+
+
+def _kth(values: DataFrame, k: int, summary: tuple[int, float | None, float | None, int],
+         small: int, buckets: int) -> float:
+    n, lo, hi, nans = summary
     if not 0 <= k < n:
         raise ValueError(f"position {k} is outside 0..{n - 1}")
-    while n > small:
-        lo, hi, before, size = _bucket_of(values, k, buckets)
-        if lo == hi:
-            return hi
-        if size == n:  # quantiles did not split (heavy ties at the low end): peel the minimum
-            above = values.where(F.col("v") > lo)
-            n_above = above.count()
-            if k >= n_above:
-                return lo
-            values, n = above, n_above
-            continue
-        values, k, n = values.where(F.col("v").between(lo, hi)), k - before, size
+    if k < nans:
+        return float("nan")
+    v = F.col("v")
+    values, k, n = values.where(~F.isnan(v)), k - nans, n - nans
+    while n > small and lo < hi:
+        lo, hi, before, n = _bucket_of(values, k, lo, hi, buckets)
+        values, k = values.where(v.between(lo, hi)), k - before
+    if lo == hi:  # every value left is the same
+        return hi
     return values.orderBy(F.desc("v")).limit(k + 1).agg(F.min("v")).first()[0]
 
 
-def _bucket_of(values: DataFrame, k: int, buckets: int) -> tuple[float, float, int, int]:
-    """(min, max, rows before, rows) of the quantile bucket holding descending position k."""
-    qs = values.approxQuantile("v", [i / buckets for i in range(1, buckets)], 0.25 / buckets)
-    bounds = F.array(*[F.lit(float(x)) for x in sorted(set(qs), reverse=True)])
-    bucket = F.size(F.filter(bounds, lambda b: b > F.col("v")))
+def _bucket_of(values: DataFrame, k: int, lo: float, hi: float,
+               buckets: int) -> tuple[float, float, int, int]:
+    """(min, max, rows before, rows) of the equal-width bucket of [lo, hi] holding descending
+    position k. The bucket is monotone in the value, so buckets never interleave and a
+    bucket's rows are exactly those between its min and max."""
+    bucket = F.width_bucket(F.col("v"), F.lit(lo), F.lit(hi), F.lit(buckets))
     stats = (values.groupBy(bucket.alias("b"))
              .agg(F.count("*").alias("n"), F.min("v").alias("lo"), F.max("v").alias("hi"))
-             .orderBy("b").collect())
+             .orderBy(F.desc("b")).collect())  # at most buckets + 1 rows
     before = 0
     for row in stats:
         if k < before + row["n"]:

@@ -39,7 +39,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from etl.changefeed import Changes, changed_keys, key_side
+from etl.changefeed import Changes, appended_rows, changed_keys, key_side
 from etl.config import Config
 from etl.export import (
     FORMAT,
@@ -48,6 +48,7 @@ from etl.export import (
     export_files,
     gold_compared,
     gold_pairs,
+    kept_rows,
     output_dir,
     prefilter_conf,
     publish,
@@ -71,6 +72,7 @@ from etl.work import work
 
 GOLD_FROM = "dfn.gold.selection_version"  # the gold_selection version gold_pairs holds
 GOLD_AT = "dfn.gold.table_version"  # the gold_pairs version whose rows hold that selection
+GOLD_BRONZE = "dfn.gold.bronze_version"  # the bronze version read then (where its feed starts)
 META = ("score", "url", "text", "width", "height")  # the exported columns a sample may change
 KIND = "_dfn_kind"
 
@@ -83,13 +85,15 @@ def update_gold(lake: Lakehouse) -> dict[str, int]:
     its record); else every kept row (:func:`etl.export.write_gold`). Records the selection
     version it read and the ``gold_pairs`` version that holds it (a metadata commit, only
     when they moved)."""
+    bronze = lake.version(BRONZE)
     version = lake.version(SELECTION)
     props = lake.properties(GOLD) if lake.exists(GOLD) else {}
     since = props.get(GOLD_FROM)
     feed = (changed_keys(lake, SELECTION, int(since), version) if since is not None
             else "gold_pairs records no selection version")
     try:
-        counts = _update_within(lake, feed, props) if isinstance(feed, Changes) else None
+        counts = (_update_within(lake, feed, props, bronze) if isinstance(feed, Changes)
+                  else None)
     finally:
         if isinstance(feed, Changes):
             feed.release()
@@ -99,25 +103,39 @@ def update_gold(lake: Lakehouse) -> dict[str, int]:
     if since != str(version) or held is None or lake.data_changed_since(GOLD, int(held)):
         held = str(lake.version(GOLD))
     if since != str(version) or props.get(GOLD_AT) != held:
-        lake.set_properties(GOLD, {GOLD_FROM: str(version), GOLD_AT: held})
+        lake.set_properties(GOLD, {GOLD_FROM: str(version), GOLD_AT: held,
+                                   GOLD_BRONZE: str(bronze)})
     return counts
 
 
-def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str]
+def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str], bronze: int
                    ) -> dict[str, int] | None:
     """:func:`update_gold` over the uids ``feed`` names (None: ``gold_pairs`` has other
-    columns now, so it is rewritten)."""
+    columns now, so it is rewritten). The bronze rows of uids that bronze's change feed since
+    the recorded version (``GOLD_BRONZE``, up to ``bronze``) appended are read from the feed;
+    bronze itself is read only for the others, when any is kept."""
     if feed.keys is None:  # no commit reached the selection since
         return dict.fromkeys(("rows_new", "rows_updated", "rows_removed", "rows_changed",
                               "rows_rewritten"), 0)
     keys = feed.uids()
-    selection = key_side(lake.read(SELECTION).join(keys, "uid", "left_semi"), feed.count)
+    selection = appended_rows(lake, feed)  # an append-only window: the feed holds the rows
+    if selection is None:
+        selection = key_side(lake.read(SELECTION).join(keys, "uid", "left_semi"), feed.count)
     absent = None  # under the lease, and no row changed after its record: gained uids
     if feed.born_kept and props.get(GOLD_AT) is not None and holds(lake) \
             and not lake.data_changed_since(GOLD, int(props[GOLD_AT])):
         absent = feed.born_uids()
+    appended = _bronze_appended(lake, props, bronze)
     with session_conf(lake.spark, prefilter_conf(lake.spark, feed.count)):
-        gold = without_removed(lake, gold_pairs(selection, lake.read(BRONZE)))
+        if appended is None:
+            pairs = gold_pairs(selection, lake.read(BRONZE))
+        else:
+            rows, born = appended
+            pairs = gold_pairs(selection, rows)
+            rest = selection.join(born.uids(), "uid", "left_anti")
+            if not kept_rows(rest).select("uid").isEmpty():  # kept, and not new to bronze
+                pairs = pairs.unionByName(gold_pairs(rest, lake.read(BRONZE)))
+        gold = without_removed(lake, pairs)
         if not same_shape(lake, gold, GOLD):
             return None
         gold = gold.persist(StorageLevel.MEMORY_AND_DISK)  # the changed uids' rows: read once
@@ -126,6 +144,25 @@ def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str]
                         absent=absent)
         finally:
             gold.unpersist()
+            if appended is not None:
+                appended[1].release()
+
+
+def _bronze_appended(lake: Lakehouse, props: dict[str, str], bronze: int
+                     ) -> tuple[DataFrame, Changes] | None:
+    """The rows bronze's feed appended since ``GOLD_BRONZE`` (to ``bronze``) and the feed's
+    keys (release them), when every change since was such an append; else None."""
+    since = props.get(GOLD_BRONZE)
+    if since is None:
+        return None
+    found = changed_keys(lake, BRONZE, int(since), bronze)
+    if not isinstance(found, Changes):
+        return None
+    rows = appended_rows(lake, found)
+    if rows is None:
+        found.release()
+        return None
+    return rows, found
 
 
 def publish_export(lake: Lakehouse, cfg: Config, run_id: str, out: str, prev: dict | None,

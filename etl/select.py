@@ -31,6 +31,7 @@ none did; only the rows whose inputs changed or that a moved cut passed are comp
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 
 import pandas as pd
@@ -62,6 +63,7 @@ from etl.selectinc import (
     input_versions,
     inputs_record,
     known_absent,
+    with_rand,
 )
 from etl.silver import alias_scores, scored_pool, selection_model_id
 from etl.tables import BRONZE, DEDUP, SELECTION, Lakehouse
@@ -285,13 +287,13 @@ def cut_lines(cuts: dict[str, Threshold]) -> list[str]:
 # ---- edges: lakehouse reads and writes ---------------------------------------------------
 
 
-def selection_pool(lake: Lakehouse, cfg: Config) -> DataFrame:
-    """Bronze pairs with what the selection's rule reads: the selection model's ``score``
-    (only when a part reads it), ``model:<id>`` aliases' scores, ``silver_targets`` columns,
-    ``caption_in_vocab``, ``caption_in21k``."""
+def selection_pool(lake: Lakehouse, cfg: Config, bronze: DataFrame | None = None) -> DataFrame:
+    """Bronze pairs (``bronze``: these of its rows) with what the selection's rule reads: the
+    selection model's ``score`` (only when a part reads it), ``model:<id>`` aliases' scores,
+    ``silver_targets`` columns, ``caption_in_vocab``, ``caption_in21k``."""
     conf = cfg.select
     cols = selection_rule(conf).columns()
-    pool = scored_pool(lake, cfg, with_scores=needs_scores(conf))
+    pool = scored_pool(lake, cfg, with_scores=needs_scores(conf), bronze=bronze)
     for alias, src in conf.scores.items():
         if src.startswith("model:") and _alias_column(alias, src) in cols:
             pool = pool.join(alias_scores(lake, src[len("model:"):], _alias_column(alias, src)),
@@ -362,7 +364,8 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
                      for k, v in recorded.items()})
     cuts = {k: replace(v, basis=basis.get(k)) for k, v in cuts.items()}
     fp = fingerprint(cfg, rule, basis)
-    changes = write_selection(lake, out, rule, cuts, props, fp, versions)
+    changes = write_selection(lake, out, rule, cuts, props, fp, versions,
+                              appended_selection(lake, cfg, dedup, rule, applied, cuts))
     funnel = Funnel.of(lake.read(SELECTION), selection_reasons(cfg.select))
     funnel.print()
     changes.setdefault("rows_compared", funnel.pool)
@@ -381,17 +384,39 @@ def run_select(lake: Lakehouse, cfg: Config, run_id: str) -> dict[str, int]:
     return metrics
 
 
+def appended_selection(lake: Lakehouse, cfg: Config, dedup: DataFrame | None, rule: Rule,
+                       applied: Rule, cuts: dict[str, Threshold]
+                       ) -> Callable[[DataFrame], DataFrame | None]:
+    """The selection of some bronze rows (those a feed says were appended) as the pool's
+    selection decides them: ``applied`` with every cut fixed at the value ``cuts`` resolved
+    over the pool (cuts are applied by value); None when a cut has no value to fix (resolved
+    over no rows)."""
+    fixed, missing = frozen_rule(applied, {t: {"kind": c.rule, "value": c.value,
+                                               "N": c.n_scored, "n": c.position}
+                                           for t, c in cuts.items()})
+
+    def make(bronze: DataFrame) -> DataFrame | None:
+        if missing:
+            return None
+        pre = with_rand(rule_pre(selection_pool(lake, cfg, bronze=bronze), dedup, rule), rule)
+        return apply_selection(pre, fixed)[0]
+
+    return make
+
+
 def write_selection(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Threshold],
-                    props: dict[str, str], fp: str, versions: dict[str, int | None]
+                    props: dict[str, str], fp: str, versions: dict[str, int | None],
+                    appended_out: Callable[[DataFrame], DataFrame | None] | None = None
                     ) -> dict[str, int]:
     """Merge the new selection ``out`` (read from input ``versions``) into ``gold_selection``:
     only the rows that can have changed are compared when that can be told
-    (``rows_compared``), else every row."""
+    (``rows_compared``; rows new to bronze made from its feed by ``appended_out``), else
+    every row."""
     # the per-row threshold moves whenever a fraction cut's pool grows: left out of the
     # comparison, so only rows whose decision (or data) changed are rewritten
     compare = [c for c in out.columns if c not in ("uid", "threshold")]
     watch = ("kept", "drop_reason")
-    narrowed = (changed_rows(lake, out, rule, cuts, props, fp, versions)
+    narrowed = (changed_rows(lake, out, rule, cuts, props, fp, versions, appended_out)
                 if props and same_shape(lake, out, SELECTION) else None)
     if not isinstance(narrowed, tuple):
         if narrowed is not None:

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from etl.changefeed import Changes, changed_keys, key_side
+from etl.changefeed import Changes, appended_rows, changed_keys, key_side
 from etl.config import Config
 from etl.cuts import Threshold
 from etl.lease import holds
@@ -90,12 +91,18 @@ def known_absent(lake: Lakehouse, properties: dict[str, str],
 
 
 def changed_rows(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Threshold],
-                 properties: dict[str, str], fp: str, current: dict[str, int | None]
+                 properties: dict[str, str], fp: str, current: dict[str, int | None],
+                 appended_out: Callable[[DataFrame], DataFrame | None] | None = None
                  ) -> tuple[DataFrame, list[Changes]] | str:
     """``out`` (the new selection, every pool row) narrowed to the rows whose decision may
     differ from ``gold_selection``'s (``properties``: its table properties; ``current``: the
     input versions ``out`` read), with the feeds read (release them after use); or why it
-    cannot be narrowed."""
+    cannot be narrowed.
+
+    ``appended_out`` makes the selection's rows of given bronze rows; when bronze's changes
+    are all appends, the rows new to bronze are made from the rows its feed appended, and
+    ``out`` is read only for the other changed keys and the cuts' band, when there are any:
+    an append-only increment then never reads the pool's wide rows."""
     from etl.provenance import CUTS_PROPERTY
 
     recorded = json.loads(properties.get(INPUTS_PROPERTY) or "{}")
@@ -108,17 +115,41 @@ def changed_rows(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Th
     found = _changes(lake, recorded.get("versions", {}), current)
     if isinstance(found, str):
         return found
-    out = with_rand(out, rule)
+    bronze = next((c for c in found if c.table == BRONZE), None)
+    appended = appended_rows(lake, bronze) if bronze and appended_out else None
+    made = appended_out(appended) if appended is not None else None
+    if made is None:
+        return _marked(with_rand(out, rule), band, found), found
+    print(f"select: {bronze.appended} rows new to bronze made from its change feed (the "
+          "pool's other rows read only where another input changed or a cut moved)")
+    others = [c for c in found if c.table != BRONZE]
+    rest = _marked(with_rand(out, rule), band, others, skip=bronze.born_uids())
+    return _union_nonempty(made.select(*out.columns), rest), found
+
+
+def _marked(out: DataFrame, band: Column | None, found: list[Changes],
+            skip: DataFrame | None = None) -> DataFrame:
+    """Rows of ``out`` whose key ``found`` holds or that lie in the cuts' ``band``, less the
+    keys in ``skip``."""
     keys = [c.keys.select("uid") for c in found if c.keys is not None]
-    if not keys:
-        return out.where(band).drop(RAND), found
-    changed = keys[0]
-    for more in keys[1:]:
-        changed = changed.unionByName(more)
-    marked = key_side(changed.distinct().withColumn(CHANGED, F.lit(True)),
-                      sum(c.count for c in found))
-    rows = out.join(marked, "uid", "left").where(F.col(CHANGED).isNotNull() | band)
-    return rows.drop(CHANGED, RAND), found
+    where = F.lit(False) if band is None else band
+    if keys:
+        changed = keys[0]
+        for more in keys[1:]:
+            changed = changed.unionByName(more)
+        marked = key_side(changed.distinct().withColumn(CHANGED, F.lit(True)),
+                          sum(c.count for c in found))
+        out, where = out.join(marked, "uid", "left"), F.col(CHANGED).isNotNull() | where
+    rows = out.where(where)
+    if skip is not None:
+        rows = rows.join(skip, "uid", "left_anti")
+    return rows.drop(CHANGED, RAND)
+
+
+def _union_nonempty(first: DataFrame, rest: DataFrame) -> DataFrame:
+    """``first`` and ``rest``; ``rest``'s keys are found by a narrow pass first, and its wide
+    rows read only when there are some."""
+    return first if rest.select("uid").isEmpty() else first.unionByName(rest)
 
 
 def _changes(lake: Lakehouse, versions: dict[str, int | None],
@@ -144,20 +175,23 @@ def _changes(lake: Lakehouse, versions: dict[str, int | None],
     return found
 
 
-def cut_band(rule: Rule, new: dict[str, Threshold], old: dict[str, dict]) -> Column | str:
+def cut_band(rule: Rule, new: dict[str, Threshold], old: dict[str, dict]
+             ) -> Column | str | None:
     """Rows on which some cut of ``rule`` decides differently with its ``old`` (recorded) and
-    ``new`` value; or why they cannot be told (the cuts differ)."""
+    ``new`` value (None: no cut moved); or why they cannot be told (the cuts differ)."""
     nodes = {n.text: n for part in rule.parts for n in _cut_nodes(part)}
     if set(new) != set(old) or not set(nodes) <= set(new):
         return "the selection's cuts differ from the recorded ones"
-    band: Column = F.lit(False)
+    band: Column | None = None
     for text, thr in new.items():
         node = nodes.get(text)
         if node is None:  # a fixed threshold of the rule's own text: the fingerprint holds it
             continue
-        then = _passes(node, old[text].get("value"), old[text].get("n"))
-        now = _passes(node, thr.value, thr.position)
-        band = band | ~then.eqNullSafe(now)
+        was, n_was = old[text].get("value"), old[text].get("n")
+        if was == thr.value and (was is not None or bool(n_was) == bool(thr.position)):
+            continue  # decides every row as before
+        moved = ~_passes(node, was, n_was).eqNullSafe(_passes(node, thr.value, thr.position))
+        band = moved if band is None else band | moved
     return band
 
 

@@ -67,14 +67,16 @@ def alias_scores(lake: Lakehouse, model_id: str, column: str) -> DataFrame:
     return silver.select("uid", score_value("score").alias(column))
 
 
-def scored_pool(lake: Lakehouse, cfg: Config, with_scores: bool = True) -> DataFrame:
-    """Bronze pairs (no image bytes) with the configured score column as ``score``.
+def scored_pool(lake: Lakehouse, cfg: Config, with_scores: bool = True,
+                bronze: DataFrame | None = None) -> DataFrame:
+    """Bronze pairs (no image bytes) with the configured score column as ``score``
+    (``bronze``: these rows of it instead, e.g. those a change feed says were appended).
 
     ``select.score_column: score`` reads the selection model's silver scores, joined only when
     ``with_scores`` (a selection that reads no score does not need ``silver_scores``; its
     ``score`` is null); any other value names a bronze column.
     """
-    bronze = lake.read(BRONZE).drop("image")
+    bronze = (lake.read(BRONZE) if bronze is None else bronze).drop("image")
     col = cfg.select.score_column
     if col == "score":
         bronze = bronze.drop("score", "score_error")

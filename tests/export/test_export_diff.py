@@ -204,3 +204,28 @@ def test_uids_the_selection_gained_are_appended_unless_a_commit_followed_the_rec
     update()
     got = [r.uid for r in lake.read(GOLD).collect()]
     assert sorted(got) == sorted(uids[:5] + [uids[6]])  # compared, not appended twice
+
+
+@pytest.mark.slow
+def test_rows_new_to_bronze_are_read_from_its_feed_not_from_bronze(spark, lake):
+    from urllib.parse import urlparse
+
+    from etl.exportdiff import update_gold
+
+    rows = gold_rows(13, null_image=0)
+    uids = [r[0] for r in rows]
+    lake.overwrite(gold_df(spark, rows[:10]).drop("score"), BRONZE)
+    select(spark, lake, rows[:10], set(uids[:4]))
+    update_gold(lake)
+    old_files = lake.read(BRONZE).inputFiles()
+    lake.append(gold_df(spark, rows[10:], parts=1).drop("score"), BRONZE)
+    lake.append(spark.createDataFrame([(uids[10], True, None, 0.8), (uids[11], True, None, 0.7),
+                                       (uids[12], False, "aspect", 0.1)], SEL_SCHEMA),
+                SELECTION)
+    for f in old_files:  # a read of bronze's old rows would now fail
+        Path(urlparse(f).path).unlink()
+    counts = update_gold(lake)
+    assert (counts["rows_new"], counts["rows_updated"], counts["rows_removed"]) == (2, 0, 0)
+    got = {r.uid: (r.url, r.text, r.image, r.score) for r in lake.read(GOLD).collect()}
+    want = {r[0]: (r[1], r[2], r[3], s) for r, s in ((rows[10], 0.8), (rows[11], 0.7))}
+    assert {u: got[u] for u in want} == want and set(got) == set(uids[:4] + uids[10:12])

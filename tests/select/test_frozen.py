@@ -79,11 +79,12 @@ def test_frozen_keeps_the_recorded_threshold_and_merges_only_new_rows(spark, lak
 
 @pytest.mark.slow
 def test_recompute_equals_a_from_scratch_run_and_counts_changed_decisions(spark, lake,
-                                                                          tmp_path):
+                                                                          tmp_path, capsys):
     add_rows(spark, lake, FIRST)
     run_select(lake, cfg_of(lake, "recompute"), "r1")
     add_rows(spark, lake, SECOND)
     counts = run_select(lake, cfg_of(lake, "recompute"), "r2")
+    assert "4 rows new to bronze made from its change feed" in capsys.readouterr().out
     fresh = Lakehouse(spark, LakehouseConf(root=str(tmp_path / "fresh")))
     add_rows(spark, fresh, {**FIRST, **SECOND})
     run_select(fresh, cfg_of(fresh, "recompute"), "f1")

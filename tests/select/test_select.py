@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -98,6 +99,18 @@ def test_kth_largest_exact_under_heavy_ties(spark):
     with pytest.raises(ValueError):
         kth_largest(df, "score", len(values))
     df.unpersist()
+
+
+def test_kth_largest_sorts_nan_above_numbers_as_spark_does(spark):
+    values = [2.0, float("nan"), 7.0, None, float("nan"), -1.0] + [float(i) for i in range(20)]
+    df = scores_df(spark, values)
+    ref = sorted((v for v in values if v is not None and v == v), reverse=True)
+    assert math.isnan(kth_largest(df, "score", 0, small=2, buckets=3))
+    assert math.isnan(kth_largest(df, "score", 1, small=2, buckets=3))
+    for k in (2, 5, 13, 22, 23):
+        assert kth_largest(df, "score", k, small=2, buckets=3) == ref[k - 2], k
+    with pytest.raises(ValueError, match="not the 99 expected"):
+        kth_largest(df, "score", 0, count=99)
 
 
 def pool_rows():

@@ -113,3 +113,23 @@ def test_new_rows_are_appended_unless_a_commit_followed_the_record(spark, lake, 
     assert counts["rows_new"] == 0
     rows.update({"d": 0.7, "e": 0.1, "f": 0.95, "g": 0.2})
     assert decisions(lake) == fresh_of(spark, tmp_path, rows, keep_fraction=None, min_score=0.5)
+
+
+@pytest.mark.slow
+def test_rows_new_to_bronze_from_its_feed_and_old_rows_whose_score_changed(spark, lake,
+                                                                          tmp_path, capsys):
+    first = {f"u{i}": i / 10 for i in range(10)}
+    add_rows(spark, lake, first)
+    run_select(lake, cfg_of(lake), "r1")
+    add_rows(spark, lake, {"n1": 0.95, "n2": 0.05, "n3": 0.55})
+    # an old row and a new one rescored after the append: the new one is made from the feed
+    # with its current score, the old one read from the pool
+    lake.spark.sql(f"UPDATE {lake.name(SILVER)} SET score = 0.99 WHERE uid IN ('u1', 'n2')")
+    capsys.readouterr()
+    counts = run_select(lake, cfg_of(lake), "r2")
+    assert "3 rows new to bronze made from its change feed" in capsys.readouterr().out
+    scores = {**first, "u1": 0.99, "n1": 0.95, "n2": 0.99, "n3": 0.55}
+    assert decisions(lake) == fresh_of(spark, tmp_path, scores)
+    assert counts["rows_new"] == 3 and 4 <= counts["rows_compared"] < 13
+    uids = [r.uid for r in lake.read(SELECTION).collect()]
+    assert sorted(uids) == sorted(set(uids))
