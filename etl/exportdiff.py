@@ -111,9 +111,9 @@ def update_gold(lake: Lakehouse) -> dict[str, int]:
 def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str], bronze: int
                    ) -> dict[str, int] | None:
     """:func:`update_gold` over the uids ``feed`` names (None: ``gold_pairs`` has other
-    columns now, so it is rewritten). The bronze rows of uids that bronze's change feed since
-    the recorded version (``GOLD_BRONZE``, up to ``bronze``) appended are read from the feed;
-    bronze itself is read only for the others, when any is kept."""
+    columns now, so it is rewritten). When every kept uid among them was appended to bronze
+    since the recorded version (``GOLD_BRONZE``, up to ``bronze``), their rows are read from
+    bronze's feed; else from bronze."""
     if feed.keys is None:  # no commit reached the selection since
         return dict.fromkeys(("rows_new", "rows_updated", "rows_removed", "rows_changed",
                               "rows_rewritten"), 0)
@@ -127,14 +127,13 @@ def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str], bronze
         absent = feed.born_uids()
     appended = _bronze_appended(lake, props, bronze)
     with session_conf(lake.spark, prefilter_conf(lake.spark, feed.count)):
-        if appended is None:
-            pairs = gold_pairs(selection, lake.read(BRONZE))
-        else:
+        pairs = None
+        if appended is not None:  # every kept uid new to bronze: its feed holds their rows
             rows, born = appended
-            pairs = gold_pairs(selection, rows)
-            rest = selection.join(born.uids(), "uid", "left_anti")
-            if not kept_rows(rest).select("uid").isEmpty():  # kept, and not new to bronze
-                pairs = pairs.unionByName(gold_pairs(rest, lake.read(BRONZE)))
+            if kept_rows(selection.join(born.uids(), "uid", "left_anti")).isEmpty():
+                pairs = gold_pairs(selection, rows)
+        if pairs is None:
+            pairs = gold_pairs(selection, lake.read(BRONZE))
         gold = without_removed(lake, pairs)
         if not same_shape(lake, gold, GOLD):
             return None

@@ -99,10 +99,9 @@ def changed_rows(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Th
     input versions ``out`` read), with the feeds read (release them after use); or why it
     cannot be narrowed.
 
-    ``appended_out`` makes the selection's rows of given bronze rows; when bronze's changes
-    are all appends, the rows new to bronze are made from the rows its feed appended, and
-    ``out`` is read only for the other changed keys and the cuts' band, when there are any:
-    an append-only increment then never reads the pool's wide rows."""
+    ``appended_out`` makes the selection's rows of given bronze rows: when bronze's changes
+    are all appends and they are all the rows to compare, those rows are made from the rows
+    its feed appended, and the pool's wide rows are not read at all."""
     from etl.provenance import CUTS_PROPERTY
 
     recorded = json.loads(properties.get(INPUTS_PROPERTY) or "{}")
@@ -115,22 +114,32 @@ def changed_rows(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Th
     found = _changes(lake, recorded.get("versions", {}), current)
     if isinstance(found, str):
         return found
+    out = with_rand(out, rule)
     bronze = next((c for c in found if c.table == BRONZE), None)
     appended = appended_rows(lake, bronze) if bronze and appended_out else None
     made = appended_out(appended) if appended is not None else None
-    if made is None:
-        return _marked(with_rand(out, rule), band, found), found
-    print(f"select: {bronze.appended} rows new to bronze made from its change feed (the "
-          "pool's other rows read only where another input changed or a cut moved)")
-    others = [c for c in found if c.table != BRONZE]
-    rest = _marked(with_rand(out, rule), band, others, skip=bronze.born_uids())
-    return _union_nonempty(made.select(*out.columns), rest), found
+    if made is None or not _only_appended(out, band, found, bronze):
+        return _marked(out, band, found), found
+    print(f"select: {bronze.appended} rows new to bronze made from its change feed (no other "
+          "row's inputs changed, and no cut moved past another row)")
+    return made.select(*[c for c in out.columns if c != RAND]), found
 
 
-def _marked(out: DataFrame, band: Column | None, found: list[Changes],
-            skip: DataFrame | None = None) -> DataFrame:
-    """Rows of ``out`` whose key ``found`` holds or that lie in the cuts' ``band``, less the
-    keys in ``skip``."""
+def _only_appended(out: DataFrame, band: Column | None, found: list[Changes],
+                   bronze: Changes) -> bool:
+    """Whether the rows bronze appended are all the rows to compare: no other input changed
+    another key (a join of the feeds' keys) and no cut's band holds another row (a narrow
+    pass over the pool, only when a cut moved). Else the pool is read once for them all."""
+    born = bronze.born_uids()
+    others = [c.keys.select("uid") for c in found if c.table != BRONZE and c.keys is not None]
+    for keys in others:
+        if not keys.join(born, "uid", "left_anti").isEmpty():
+            return False
+    return band is None or out.where(band).select("uid").join(born, "uid", "left_anti").isEmpty()
+
+
+def _marked(out: DataFrame, band: Column | None, found: list[Changes]) -> DataFrame:
+    """Rows of ``out`` whose key ``found`` holds or that lie in the cuts' ``band``."""
     keys = [c.keys.select("uid") for c in found if c.keys is not None]
     where = F.lit(False) if band is None else band
     if keys:
@@ -140,16 +149,7 @@ def _marked(out: DataFrame, band: Column | None, found: list[Changes],
         marked = key_side(changed.distinct().withColumn(CHANGED, F.lit(True)),
                           sum(c.count for c in found))
         out, where = out.join(marked, "uid", "left"), F.col(CHANGED).isNotNull() | where
-    rows = out.where(where)
-    if skip is not None:
-        rows = rows.join(skip, "uid", "left_anti")
-    return rows.drop(CHANGED, RAND)
-
-
-def _union_nonempty(first: DataFrame, rest: DataFrame) -> DataFrame:
-    """``first`` and ``rest``; ``rest``'s keys are found by a narrow pass first, and its wide
-    rows read only when there are some."""
-    return first if rest.select("uid").isEmpty() else first.unionByName(rest)
+    return out.where(where).drop(CHANGED, RAND)
 
 
 def _changes(lake: Lakehouse, versions: dict[str, int | None],

@@ -84,7 +84,8 @@ def test_recompute_equals_a_from_scratch_run_and_counts_changed_decisions(spark,
     run_select(lake, cfg_of(lake, "recompute"), "r1")
     add_rows(spark, lake, SECOND)
     counts = run_select(lake, cfg_of(lake, "recompute"), "r2")
-    assert "4 rows new to bronze made from its change feed" in capsys.readouterr().out
+    # the cut moved past an old row (c): the pool is read once for it and the new rows
+    assert "made from its change feed" not in capsys.readouterr().out
     fresh = Lakehouse(spark, LakehouseConf(root=str(tmp_path / "fresh")))
     add_rows(spark, fresh, {**FIRST, **SECOND})
     run_select(fresh, cfg_of(fresh, "recompute"), "f1")

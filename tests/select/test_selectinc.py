@@ -116,20 +116,31 @@ def test_new_rows_are_appended_unless_a_commit_followed_the_record(spark, lake, 
 
 
 @pytest.mark.slow
-def test_rows_new_to_bronze_from_its_feed_and_old_rows_whose_score_changed(spark, lake,
-                                                                          tmp_path, capsys):
-    first = {f"u{i}": i / 10 for i in range(10)}
-    add_rows(spark, lake, first)
-    run_select(lake, cfg_of(lake), "r1")
-    add_rows(spark, lake, {"n1": 0.95, "n2": 0.05, "n3": 0.55})
-    # an old row and a new one rescored after the append: the new one is made from the feed
-    # with its current score, the old one read from the pool
-    lake.spark.sql(f"UPDATE {lake.name(SILVER)} SET score = 0.99 WHERE uid IN ('u1', 'n2')")
+def test_rows_new_to_bronze_are_made_from_its_feed_unless_other_rows_changed(spark, lake,
+                                                                            tmp_path, capsys):
+    scores = {f"u{i}": i / 10 for i in range(10)}
+    add_rows(spark, lake, scores)
+    conf = cfg_of(lake, keep_fraction=None, min_score=0.5)
+    run_select(lake, conf, "r1")
+    new = {"n1": 0.95, "n2": 0.05, "n3": 0.55}
+    add_rows(spark, lake, new)
+    # a new row rescored after its append: made from the feed with its current score
+    lake.spark.sql(f"UPDATE {lake.name(SILVER)} SET score = 0.99 WHERE uid = 'n2'")
     capsys.readouterr()
-    counts = run_select(lake, cfg_of(lake), "r2")
+    counts = run_select(lake, conf, "r2")
     assert "3 rows new to bronze made from its change feed" in capsys.readouterr().out
-    scores = {**first, "u1": 0.99, "n1": 0.95, "n2": 0.99, "n3": 0.55}
-    assert decisions(lake) == fresh_of(spark, tmp_path, scores)
-    assert counts["rows_new"] == 3 and 4 <= counts["rows_compared"] < 13
+    scores.update({**new, "n2": 0.99})
+    assert decisions(lake) == fresh_of(spark, tmp_path / "a", scores, keep_fraction=None,
+                                       min_score=0.5)
+    assert counts["rows_new"] == 3 and counts["rows_compared"] == 3
+    # an old row rescored besides new rows: the pool is read once for them all
+    add_rows(spark, lake, {"n4": 0.6})
+    lake.spark.sql(f"UPDATE {lake.name(SILVER)} SET score = 0.99 WHERE uid = 'u1'")
+    counts = run_select(lake, conf, "r3")
+    assert "made from its change feed" not in capsys.readouterr().out
+    scores.update({"n4": 0.6, "u1": 0.99})
+    assert decisions(lake) == fresh_of(spark, tmp_path / "b", scores, keep_fraction=None,
+                                       min_score=0.5)
+    assert counts["rows_new"] == 1 and counts["rows_compared"] == 2
     uids = [r.uid for r in lake.read(SELECTION).collect()]
     assert sorted(uids) == sorted(set(uids))
