@@ -36,6 +36,11 @@ class Threshold:
     def active(self) -> bool:
         return self.rule != "none"
 
+    def record(self) -> dict:
+        """The cut as ``dfn.select.cuts`` records it (kind, value, N, n and its basis)."""
+        return {"kind": self.rule, "value": self.value, "N": self.n_scored, "n": self.position,
+                **(self.basis or {})}
+
 
 def dropped(score: Column, threshold: float | None) -> Column:
     """True where a cut at ``threshold`` drops the row: no score, or a score below it."""

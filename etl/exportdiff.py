@@ -126,6 +126,18 @@ def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str], bronze
             and not lake.data_changed_since(GOLD, int(props[GOLD_AT])):
         absent = feed.born_uids()
     appended = _bronze_appended(lake, props, bronze)
+    try:
+        return _sync_within(lake, feed, selection, keys, absent, appended)
+    finally:
+        if appended is not None:
+            appended[1].release()
+
+
+def _sync_within(lake: Lakehouse, feed: Changes, selection: DataFrame, keys: DataFrame,
+                 absent: DataFrame | None, appended: tuple[DataFrame, Changes] | None
+                 ) -> dict[str, int] | None:
+    """Sync ``gold_pairs`` over ``keys``: bronze rows from ``appended`` (bronze's feed) when
+    they hold every changed kept uid, else from bronze."""
     with session_conf(lake.spark, prefilter_conf(lake.spark, feed.count)):
         pairs = None
         if appended is not None:  # every kept uid new to bronze: its feed holds their rows
@@ -143,8 +155,6 @@ def _update_within(lake: Lakehouse, feed: Changes, props: dict[str, str], bronze
                         absent=absent)
         finally:
             gold.unpersist()
-            if appended is not None:
-                appended[1].release()
 
 
 def _bronze_appended(lake: Lakehouse, props: dict[str, str], bronze: int

@@ -31,8 +31,7 @@ def record_selection(lake: Lakehouse, rule_text: str, cuts: dict[str, Threshold]
     """Store the rule, its resolved cuts, the score ``threshold`` now applied and ``extra``
     properties on ``gold_selection`` (a metadata-only commit, none when they are already
     stored; ``current``: its properties, when the caller read them)."""
-    resolved = {name: {"kind": t.rule, "value": t.value, "N": t.n_scored, "n": t.position,
-                       **(t.basis or {})} for name, t in cuts.items()}
+    resolved = {name: t.record() for name, t in cuts.items()}
     values = {RULE_PROPERTY: rule_text, CUTS_PROPERTY: json.dumps(resolved, sort_keys=True),
               THRESHOLD_PROPERTY: json.dumps(threshold), **(extra or {})}
     current = lake.properties(SELECTION) if current is None else current

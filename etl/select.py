@@ -391,9 +391,7 @@ def appended_selection(lake: Lakehouse, cfg: Config, dedup: DataFrame | None, ru
     selection decides them: ``applied`` with every cut fixed at the value ``cuts`` resolved
     over the pool (cuts are applied by value); None when a cut has no value to fix (resolved
     over no rows)."""
-    fixed, missing = frozen_rule(applied, {t: {"kind": c.rule, "value": c.value,
-                                               "N": c.n_scored, "n": c.position}
-                                           for t, c in cuts.items()})
+    fixed, missing = frozen_rule(applied, {t: c.record() for t, c in cuts.items()})
 
     def make(bronze: DataFrame) -> DataFrame | None:
         if missing:
