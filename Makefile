@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast lint venv dist bench bench-scale bench-incremental bench-connect connect-server clean model sysdeps
+.PHONY: demo test test-fast lint venv dist bench bench-scale bench-incremental bench-batches bench-connect connect-server clean model sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -76,6 +76,10 @@ bench-scale: $(STAMP)
 # Adding 1% and 10% to a pool: the incremental run vs a full run of the grown pool.
 bench-incremental: $(STAMP)
 	$(BIN)/python benchmarks/bench_incremental.py $(ARGS)
+
+# A 1M-row metadata pool in three batches, in all six orders, against the pool curated at once.
+bench-batches: $(STAMP)
+	$(BIN)/python benchmarks/bench_batches.py $(ARGS)
 
 # Spark Connect vs classic: the 1M-row metadata path, the demo, a 16-row ingest (docs/performance.md).
 bench-connect: $(STAMP) $(JSA)
