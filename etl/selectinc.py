@@ -117,8 +117,10 @@ def changed_rows(lake: Lakehouse, out: DataFrame, rule: Rule, cuts: dict[str, Th
     out = with_rand(out, rule)
     bronze = next((c for c in found if c.table == BRONZE), None)
     appended = appended_rows(lake, bronze) if bronze and appended_out else None
-    made = appended_out(appended) if appended is not None else None
-    if made is None or not _only_appended(out, band, found, bronze):
+    # planned only once the appended rows are known to be all there is to compare
+    made = (appended_out(appended)
+            if appended is not None and _only_appended(out, band, found, bronze) else None)
+    if made is None:
         return _marked(out, band, found), found
     print(f"select: {bronze.appended} rows new to bronze made from its change feed (no other "
           "row's inputs changed, and no cut moved past another row)")
