@@ -16,8 +16,7 @@ Each order must end as the one-run lakehouse does: the same bronze row count, th
 ``exceptAll``, the same resolved threshold, and the same published ``uids.npy`` bytes. Prints a
 line per order (with the three runs' step seconds, and wall seconds that add copying the files
 and the shuffle meter), writes ``--out`` (JSON), and exits 1 if any order differs. Timings
-are not the point: the orders that start with a small batch add more, relative to the pool,
-in their later runs.
+are not the point: they vary from run to run.
 """
 
 from __future__ import annotations
